@@ -1,0 +1,289 @@
+//! Types shared by the eBPF datapath (`overlay-ebpf`) and the node agent (`overlay-user`).
+//!
+//! Every map key and value is defined once here, `#[repr(C)]`, with explicit padding and a
+//! compile-time size check, so the kernel and user side can never disagree on a layout. Map
+//! names carry a version: bump it when a layout changes so a pinned map of the old layout is
+//! never read with the new one.
+#![no_std]
+
+pub mod csum;
+pub mod wire;
+
+/// Longest-prefix-match table: destination subnet -> [`Peer`]. Egress lookup.
+pub const MAP_PEERS: &str = "OVL_PEERS_V1";
+/// Exact table: peer PublicIP -> [`PeerSubnet`]. Ingress check of the outer source.
+pub const MAP_PEERS_BY_IP: &str = "OVL_PEERS_BY_IP_V1";
+/// One-entry array holding this host's [`DatapathConfig`].
+pub const MAP_CONFIG: &str = "OVL_CONFIG_V1";
+/// Per-CPU array of [`Counter`], indexed by [`CounterIndex`].
+pub const MAP_COUNTERS: &str = "OVL_COUNTERS_V1";
+
+/// Upper bound on peers (leases) in one network: a /8 cut into /24s.
+pub const MAX_PEERS: u32 = 65536;
+
+/// Program names as they appear in the object file.
+pub const PROG_ENCAP: &str = "overlay_encap";
+pub const PROG_DECAP: &str = "overlay_decap";
+
+/// Tunnel wire format, chosen per network (flannel's `Backend.Type`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// flannel's udp backend: the inner IPv4 packet is the UDP payload.
+    Udp = 1,
+    /// RFC 7348 VXLAN, as flannel's vxlan backend configures the kernel device.
+    Vxlan = 2,
+}
+
+impl Format {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Udp),
+            2 => Some(Self::Vxlan),
+            _ => None,
+        }
+    }
+
+    /// Bytes the encapsulation adds in front of the inner IPv4 packet.
+    pub const fn overhead(self) -> u32 {
+        match self {
+            Self::Udp => wire::IPV4_LEN + wire::UDP_LEN,
+            Self::Vxlan => wire::IPV4_LEN + wire::UDP_LEN + wire::VXLAN_LEN + wire::ETH_LEN,
+        }
+    }
+
+    pub const fn default_port(self) -> u16 {
+        match self {
+            Self::Udp => 8285,
+            Self::Vxlan => 8472,
+        }
+    }
+}
+
+/// Value of [`MAP_PEERS`]: where to send traffic for one remote subnet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Outer destination, network byte order.
+    pub public_ip: [u8; 4],
+    /// Inner destination MAC for vxlan (the peer's VtepMAC); unused for udp.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Peer>() == 12);
+
+/// Value of [`MAP_PEERS_BY_IP`]: the subnet a peer may send from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSubnet {
+    /// Subnet base address, network byte order.
+    pub addr: [u8; 4],
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PeerSubnet>() == 8);
+
+impl PeerSubnet {
+    pub const fn contains(&self, ip: [u8; 4]) -> bool {
+        subnet_contains(self.addr, self.prefix_len, ip)
+    }
+}
+
+/// Value of [`MAP_CONFIG`] (index 0): this host's side of the tunnel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Our PublicIP: outer source on egress, required outer destination on ingress.
+    pub public_ip: [u8; 4],
+    /// Our container subnet: inner destinations we accept on ingress.
+    pub subnet_addr: [u8; 4],
+    pub subnet_prefix_len: u8,
+    /// [`Format`] as u8.
+    pub format: u8,
+    /// Tunnel UDP port, host byte order.
+    pub port: u16,
+    /// VXLAN network identifier (24 bits used).
+    pub vni: u32,
+    /// Inner source MAC for vxlan (our VtepMAC).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+
+impl DatapathConfig {
+    pub const fn format(&self) -> Option<Format> {
+        Format::from_u8(self.format)
+    }
+}
+
+/// Packets and bytes; one per [`CounterIndex`] per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Index into [`MAP_COUNTERS`]. Every drop has a reason, and every reason a counter.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterIndex {
+    EncapUdp = 0,
+    EncapVxlan = 1,
+    DecapUdp = 2,
+    DecapVxlan = 3,
+    /// Egress: no peer owns the destination subnet.
+    DropNoPeer = 4,
+    /// Egress: frame on the overlay device is not IPv4 (or its header is cut short).
+    DropNotIpv4 = 5,
+    /// Egress: the kernel refused to make room for the outer headers.
+    DropEncapFailed = 6,
+    /// Egress: no route or neighbour towards the peer's PublicIP.
+    DropNoRoute = 7,
+    /// Ingress: tunnel packet whose outer source is not a known peer.
+    DropUnknownPeer = 8,
+    /// Ingress: inner source outside the sending peer's subnet.
+    DropSpoofedSource = 9,
+    /// Ingress: inner destination outside our subnet.
+    DropNotOurSubnet = 10,
+    /// Ingress: tunnel packet too short for its headers, or with an invalid inner header.
+    DropMalformed = 11,
+    /// Ingress: VXLAN header without the I flag or with another VNI.
+    DropWrongVni = 12,
+    /// Ingress: first fragment of a tunnel packet; the datapath does not reassemble.
+    DropFragment = 13,
+    /// Ingress: the decapsulated frame could not be rewritten.
+    DropDecapFailed = 14,
+    /// Datapath not configured yet (config map empty or invalid).
+    DropNoConfig = 15,
+}
+
+impl CounterIndex {
+    pub const COUNT: u32 = 16;
+    pub const ALL: [CounterIndex; Self::COUNT as usize] = [
+        Self::EncapUdp,
+        Self::EncapVxlan,
+        Self::DecapUdp,
+        Self::DecapVxlan,
+        Self::DropNoPeer,
+        Self::DropNotIpv4,
+        Self::DropEncapFailed,
+        Self::DropNoRoute,
+        Self::DropUnknownPeer,
+        Self::DropSpoofedSource,
+        Self::DropNotOurSubnet,
+        Self::DropMalformed,
+        Self::DropWrongVni,
+        Self::DropFragment,
+        Self::DropDecapFailed,
+        Self::DropNoConfig,
+    ];
+
+    /// Stable snake_case name, used in metrics and the status output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::EncapUdp => "encap_udp",
+            Self::EncapVxlan => "encap_vxlan",
+            Self::DecapUdp => "decap_udp",
+            Self::DecapVxlan => "decap_vxlan",
+            Self::DropNoPeer => "drop_no_peer",
+            Self::DropNotIpv4 => "drop_not_ipv4",
+            Self::DropEncapFailed => "drop_encap_failed",
+            Self::DropNoRoute => "drop_no_route",
+            Self::DropUnknownPeer => "drop_unknown_peer",
+            Self::DropSpoofedSource => "drop_spoofed_source",
+            Self::DropNotOurSubnet => "drop_not_our_subnet",
+            Self::DropMalformed => "drop_malformed",
+            Self::DropWrongVni => "drop_wrong_vni",
+            Self::DropFragment => "drop_fragment",
+            Self::DropDecapFailed => "drop_decap_failed",
+            Self::DropNoConfig => "drop_no_config",
+        }
+    }
+
+    pub const fn encap(format: Format) -> Self {
+        match format {
+            Format::Udp => Self::EncapUdp,
+            Format::Vxlan => Self::EncapVxlan,
+        }
+    }
+
+    pub const fn decap(format: Format) -> Self {
+        match format {
+            Format::Udp => Self::DecapUdp,
+            Format::Vxlan => Self::DecapVxlan,
+        }
+    }
+}
+
+/// Whether `ip` lies in `addr/prefix_len` (all network byte order).
+pub const fn subnet_contains(addr: [u8; 4], prefix_len: u8, ip: [u8; 4]) -> bool {
+    if prefix_len == 0 {
+        return true;
+    }
+    if prefix_len > 32 {
+        return false;
+    }
+    let mask = u32::MAX << (32 - prefix_len as u32);
+    (u32::from_be_bytes(addr) & mask) == (u32::from_be_bytes(ip) & mask)
+}
+
+/// Map an inner-flow hash into the ephemeral port range, as the kernel's vxlan device does
+/// (`udp_flow_src_port`), so receivers can spread tunnel flows over queues.
+pub const fn flow_src_port(hash: u32) -> u16 {
+    const MIN: u32 = 32768;
+    const MAX: u32 = 61000;
+    // Fold the high bits in: some hashes vary mostly there.
+    let hash = hash ^ (hash << 16);
+    (((hash as u64 * (MAX - MIN) as u64) >> 32) as u32 + MIN) as u16
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data: repr(C), no padding beyond the explicit `_pad` fields.
+    unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::PeerSubnet {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_contains_respects_prefix() {
+        let net = [10, 244, 7, 0];
+        assert!(subnet_contains(net, 24, [10, 244, 7, 200]));
+        assert!(!subnet_contains(net, 24, [10, 244, 8, 1]));
+        assert!(subnet_contains(net, 16, [10, 244, 8, 1]));
+        assert!(subnet_contains(net, 0, [1, 2, 3, 4]));
+        assert!(subnet_contains(net, 32, [10, 244, 7, 0]));
+        assert!(!subnet_contains(net, 32, [10, 244, 7, 1]));
+        assert!(!subnet_contains(net, 33, [10, 244, 7, 0]));
+    }
+
+    #[test]
+    fn overheads_match_flannel_mtu_math() {
+        // flannel: udp MTU = link MTU - 28, vxlan MTU = link MTU - 50.
+        assert_eq!(Format::Udp.overhead(), 28);
+        assert_eq!(Format::Vxlan.overhead(), 50);
+    }
+
+    #[test]
+    fn flow_src_port_stays_in_ephemeral_range() {
+        for h in [0u32, 1, 0xffff, 0x1234_5678, u32::MAX, 0x8000_0000] {
+            let p = flow_src_port(h);
+            assert!((32768..61000).contains(&p), "{h:#x} -> {p}");
+        }
+        assert_ne!(flow_src_port(1), flow_src_port(0x0001_0002));
+    }
+
+    #[test]
+    fn counter_table_is_complete_and_ordered() {
+        for (i, c) in CounterIndex::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{}", c.name());
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The node agent: leases this host's subnet in etcd the way flannel does, and drives the eBPF
+//! datapath to match the set of leases.
+//!
+//! - [`datapath`]: load, attach and detach the eBPF programs; the peer table in BPF maps.
+//! - [`subnet`]: network config, subnet leases and watches in etcd, the subnet file.
+//! - [`cli`]: the `overlay` command's subcommands.
+
+pub mod cli;
+pub mod datapath;
+pub mod subnet;

@@ -1,0 +1,1 @@
+//! Network config, subnet leases in etcd, the subnet file (flannel's pkg/subnet).
