@@ -107,8 +107,10 @@ pub struct DatapathConfig {
     /// Inner source MAC for vxlan (our VtepMAC).
     pub vtep_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Underlay interface: the route lookup towards peers is made through it.
+    pub underlay_ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 28);
 
 impl DatapathConfig {
     pub const fn format(&self) -> Option<Format> {

@@ -1,2 +1,51 @@
+//! The tunnel datapath. Two thin entry points, one per attach point:
+//! - `overlay_encap` (TC egress of the overlay device): container/host traffic to a remote
+//!   subnet is wrapped in the network's tunnel format and redirected to the underlay.
+//! - `overlay_decap` (XDP on the underlay): tunnel packets from known peers are unwrapped;
+//!   everything else on the tunnel port is dropped and counted; other traffic passes untouched.
 #![no_std]
 #![no_main]
+
+mod counters;
+mod decap;
+mod encap;
+mod maps;
+mod packet;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[classifier]
+pub fn overlay_encap(ctx: TcContext) -> i32 {
+    match encap::encap(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            counters::count(reason, ctx.len() as u64);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[xdp]
+pub fn overlay_decap(ctx: XdpContext) -> u32 {
+    match decap::decap(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            counters::count(reason, (ctx.data_end() - ctx.data()) as u64);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

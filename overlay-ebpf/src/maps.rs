@@ -1,0 +1,19 @@
+//! The maps, declared once; their names and layouts come from overlay-common.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+};
+use overlay_common::{Counter, CounterIndex, DatapathConfig, MAX_PEERS, Peer, PeerSubnet};
+
+// Names must equal overlay_common::MAP_*; the loader fails loudly if they do not.
+#[map(name = "OVL_PEERS_V1")]
+pub static PEERS: LpmTrie<[u8; 4], Peer> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+
+#[map(name = "OVL_PEERS_BY_IP_V1")]
+pub static PEERS_BY_IP: HashMap<[u8; 4], PeerSubnet> = HashMap::with_max_entries(MAX_PEERS, 0);
+
+#[map(name = "OVL_CONFIG_V1")]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "OVL_COUNTERS_V1")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CounterIndex::COUNT, 0);

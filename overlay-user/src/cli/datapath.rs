@@ -1,0 +1,123 @@
+//! `overlay datapath`: the eBPF datapath with a static peer table, no etcd. Used by the tests,
+//! the benchmarks and anyone who wants to try the datapath alone.
+use std::{io::Write as _, net::Ipv4Addr};
+
+use anyhow::Context as _;
+use ipnetwork::Ipv4Network;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::datapath::{Datapath, DatapathSpec, Format, MacAddr, PeerEntry, XdpAttach};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Udp,
+    Vxlan,
+}
+
+impl From<Backend> for Format {
+    fn from(b: Backend) -> Format {
+        match b {
+            Backend::Udp => Format::Udp,
+            Backend::Vxlan => Format::Vxlan,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Underlay interface that carries the tunnel.
+    #[arg(long)]
+    pub iface: String,
+    /// This host's tunnel endpoint address (flannel's PublicIP).
+    #[arg(long)]
+    pub public_ip: Ipv4Addr,
+    /// This host's container subnet, e.g. 10.244.1.0/24.
+    #[arg(long)]
+    pub subnet: Ipv4Network,
+    /// The whole overlay network, routed to the overlay device [default: the /16 around --subnet].
+    #[arg(long)]
+    pub network: Option<Ipv4Network>,
+    /// Tunnel wire format.
+    #[arg(long, value_enum, default_value_t = Backend::Vxlan)]
+    pub backend: Backend,
+    /// Tunnel UDP port [default: 8472 for vxlan, 8285 for udp].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// VXLAN network identifier.
+    #[arg(long, default_value_t = 1)]
+    pub vni: u32,
+    /// A remote host: its subnet, PublicIP and (vxlan) VtepMAC, as CIDR=IP[,MAC]. Repeatable.
+    #[arg(long = "peer")]
+    pub peers: Vec<PeerEntry>,
+    /// Name of the overlay device.
+    #[arg(long, default_value = "ovl0")]
+    pub overlay_device: String,
+    /// Overlay MTU [default: underlay MTU minus 28 (udp) or 50 (vxlan)].
+    #[arg(long)]
+    pub mtu: Option<u32>,
+    /// Our VtepMAC, set on the overlay device [default: the device's own].
+    #[arg(long)]
+    pub vtep_mac: Option<MacAddr>,
+    /// XDP attach mode for decapsulation.
+    #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
+    pub xdp_mode: XdpAttach,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let format = Format::from(args.backend);
+    if args.vni > 0x00ff_ffff {
+        anyhow::bail!("--vni {} is out of range: a VNI has 24 bits (max 16777215)", args.vni);
+    }
+    let network = match args.network {
+        Some(n) => n,
+        None => {
+            let n = Ipv4Network::new(args.subnet.network(), 16.min(args.subnet.prefix()))?;
+            let n = Ipv4Network::new(n.network(), n.prefix())?;
+            tracing::info!(network = %n, "no --network given: routing the /16 around --subnet");
+            n
+        }
+    };
+    // Block the signals before attaching, so one that arrives early still finds us and the
+    // datapath is cleaned up.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+
+    let mut dp = Datapath::attach(DatapathSpec {
+        underlay: args.iface.clone(),
+        public_ip: args.public_ip,
+        subnet: args.subnet,
+        network,
+        format,
+        port: args.port.unwrap_or(format.default_port()),
+        vni: args.vni,
+        overlay_device: args.overlay_device,
+        mtu: args.mtu,
+        vtep_mac: args.vtep_mac,
+        xdp: args.xdp_mode,
+    })
+    .with_context(|| format!("attaching the datapath to {}", args.iface))?;
+    for peer in &args.peers {
+        dp.upsert_peer(*peer)?;
+    }
+
+    // One line on stdout when ready, for scripts and tests.
+    let ready = serde_json::json!({
+        "ready": true,
+        "vtep_mac": dp.vtep_mac().to_string(),
+        "mtu": dp.mtu(),
+        "xdp_mode": format!("{:?}", dp.xdp_mode()),
+    });
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{ready}")?;
+    out.flush()?;
+    drop(out);
+
+    let signal = signals.wait()?;
+    tracing::info!(?signal, "stopping");
+    let counters = dp.counters()?;
+    println!("{}", serde_json::json!({ "counters": counters.to_json() }));
+    dp.detach()?;
+    Ok(())
+}

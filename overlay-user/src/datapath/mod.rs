@@ -1,0 +1,513 @@
+//! The eBPF datapath seen from user space.
+//!
+//! - [`Programs`]: the object loaded into the kernel (verified, not attached) and typed access
+//!   to its maps. Packet tests run these programs through BPF_PROG_TEST_RUN.
+//! - [`Datapath`]: programs attached to a host: the overlay device whose egress encapsulates,
+//!   XDP on the underlay that decapsulates, the route and sysctls they need. Dropping it
+//!   detaches everything it attached and removes the device it created.
+pub mod netdev;
+
+use std::{collections::HashMap, fmt, net::Ipv4Addr, str::FromStr};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId},
+};
+use ipnetwork::Ipv4Network;
+pub use overlay_common::Format;
+use overlay_common::{
+    Counter, CounterIndex, DatapathConfig, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP,
+    PROG_DECAP, PROG_ENCAP, Peer, PeerSubnet,
+};
+
+/// The compiled programs, embedded at build time (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed (are you root, is BPF enabled?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("BPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("interface {name}: {reason}")]
+    Interface { name: String, reason: String },
+    #[error("`{command}` failed: {message}")]
+    Command { command: String, message: String },
+    #[error("sysctl {key}: {message}")]
+    Sysctl { key: String, message: String },
+    #[error("peer {subnet}: {reason}")]
+    Peer { subnet: Ipv4Network, reason: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A MAC address as flannel writes it in leases (`"VtepMAC":"aa:bb:cc:dd:ee:ff"`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = [0u8; 6];
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("invalid MAC address {s:?}: expected six hex bytes separated by ':'"));
+        }
+        for (o, p) in out.iter_mut().zip(parts) {
+            *o = u8::from_str_radix(p, 16)
+                .ok()
+                .filter(|_| p.len() == 2)
+                .ok_or_else(|| format!("invalid MAC address {s:?}: {p:?} is not a hex byte"))?;
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+/// One remote host: the subnet it owns and where its tunnel ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerEntry {
+    pub subnet: Ipv4Network,
+    pub public_ip: Ipv4Addr,
+    /// Required for vxlan (inner destination MAC); ignored for udp.
+    pub vtep_mac: Option<MacAddr>,
+}
+
+impl FromStr for PeerEntry {
+    type Err = String;
+    /// `CIDR=IP[,MAC]`, as the `--peer` flag takes it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (subnet, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("invalid peer {s:?}: expected CIDR=IP[,MAC]"))?;
+        let subnet: Ipv4Network = subnet
+            .parse()
+            .map_err(|e| format!("invalid peer {s:?}: subnet {subnet:?}: {e}"))?;
+        if subnet.network() != subnet.ip() {
+            return Err(format!("invalid peer {s:?}: {subnet} has host bits set (use {}/{})", subnet.network(), subnet.prefix()));
+        }
+        let (ip, mac) = match rest.split_once(',') {
+            Some((ip, mac)) => (ip, Some(mac.parse::<MacAddr>()?)),
+            None => (rest, None),
+        };
+        let public_ip = ip
+            .parse()
+            .map_err(|e| format!("invalid peer {s:?}: PublicIP {ip:?}: {e}"))?;
+        Ok(PeerEntry { subnet, public_ip, vtep_mac: mac })
+    }
+}
+
+/// Per-counter totals over all CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub Vec<Counter>);
+
+impl Counters {
+    pub fn get(&self, index: CounterIndex) -> Counter {
+        self.0.get(index as usize).copied().unwrap_or_default()
+    }
+
+    /// Non-zero counters by name, for logs, JSON and metrics.
+    pub fn nonzero(&self) -> Vec<(&'static str, Counter)> {
+        CounterIndex::ALL
+            .iter()
+            .map(|&i| (i.name(), self.get(i)))
+            .filter(|(_, c)| c.packets != 0)
+            .collect()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for &i in CounterIndex::ALL.iter() {
+            let c = self.get(i);
+            m.insert(
+                i.name().into(),
+                serde_json::json!({"packets": c.packets, "bytes": c.bytes}),
+            );
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+/// The eBPF object loaded into the kernel, programs verified, nothing attached.
+pub struct Programs {
+    ebpf: Ebpf,
+}
+
+impl Programs {
+    pub fn load() -> Result<Self, DatapathError> {
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        let encap: &mut SchedClassifier = program(&mut ebpf, PROG_ENCAP)?;
+        encap.load().map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+        let decap: &mut Xdp = program(&mut ebpf, PROG_DECAP)?;
+        decap.load().map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn encap_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, PROG_ENCAP)
+    }
+
+    pub fn decap_program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program(&mut self.ebpf, PROG_DECAP)
+    }
+
+    pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        let mut map: Array<_, DatapathConfig> = typed_map(&mut self.ebpf, MAP_CONFIG)?;
+        map.set(0, cfg, 0).map_err(|source| DatapathError::Map { name: MAP_CONFIG, source })
+    }
+
+    /// Insert or replace the entries for one peer.
+    pub fn upsert_peer(&mut self, peer: &PeerEntry) -> Result<(), DatapathError> {
+        let value = Peer {
+            public_ip: peer.public_ip.octets(),
+            vtep_mac: peer.vtep_mac.unwrap_or_default().0,
+            _pad: [0; 2],
+        };
+        let by_ip = PeerSubnet {
+            addr: peer.subnet.network().octets(),
+            prefix_len: peer.subnet.prefix(),
+            _pad: [0; 3],
+        };
+        let mut peers: LpmTrie<_, [u8; 4], Peer> = typed_map(&mut self.ebpf, MAP_PEERS)?;
+        peers
+            .insert(&subnet_key(peer.subnet), value, 0)
+            .map_err(|source| DatapathError::Map { name: MAP_PEERS, source })?;
+        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> = typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
+        ips.insert(peer.public_ip.octets(), by_ip, 0)
+            .map_err(|source| DatapathError::Map { name: MAP_PEERS_BY_IP, source })
+    }
+
+    /// Remove one peer's entries; absent entries are not an error.
+    pub fn remove_peer(&mut self, peer: &PeerEntry) -> Result<(), DatapathError> {
+        let mut peers: LpmTrie<_, [u8; 4], Peer> = typed_map(&mut self.ebpf, MAP_PEERS)?;
+        match peers.remove(&subnet_key(peer.subnet)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(DatapathError::Map { name: MAP_PEERS, source }),
+        }
+        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> = typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
+        match ips.remove(&peer.public_ip.octets()) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map { name: MAP_PEERS_BY_IP, source }),
+        }
+    }
+
+    pub fn counters(&mut self) -> Result<Counters, DatapathError> {
+        let map: PerCpuArray<_, Counter> = typed_map(&mut self.ebpf, MAP_COUNTERS)?;
+        let mut out = Vec::with_capacity(CounterIndex::COUNT as usize);
+        for i in 0..CounterIndex::COUNT {
+            let per_cpu = map
+                .get(&i, 0)
+                .map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
+            out.push(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }));
+        }
+        Ok(Counters(out))
+    }
+}
+
+fn subnet_key(subnet: Ipv4Network) -> Key<[u8; 4]> {
+    Key::new(u32::from(subnet.prefix()), subnet.network().octets())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: ProgramError::NotLoaded,
+    })?;
+    p.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+fn typed_map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// How to attach the decapsulation program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Everything needed to put the datapath on a host.
+#[derive(Clone, Debug)]
+pub struct DatapathSpec {
+    /// Underlay interface: tunnel packets leave and arrive here.
+    pub underlay: String,
+    pub public_ip: Ipv4Addr,
+    /// This host's container subnet.
+    pub subnet: Ipv4Network,
+    /// The whole overlay network; routed to the overlay device.
+    pub network: Ipv4Network,
+    pub format: Format,
+    pub port: u16,
+    pub vni: u32,
+    /// Name of the overlay device whose egress encapsulates.
+    pub overlay_device: String,
+    /// Overlay MTU; default: underlay MTU minus the format's overhead.
+    pub mtu: Option<u32>,
+    /// Our VtepMAC (the overlay device's MAC); default: the device's own, kept across restarts.
+    pub vtep_mac: Option<MacAddr>,
+    pub xdp: XdpAttach,
+}
+
+/// The datapath attached to this host.
+pub struct Datapath {
+    programs: Programs,
+    spec: DatapathSpec,
+    overlay: netdev::LinkInfo,
+    underlay: netdev::LinkInfo,
+    xdp_mode: XdpMode,
+    links: Option<(SchedClassifierLinkId, XdpLinkId)>,
+    peers: HashMap<Ipv4Network, PeerEntry>,
+}
+
+impl Datapath {
+    /// Set up the device, route and sysctls, load the programs, write our config and attach.
+    pub fn attach(spec: DatapathSpec) -> Result<Self, DatapathError> {
+        if !spec.network.contains(spec.subnet.network()) || spec.subnet.prefix() < spec.network.prefix() {
+            return Err(DatapathError::Config(format!(
+                "subnet {} is not inside network {}",
+                spec.subnet, spec.network
+            )));
+        }
+        let underlay = netdev::link_info(&spec.underlay)?;
+        let overhead = spec.format.overhead();
+        let mtu = spec.mtu.unwrap_or(underlay.mtu.saturating_sub(overhead));
+        if mtu < 576 || mtu + overhead > underlay.mtu {
+            return Err(DatapathError::Config(format!(
+                "overlay MTU {mtu} does not fit: underlay {} has MTU {} and the {:?} format needs {overhead} bytes",
+                underlay.name, underlay.mtu, spec.format
+            )));
+        }
+
+        let mut programs = Programs::load()?;
+
+        netdev::sysctl_set("net/ipv4/ip_forward", "1")?;
+        // Decapsulated packets arrive on the underlay with overlay sources routed via the
+        // overlay device: strict reverse-path filtering would drop them.
+        netdev::sysctl_set(&format!("net/ipv4/conf/{}/rp_filter", underlay.name), "2")?;
+
+        // Like flannel.1, the overlay device holds the subnet's network address as a /32, the
+        // source for host-originated overlay traffic.
+        let overlay = netdev::ensure_overlay_device(
+            &spec.overlay_device,
+            mtu,
+            spec.subnet.network(),
+            spec.vtep_mac,
+        )?;
+        let vtep_mac = overlay.mac.unwrap_or_default();
+        programs.set_config(&DatapathConfig {
+            public_ip: spec.public_ip.octets(),
+            subnet_addr: spec.subnet.network().octets(),
+            subnet_prefix_len: spec.subnet.prefix(),
+            format: spec.format as u8,
+            port: spec.port,
+            vni: spec.vni,
+            vtep_mac: vtep_mac.0,
+            _pad: [0; 2],
+            underlay_ifindex: underlay.ifindex,
+        })?;
+
+        // From here on, a failure drops `dp`, which removes what was set up.
+        let mut dp = Datapath {
+            programs,
+            spec,
+            overlay,
+            underlay,
+            xdp_mode: XdpMode::Skb,
+            links: None,
+            peers: HashMap::new(),
+        };
+        dp.attach_programs()?;
+        netdev::route_replace(dp.spec.network, &dp.overlay.name)?;
+        tracing::info!(
+            underlay = %dp.underlay.name,
+            overlay = %dp.overlay.name,
+            format = ?dp.spec.format,
+            port = dp.spec.port,
+            mtu,
+            vtep_mac = %vtep_mac,
+            xdp_mode = ?dp.xdp_mode,
+            "datapath attached"
+        );
+        Ok(dp)
+    }
+
+    fn attach_programs(&mut self) -> Result<(), DatapathError> {
+        let tc = self
+            .programs
+            .encap_program()?
+            .attach(&self.overlay.name, TcAttachType::Egress)
+            .map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+        let xdp = self.programs.decap_program()?;
+        let underlay = self.underlay.name.clone();
+        let (xdp_link, mode) = match self.spec.xdp {
+            XdpAttach::Native => (xdp.attach(&underlay, XdpMode::Driver), XdpMode::Driver),
+            XdpAttach::Generic => (xdp.attach(&underlay, XdpMode::Skb), XdpMode::Skb),
+            XdpAttach::Auto => match xdp.attach(&underlay, XdpMode::Driver) {
+                Ok(link) => (Ok(link), XdpMode::Driver),
+                Err(e) => {
+                    tracing::warn!(
+                        interface = %underlay,
+                        reason = %e,
+                        "native XDP not available, using generic XDP (slower)"
+                    );
+                    (xdp.attach(&underlay, XdpMode::Skb), XdpMode::Skb)
+                }
+            },
+        };
+        let xdp_link = xdp_link.map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+        self.xdp_mode = mode;
+        self.links = Some((tc, xdp_link));
+        Ok(())
+    }
+
+    pub fn spec(&self) -> &DatapathSpec {
+        &self.spec
+    }
+
+    /// Our VtepMAC: the overlay device's MAC, published in vxlan leases.
+    pub fn vtep_mac(&self) -> MacAddr {
+        self.overlay.mac.unwrap_or_default()
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.overlay.mtu
+    }
+
+    pub fn xdp_mode(&self) -> XdpMode {
+        self.xdp_mode
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &PeerEntry> {
+        self.peers.values()
+    }
+
+    pub fn upsert_peer(&mut self, peer: PeerEntry) -> Result<(), DatapathError> {
+        if peer.subnet == self.spec.subnet {
+            return Err(DatapathError::Peer { subnet: peer.subnet, reason: "is our own subnet".into() });
+        }
+        if self.spec.format == Format::Vxlan && peer.vtep_mac.is_none() {
+            return Err(DatapathError::Peer { subnet: peer.subnet, reason: "vxlan peer without VtepMAC".into() });
+        }
+        if let Some(old) = self.peers.get(&peer.subnet).copied() {
+            if old == peer {
+                return Ok(());
+            }
+            // The PublicIP may have changed: drop the old reverse entry first.
+            self.programs.remove_peer(&old)?;
+        }
+        self.programs.upsert_peer(&peer)?;
+        self.peers.insert(peer.subnet, peer);
+        tracing::info!(subnet = %peer.subnet, public_ip = %peer.public_ip, vtep_mac = ?peer.vtep_mac, "peer added");
+        Ok(())
+    }
+
+    pub fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), DatapathError> {
+        if let Some(old) = self.peers.get(&subnet).copied() {
+            self.programs.remove_peer(&old)?;
+            self.peers.remove(&subnet);
+            tracing::info!(%subnet, public_ip = %old.public_ip, "peer removed");
+        }
+        Ok(())
+    }
+
+    pub fn counters(&mut self) -> Result<Counters, DatapathError> {
+        self.programs.counters()
+    }
+
+    /// Detach the programs and remove the overlay device (and with it its route).
+    pub fn detach(mut self) -> Result<(), DatapathError> {
+        self.detach_inner()
+    }
+
+    fn detach_inner(&mut self) -> Result<(), DatapathError> {
+        if let Some((tc, xdp)) = self.links.take() {
+            self.programs
+                .encap_program()?
+                .detach(tc)
+                .map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+            self.programs
+                .decap_program()?
+                .detach(xdp)
+                .map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+        }
+        if netdev::link_exists(&self.overlay.name) {
+            // Takes its address and the overlay route with it.
+            netdev::delete_link(&self.overlay.name)?;
+            tracing::info!(overlay = %self.overlay.name, underlay = %self.underlay.name, "datapath detached");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach_inner() {
+            tracing::error!("detaching the datapath: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_flag_parses_and_rejects() {
+        let p: PeerEntry = "10.244.2.0/24=192.168.1.2,aa:bb:cc:dd:ee:0f".parse().unwrap();
+        assert_eq!(p.subnet.to_string(), "10.244.2.0/24");
+        assert_eq!(p.public_ip, Ipv4Addr::new(192, 168, 1, 2));
+        assert_eq!(p.vtep_mac.unwrap().to_string(), "aa:bb:cc:dd:ee:0f");
+        let p: PeerEntry = "10.244.2.0/24=192.168.1.2".parse().unwrap();
+        assert_eq!(p.vtep_mac, None);
+        for bad in [
+            "10.244.2.0/24",
+            "10.244.2.1/24=1.2.3.4",
+            "10.244.2.0/33=1.2.3.4",
+            "10.244.2.0/24=1.2.3",
+            "10.244.2.0/24=1.2.3.4,aa:bb",
+            "10.244.2.0/24=1.2.3.4,aa:bb:cc:dd:ee:zz",
+        ] {
+            let err = bad.parse::<PeerEntry>().unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+    }
+}

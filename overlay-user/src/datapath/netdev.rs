@@ -1,0 +1,136 @@
+//! The few kernel settings the datapath needs besides its programs: the overlay device, its
+//! address and route, and sysctls. Done through iproute2, whose messages users already know;
+//! every failure names the command and what the kernel said.
+use std::{net::Ipv4Addr, process::Command};
+
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+
+use super::{DatapathError, MacAddr};
+
+#[derive(Debug, Clone)]
+pub struct LinkInfo {
+    pub name: String,
+    pub ifindex: u32,
+    pub mtu: u32,
+    pub mac: Option<MacAddr>,
+}
+
+#[derive(Deserialize)]
+struct IpLink {
+    ifname: String,
+    ifindex: u32,
+    mtu: u32,
+    address: Option<String>,
+}
+
+pub fn ip(args: &[&str]) -> Result<String, DatapathError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| DatapathError::Command {
+            command: format!("ip {}", args.join(" ")),
+            message: format!("cannot run ip (install iproute2): {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(DatapathError::Command {
+            command: format!("ip {}", args.join(" ")),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn link_info(name: &str) -> Result<LinkInfo, DatapathError> {
+    let out = ip(&["-j", "link", "show", "dev", name]).map_err(|e| DatapathError::Interface {
+        name: name.to_string(),
+        reason: e.to_string(),
+    })?;
+    let links: Vec<IpLink> = serde_json::from_str(&out).map_err(|e| DatapathError::Interface {
+        name: name.to_string(),
+        reason: format!("unreadable `ip -j link` output: {e}"),
+    })?;
+    let l = links.into_iter().next().ok_or_else(|| DatapathError::Interface {
+        name: name.to_string(),
+        reason: "no such interface".into(),
+    })?;
+    Ok(LinkInfo {
+        name: l.ifname,
+        ifindex: l.ifindex,
+        mtu: l.mtu,
+        mac: l.address.and_then(|a| a.parse().ok()),
+    })
+}
+
+pub fn link_exists(name: &str) -> bool {
+    link_info(name).is_ok()
+}
+
+/// Create (or keep) the device that overlay traffic is routed to; our TC program on its egress
+/// does the rest. Any Ethernet-type device that transmits nothing by itself will do: `dummy`,
+/// or `ifb` on kernels built without dummy. Kept across restarts so its MAC, our VtepMAC, stays
+/// the same.
+pub fn ensure_overlay_device(
+    name: &str,
+    mtu: u32,
+    addr: Ipv4Addr,
+    mac: Option<MacAddr>,
+) -> Result<LinkInfo, DatapathError> {
+    if let Ok(existing) = link_info(name) {
+        // ifb cannot change its MAC once created: recreate it when another one is asked for.
+        if mac.is_some() && existing.mac != mac {
+            delete_link(name)?;
+        }
+    }
+    if !link_exists(name) {
+        let mac = mac.map(|m| m.to_string());
+        let kind = ["dummy", "ifb"]
+            .into_iter()
+            .find(|kind| {
+                let mut args = vec!["link", "add", name];
+                if let Some(mac) = &mac {
+                    args.extend(["address", mac.as_str()]);
+                }
+                args.extend(["type", kind]);
+                ip(&args).is_ok()
+            })
+            .ok_or_else(|| DatapathError::Interface {
+                name: name.to_string(),
+                reason: "cannot create the overlay device: this kernel has neither the dummy nor the ifb driver".into(),
+            })?;
+        tracing::info!(device = name, kind, "created overlay device");
+    }
+    // No neighbour resolution on this device: every packet goes to our program, which resolves
+    // the outer next hop itself.
+    ip(&["link", "set", "dev", name, "arp", "off"])?;
+    // No IPv6 on the overlay device: it would only emit neighbour discovery we drop.
+    let _ = sysctl_set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
+    ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])?;
+    ip(&["addr", "replace", &format!("{addr}/32"), "dev", name])?;
+    link_info(name)
+}
+
+pub fn route_replace(network: Ipv4Network, dev: &str) -> Result<(), DatapathError> {
+    ip(&["route", "replace", &network.to_string(), "dev", dev])?;
+    tracing::info!(%network, dev, "route to the overlay network");
+    Ok(())
+}
+
+pub fn delete_link(name: &str) -> Result<(), DatapathError> {
+    ip(&["link", "del", "dev", name]).map(|_| ())
+}
+
+/// Write a sysctl under /proc/sys (per network namespace), e.g. `net/ipv4/ip_forward`.
+pub fn sysctl_set(key: &str, value: &str) -> Result<(), DatapathError> {
+    let path = format!("/proc/sys/{key}");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    if old.trim() == value {
+        return Ok(());
+    }
+    std::fs::write(&path, value).map_err(|e| DatapathError::Sysctl {
+        key: key.replace('/', "."),
+        message: e.to_string(),
+    })?;
+    tracing::info!(sysctl = %key.replace('/', "."), from = old.trim(), to = value, "set sysctl");
+    Ok(())
+}
