@@ -1,0 +1,519 @@
+//! The lease registry over etcd's v3 API, with the keys and values flannel uses:
+//! `<prefix>/config` and `<prefix>/subnets/<key>` with leases attached for the TTL.
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
+use tracing::warn;
+
+use super::{
+    lease::{Lease, LeaseAttrs, LeaseError, RegistryEvent, SubnetKey},
+    registry::{LeaseWatch, Listing, Registry, RegistryError, WatchBatch, WatchError},
+};
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// etcd connection flags, named as flanneld names them, each also read from `FLANNELD_*`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated; requests fail over between them.
+    #[arg(long = "etcd-endpoints", env = "FLANNELD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ENDPOINT)]
+    pub endpoints: Vec<String>,
+    /// Key prefix of the network's config and leases.
+    #[arg(long = "etcd-prefix", env = "FLANNELD_ETCD_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// CA certificate (PEM) that signed etcd's server certificate.
+    #[arg(long = "etcd-cafile", env = "FLANNELD_ETCD_CAFILE")]
+    pub cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long = "etcd-certfile", env = "FLANNELD_ETCD_CERTFILE")]
+    pub certfile: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long = "etcd-keyfile", env = "FLANNELD_ETCD_KEYFILE")]
+    pub keyfile: Option<PathBuf>,
+    /// Username for etcd authentication.
+    #[arg(long = "etcd-username", env = "FLANNELD_ETCD_USERNAME")]
+    pub username: Option<String>,
+    /// Password for etcd authentication.
+    #[arg(
+        long = "etcd-password",
+        env = "FLANNELD_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+}
+
+impl EtcdArgs {
+    /// Defaults for a plain local etcd at `endpoints` (handy in tests and tools).
+    pub fn new(endpoints: Vec<String>, prefix: &str) -> Self {
+        EtcdArgs {
+            endpoints,
+            prefix: prefix.to_string(),
+            cafile: None,
+            certfile: None,
+            keyfile: None,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("no etcd endpoint given (--etcd-endpoints)")]
+    NoEndpoints,
+    #[error("etcd endpoint {endpoint:?}: {reason}")]
+    BadEndpoint { endpoint: String, reason: String },
+    #[error("etcd prefix {0:?} must start with '/'")]
+    BadPrefix(String),
+    #[error("{flag} {path}: {source}")]
+    TlsFile {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--etcd-certfile and --etcd-keyfile go together; only {given} was given")]
+    HalfIdentity { given: &'static str },
+    #[error("--etcd-username and --etcd-password go together; only {given} was given")]
+    HalfCredentials { given: &'static str },
+    #[error("TLS options are set but endpoint {0} is not https://")]
+    TlsNeedsHttps(String),
+    #[error("connecting to etcd at {endpoints}: {source}")]
+    Connect {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+}
+
+/// flannel's lease registry over etcd. Cheap to clone (one shared connection).
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+    prefix: String,
+    target: String,
+}
+
+fn read_pem(flag: &'static str, path: &PathBuf) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|source| EtcdError::TlsFile {
+        flag,
+        path: path.clone(),
+        source,
+    })
+}
+
+impl EtcdRegistry {
+    pub async fn connect(args: &EtcdArgs) -> Result<Self, EtcdError> {
+        let endpoints: Vec<String> = args
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(EtcdError::NoEndpoints);
+        }
+        let tls = args.cafile.is_some() || args.certfile.is_some() || args.keyfile.is_some();
+        for e in &endpoints {
+            let rest = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .ok_or_else(|| EtcdError::BadEndpoint {
+                    endpoint: e.clone(),
+                    reason: "must start with http:// or https://".into(),
+                })?;
+            let host = rest.split('/').next().unwrap_or("");
+            if host.is_empty() || host.contains(char::is_whitespace) {
+                return Err(EtcdError::BadEndpoint {
+                    endpoint: e.clone(),
+                    reason: "expected scheme://host:port".into(),
+                });
+            }
+            if tls && e.starts_with("http://") {
+                return Err(EtcdError::TlsNeedsHttps(e.clone()));
+            }
+        }
+        if !args.prefix.starts_with('/') {
+            return Err(EtcdError::BadPrefix(args.prefix.clone()));
+        }
+
+        // Keepalive pings find a dead connection (etcd restarted, host gone) for watches too.
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if tls {
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &args.cafile {
+                t = t.ca_certificate(Certificate::from_pem(read_pem("--etcd-cafile", ca)?));
+            }
+            match (&args.certfile, &args.keyfile) {
+                (Some(c), Some(k)) => {
+                    t = t.identity(Identity::from_pem(
+                        read_pem("--etcd-certfile", c)?,
+                        read_pem("--etcd-keyfile", k)?,
+                    ));
+                }
+                (Some(_), None) => {
+                    return Err(EtcdError::HalfIdentity {
+                        given: "--etcd-certfile",
+                    });
+                }
+                (None, Some(_)) => {
+                    return Err(EtcdError::HalfIdentity {
+                        given: "--etcd-keyfile",
+                    });
+                }
+                (None, None) => {}
+            }
+            opts = opts.with_tls(t);
+        }
+        match (&args.username, &args.password) {
+            (Some(u), Some(p)) => opts = opts.with_user(u, p),
+            (Some(_), None) => {
+                return Err(EtcdError::HalfCredentials {
+                    given: "--etcd-username",
+                });
+            }
+            (None, Some(_)) => {
+                return Err(EtcdError::HalfCredentials {
+                    given: "--etcd-password",
+                });
+            }
+            (None, None) => {}
+        }
+        let target = endpoints.join(",");
+        let client = Client::connect(&endpoints, Some(opts))
+            .await
+            .map_err(|source| EtcdError::Connect {
+                endpoints: target.clone(),
+                source,
+            })?;
+        Ok(EtcdRegistry {
+            client,
+            prefix: args.prefix.trim_end_matches('/').to_string(),
+            target,
+        })
+    }
+
+    /// The underlying client, for tools and tests that need etcd itself (compaction, raw puts).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    fn subnet_key(&self, key: &SubnetKey) -> String {
+        format!("{}{key}", self.subnets_prefix())
+    }
+
+    async fn call<T, F>(&self, op: &'static str, key: &str, fut: F) -> Result<T, RegistryError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(RegistryError::Request {
+                op,
+                key: key.to_string(),
+                target: self.target.clone(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(RegistryError::Timeout {
+                op,
+                key: key.to_string(),
+                target: self.target.clone(),
+                after: REQUEST_TIMEOUT,
+            }),
+        }
+    }
+
+    fn parse_kv(&self, kv: &etcd_client::KeyValue) -> Result<Lease, LeaseError> {
+        let full = String::from_utf8_lossy(kv.key()).into_owned();
+        let segment = full.strip_prefix(&self.subnets_prefix()).unwrap_or(&full);
+        if segment.contains('/') {
+            return Err(LeaseError::BadKey { key: full.clone() });
+        }
+        Lease::from_kv(&full, segment, kv.value(), kv.lease(), kv.mod_revision())
+    }
+
+    async fn grant(&self, key: &str, ttl: Option<Duration>) -> Result<i64, RegistryError> {
+        let Some(ttl) = ttl else { return Ok(0) };
+        let secs = ttl.as_secs().max(1) as i64;
+        let mut c = self.client.clone();
+        Ok(self
+            .call("grant lease for", key, c.lease_grant(secs, None))
+            .await?
+            .id())
+    }
+
+    async fn revoke_quietly(&self, id: i64) {
+        if id != 0 {
+            let mut c = self.client.clone();
+            if let Err(e) = c.lease_revoke(id).await {
+                warn!("revoking unused etcd lease {id:x}: {e}");
+            }
+        }
+    }
+
+    /// Put `attrs` at `key` with `lease_id` if `guard` holds; `None` if it did not.
+    async fn put_if(
+        &self,
+        op: &'static str,
+        key: SubnetKey,
+        guard: Compare,
+        attrs: &LeaseAttrs,
+        ttl: Option<Duration>,
+    ) -> Result<Option<Lease>, RegistryError> {
+        let full = self.subnet_key(&key);
+        let id = self.grant(&full, ttl).await?;
+        let put_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
+        let txn = Txn::new().when([guard]).and_then([TxnOp::put(
+            full.clone(),
+            attrs.to_json(),
+            put_opts,
+        )]);
+        let mut c = self.client.clone();
+        let resp = match self.call(op, &full, c.txn(txn)).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.revoke_quietly(id).await;
+                return Err(e);
+            }
+        };
+        if !resp.succeeded() {
+            self.revoke_quietly(id).await;
+            return Ok(None);
+        }
+        let rev = resp.header().map_or(0, |h| h.revision());
+        Ok(Some(Lease {
+            key,
+            attrs: attrs.clone(),
+            lease_id: id,
+            expires: ttl.map(|t| SystemTime::now() + Duration::from_secs(t.as_secs().max(1))),
+            mod_revision: rev,
+        }))
+    }
+}
+
+impl Registry for EtcdRegistry {
+    type Watch = EtcdWatch;
+
+    fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    async fn get_config(&self) -> Result<Option<String>, RegistryError> {
+        let key = self.config_key();
+        let mut c = self.client.clone();
+        let resp = self.call("get", &key, c.get(key.clone(), None)).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    async fn put_config(&self, json: &str) -> Result<(), RegistryError> {
+        let key = self.config_key();
+        let mut c = self.client.clone();
+        self.call("put", &key, c.put(key.clone(), json, None))
+            .await?;
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Listing, RegistryError> {
+        let prefix = self.subnets_prefix();
+        let mut c = self.client.clone();
+        let resp = self
+            .call(
+                "list",
+                &prefix,
+                c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut listing = Listing {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..Default::default()
+        };
+        for kv in resp.kvs() {
+            match self.parse_kv(kv) {
+                Ok(l) => listing.leases.push(l),
+                Err(e) => listing.skipped.push(e),
+            }
+        }
+        Ok(listing)
+    }
+
+    async fn create(
+        &self,
+        key: SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Option<Duration>,
+    ) -> Result<Option<Lease>, RegistryError> {
+        let guard = Compare::version(self.subnet_key(&key), CompareOp::Equal, 0);
+        self.put_if("create", key, guard, attrs, ttl).await
+    }
+
+    async fn update(
+        &self,
+        existing: &Lease,
+        attrs: &LeaseAttrs,
+        ttl: Option<Duration>,
+    ) -> Result<Option<Lease>, RegistryError> {
+        let guard = Compare::mod_revision(
+            self.subnet_key(&existing.key),
+            CompareOp::Equal,
+            existing.mod_revision,
+        );
+        let out = self
+            .put_if("update", existing.key, guard, attrs, ttl)
+            .await?;
+        if out.is_some() && existing.lease_id != 0 {
+            // The key moved to the new lease; the old one would only linger until it expires.
+            self.revoke_quietly(existing.lease_id).await;
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, existing: &Lease) -> Result<bool, RegistryError> {
+        let full = self.subnet_key(&existing.key);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                full.clone(),
+                CompareOp::Equal,
+                existing.mod_revision,
+            )])
+            .and_then([TxnOp::delete(full.clone(), None)]);
+        let mut c = self.client.clone();
+        Ok(self.call("delete", &full, c.txn(txn)).await?.succeeded())
+    }
+
+    async fn keep_alive(&self, lease_id: i64) -> Result<Option<SystemTime>, RegistryError> {
+        let what = format!("lease {lease_id:x}");
+        let mut c = self.client.clone();
+        match tokio::time::timeout(REQUEST_TIMEOUT, c.lease_keep_alive(lease_id)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => return Ok(None),
+            Ok(Err(e)) => {
+                return Err(RegistryError::Request {
+                    op: "keepalive",
+                    key: what,
+                    target: self.target.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(RegistryError::Timeout {
+                    op: "keepalive",
+                    key: what,
+                    target: self.target.clone(),
+                    after: REQUEST_TIMEOUT,
+                });
+            }
+        }
+        Ok(self
+            .time_to_live(lease_id)
+            .await?
+            .map(|left| SystemTime::now() + left))
+    }
+
+    async fn time_to_live(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
+        let mut c = self.client.clone();
+        let resp = self
+            .call(
+                "timetolive",
+                &format!("lease {lease_id:x}"),
+                c.lease_time_to_live(lease_id, None),
+            )
+            .await?;
+        Ok((resp.ttl() > 0).then(|| Duration::from_secs(resp.ttl() as u64)))
+    }
+
+    async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
+        let prefix = self.subnets_prefix();
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from_revision);
+        let stream = self
+            .call("watch", &prefix, c.watch(prefix.clone(), Some(opts)))
+            .await?;
+        Ok(EtcdWatch {
+            registry: self.clone(),
+            stream,
+            from: from_revision,
+        })
+    }
+}
+
+pub struct EtcdWatch {
+    registry: EtcdRegistry,
+    stream: WatchStream,
+    from: i64,
+}
+
+impl LeaseWatch for EtcdWatch {
+    async fn next(&mut self) -> Result<WatchBatch, WatchError> {
+        let broken = |reason: String| WatchError::Broken {
+            target: self.registry.target.clone(),
+            reason,
+        };
+        loop {
+            let resp = match self.stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(broken("stream closed".into())),
+                Err(e) => return Err(broken(e.to_string())),
+            };
+            if resp.compact_revision() > 0 {
+                return Err(WatchError::Compacted {
+                    requested: self.from,
+                    compacted: resp.compact_revision(),
+                });
+            }
+            if resp.canceled() {
+                return Err(broken(format!(
+                    "canceled by etcd: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            if resp.events().is_empty() {
+                continue; // created notice or progress report
+            }
+            // Resume after the last event itself: every event up to it has been delivered.
+            let mut batch = WatchBatch::default();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                batch.revision = batch.revision.max(kv.mod_revision());
+                match ev.event_type() {
+                    EventType::Put => match self.registry.parse_kv(kv) {
+                        Ok(l) => batch.events.push(RegistryEvent::Put(l)),
+                        Err(e) => batch.skipped.push(e),
+                    },
+                    EventType::Delete => {
+                        let full = String::from_utf8_lossy(kv.key()).into_owned();
+                        let segment = full
+                            .strip_prefix(&self.registry.subnets_prefix())
+                            .unwrap_or(&full);
+                        match SubnetKey::parse(segment) {
+                            Ok(k) => batch.events.push(RegistryEvent::Deleted(k)),
+                            Err(_) => batch.skipped.push(LeaseError::BadKey { key: full.clone() }),
+                        }
+                    }
+                }
+            }
+            self.from = batch.revision + 1;
+            return Ok(batch);
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! Leases as flannel stores them: the key `10.244.7.0-24` (dual stack:
+//! `10.244.7.0-24&fc00:0:0:7::-64`), the JSON value, and the events a watch turns into.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::SystemTime,
+};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("key {key:?} is not a subnet key (expected e.g. 10.244.7.0-24)")]
+    BadKey { key: String },
+    #[error("value of {key:?} is not flannel lease JSON: {reason}")]
+    BadValue { key: String, reason: String },
+}
+
+/// The subnet(s) a lease is for; its string form is the last part of the etcd key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubnetKey {
+    pub ipv4: Ipv4Network,
+    pub ipv6: Option<Ipv6Network>,
+}
+
+impl SubnetKey {
+    pub fn new(ipv4: Ipv4Network, ipv6: Option<Ipv6Network>) -> Self {
+        SubnetKey { ipv4, ipv6 }
+    }
+
+    /// Parse the last segment of a lease key. Strict: the address must be the subnet's network
+    /// address, so a hand-written `10.244.7.5-24` is refused rather than silently renamed.
+    pub fn parse(segment: &str) -> Result<Self, LeaseError> {
+        let bad = || LeaseError::BadKey {
+            key: segment.to_string(),
+        };
+        let (v4, v6) = match segment.split_once('&') {
+            Some((a, b)) => (a, Some(b)),
+            None => (segment, None),
+        };
+        let ipv4 = parse_part::<Ipv4Addr>(v4, 32).ok_or_else(bad)?;
+        let ipv4 = Ipv4Network::new(ipv4.0, ipv4.1).map_err(|_| bad())?;
+        if ipv4.network() != ipv4.ip() {
+            return Err(bad());
+        }
+        let ipv6 = match v6 {
+            None => None,
+            Some(s) => {
+                let (ip, len) = parse_part::<Ipv6Addr>(s, 128).ok_or_else(bad)?;
+                let net = Ipv6Network::new(ip, len).map_err(|_| bad())?;
+                if net.network() != ip {
+                    return Err(bad());
+                }
+                Some(net)
+            }
+        };
+        Ok(SubnetKey { ipv4, ipv6 })
+    }
+}
+
+fn parse_part<A: std::str::FromStr>(s: &str, max: u8) -> Option<(A, u8)> {
+    let (ip, len) = s.rsplit_once('-')?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    (len <= max).then_some(())?;
+    Some((ip.parse().ok()?, len))
+}
+
+impl std::fmt::Display for SubnetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ipv4.network(), self.ipv4.prefix())?;
+        if let Some(v6) = self.ipv6 {
+            write!(f, "&{}-{}", v6.network(), v6.prefix())?;
+        }
+        Ok(())
+    }
+}
+
+/// The lease value, field for field as flannel's `LeaseAttrs` marshals it:
+/// `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    #[serde(rename = "PublicIP", default = "unspecified_v4")]
+    pub public_ip: Ipv4Addr,
+    /// flannel writes `null` when unset, so no `skip_serializing_if` here.
+    #[serde(rename = "PublicIPv6", default)]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// Empty for flannel's udp backend, which omits the field.
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub backend_type: String,
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_data: Option<Value>,
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_v6_data: Option<Value>,
+}
+
+fn unspecified_v4() -> Ipv4Addr {
+    Ipv4Addr::UNSPECIFIED
+}
+
+impl LeaseAttrs {
+    pub fn new(public_ip: Ipv4Addr, backend_type: &str, backend_data: Option<Value>) -> Self {
+        LeaseAttrs {
+            public_ip,
+            public_ipv6: None,
+            backend_type: backend_type.to_string(),
+            backend_data,
+            backend_v6_data: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("lease attributes always serialize")
+    }
+
+    /// Parse a lease value; `key` only names the lease in the error.
+    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Self, LeaseError> {
+        let bad = |reason: String| LeaseError::BadValue {
+            key: key.to_string(),
+            reason,
+        };
+        // Go's decoder refuses an array where a struct is expected; serde would accept one.
+        match serde_json::from_slice::<Value>(bytes).map_err(|e| bad(e.to_string()))? {
+            v @ Value::Object(_) => serde_json::from_value(v).map_err(|e| bad(e.to_string())),
+            other => Err(bad(format!("expected a JSON object, found {other}"))),
+        }
+    }
+}
+
+/// vxlan's `BackendData`: `{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanBackendData {
+    #[serde(rename = "VNI", default)]
+    pub vni: u32,
+    #[serde(rename = "VtepMAC")]
+    pub vtep_mac: String,
+}
+
+/// A subnet lease as read from (or written to) the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub key: SubnetKey,
+    pub attrs: LeaseAttrs,
+    /// The etcd lease holding the key; 0 means a reservation, which never expires.
+    pub lease_id: i64,
+    /// When the lease runs out, where known (acquire/renew, or a listing that asked for TTLs).
+    pub expires: Option<SystemTime>,
+    /// etcd's mod revision of the key, for compare-and-swap updates.
+    pub mod_revision: i64,
+}
+
+impl Lease {
+    /// Build a lease from a stored key segment and value; errors name `full_key`.
+    pub fn from_kv(
+        full_key: &str,
+        segment: &str,
+        value: &[u8],
+        lease_id: i64,
+        mod_revision: i64,
+    ) -> Result<Self, LeaseError> {
+        let key = SubnetKey::parse(segment).map_err(|_| LeaseError::BadKey {
+            key: full_key.to_string(),
+        })?;
+        let attrs = LeaseAttrs::from_json(full_key, value)?;
+        Ok(Lease {
+            key,
+            attrs,
+            lease_id,
+            expires: None,
+            mod_revision,
+        })
+    }
+
+    pub fn is_reservation(&self) -> bool {
+        self.lease_id == 0
+    }
+
+    pub fn subnet(&self) -> Ipv4Network {
+        self.key.ipv4
+    }
+}
+
+/// What a watch tells the agent about other hosts' leases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEvent {
+    Added(Lease),
+    /// Same subnet, different attributes (e.g. a new VtepMAC after a peer restart).
+    Changed(Lease),
+    Removed(Lease),
+    /// Our own lease was lost and acquired again; the subnet may differ.
+    Reacquired(Lease),
+}
+
+/// A change seen on the registry, before it is compared with what we know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    Put(Lease),
+    Deleted(SubnetKey),
+}
+
+/// The set of peer leases we have told the consumer about. Turns raw changes and full
+/// re-lists into events, so a re-list after a gap emits only the difference.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseSet {
+    known: BTreeMap<SubnetKey, Lease>,
+}
+
+impl LeaseSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.known.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
+    /// Apply one change. A put that repeats what we know (a renewal, a replayed event) is silent.
+    pub fn apply(&mut self, event: RegistryEvent) -> Option<LeaseEvent> {
+        match event {
+            RegistryEvent::Put(lease) => match self.known.get(&lease.key) {
+                Some(old) if old.attrs == lease.attrs => {
+                    self.known.insert(lease.key, lease);
+                    None
+                }
+                Some(_) => {
+                    self.known.insert(lease.key, lease.clone());
+                    Some(LeaseEvent::Changed(lease))
+                }
+                None => {
+                    self.known.insert(lease.key, lease.clone());
+                    Some(LeaseEvent::Added(lease))
+                }
+            },
+            RegistryEvent::Deleted(key) => self.known.remove(&key).map(LeaseEvent::Removed),
+        }
+    }
+
+    /// Replace what we know with a full listing; returns the difference as events.
+    pub fn reset(&mut self, snapshot: Vec<Lease>) -> Vec<LeaseEvent> {
+        let fresh: BTreeMap<SubnetKey, Lease> = snapshot.into_iter().map(|l| (l.key, l)).collect();
+        let old = std::mem::replace(&mut self.known, fresh);
+        let mut events = Vec::new();
+        for (key, was) in &old {
+            match self.known.get(key) {
+                None => events.push(LeaseEvent::Removed(was.clone())),
+                Some(now) if now.attrs != was.attrs => {
+                    events.push(LeaseEvent::Changed(now.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        for (key, now) in &self.known {
+            if !old.contains_key(key) {
+                events.push(LeaseEvent::Added(now.clone()));
+            }
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_round_trip_and_flannel_format() {
+        let k = SubnetKey::parse("10.244.7.0-24").unwrap();
+        assert_eq!(k.ipv4, "10.244.7.0/24".parse().unwrap());
+        assert_eq!(k.to_string(), "10.244.7.0-24");
+        let k = SubnetKey::parse("10.42.1.0-24&2001:cafe:42:1::-64").unwrap();
+        assert_eq!(k.ipv6, Some("2001:cafe:42:1::/64".parse().unwrap()));
+        assert_eq!(k.to_string(), "10.42.1.0-24&2001:cafe:42:1::-64");
+    }
+
+    #[test]
+    fn bad_keys_are_refused_with_the_key_named() {
+        for bad in [
+            "config",
+            "10.244.7.0",
+            "10.244.7.0-33",
+            "10.244.7.5-24",
+            "10.244.7.0-2x",
+            "x-24",
+            "10.244.7.0-24&zz-64",
+            "",
+        ] {
+            let err = SubnetKey::parse(bad).expect_err(bad);
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn lease_json_from_flannel_docs_parses_and_reserializes_identically() {
+        // Documentation/reservations.md.
+        let doc = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
+        let a = LeaseAttrs::from_json("k", doc.as_bytes()).unwrap();
+        assert_eq!(a.public_ip, Ipv4Addr::new(192, 168, 64, 3));
+        assert_eq!(a.backend_type, "vxlan");
+        let data: VxlanBackendData =
+            serde_json::from_value(a.backend_data.clone().unwrap()).unwrap();
+        assert_eq!(
+            data,
+            VxlanBackendData {
+                vni: 1,
+                vtep_mac: "c6:d2:32:6f:8f:44".into()
+            }
+        );
+        assert_eq!(a.to_json(), doc);
+    }
+
+    #[test]
+    fn udp_lease_has_no_backend_type() {
+        let a = LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 1), "", None);
+        assert_eq!(a.to_json(), r#"{"PublicIP":"10.0.0.1","PublicIPv6":null}"#);
+        let back = LeaseAttrs::from_json("k", a.to_json().as_bytes()).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn bad_lease_json_names_the_key() {
+        for bad in [
+            "{",
+            r#"{"PublicIP":"nope"}"#,
+            "[]",
+            r#"{"PublicIP":"10.0.0.1","PublicIPv6":"x"}"#,
+        ] {
+            let err =
+                LeaseAttrs::from_json("/coreos.com/network/subnets/10.1.2.0-24", bad.as_bytes())
+                    .unwrap_err();
+            assert!(err.to_string().contains("10.1.2.0-24"), "{err}");
+        }
+    }
+
+    fn lease(key: &str, ip: [u8; 4]) -> Lease {
+        Lease {
+            key: SubnetKey::parse(key).unwrap(),
+            attrs: LeaseAttrs::new(ip.into(), "vxlan", None),
+            lease_id: 1,
+            expires: None,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn lease_set_emits_add_change_remove_once() {
+        let mut s = LeaseSet::new();
+        let a = lease("10.1.1.0-24", [1, 1, 1, 1]);
+        assert_eq!(
+            s.apply(RegistryEvent::Put(a.clone())),
+            Some(LeaseEvent::Added(a.clone()))
+        );
+        assert_eq!(
+            s.apply(RegistryEvent::Put(a.clone())),
+            None,
+            "repeat is silent"
+        );
+        let mut a2 = a.clone();
+        a2.attrs.public_ip = [2, 2, 2, 2].into();
+        assert_eq!(
+            s.apply(RegistryEvent::Put(a2.clone())),
+            Some(LeaseEvent::Changed(a2.clone()))
+        );
+        assert_eq!(
+            s.apply(RegistryEvent::Deleted(a.key)),
+            Some(LeaseEvent::Removed(a2))
+        );
+        assert_eq!(s.apply(RegistryEvent::Deleted(a.key)), None);
+    }
+
+    #[test]
+    fn lease_set_reset_emits_only_the_difference() {
+        let mut s = LeaseSet::new();
+        let (a, b, c) = (
+            lease("10.1.1.0-24", [1; 4]),
+            lease("10.1.2.0-24", [2; 4]),
+            lease("10.1.3.0-24", [3; 4]),
+        );
+        s.reset(vec![a.clone(), b.clone()]);
+        let mut b2 = b.clone();
+        b2.attrs.backend_type = "host-gw".into();
+        let events = s.reset(vec![b2.clone(), c.clone()]);
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events.contains(&LeaseEvent::Removed(a)));
+        assert!(events.contains(&LeaseEvent::Changed(b2.clone())));
+        assert!(events.contains(&LeaseEvent::Added(c.clone())));
+        assert!(s.reset(vec![b2, c]).is_empty());
+    }
+}

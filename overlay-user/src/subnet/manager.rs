@@ -1,0 +1,936 @@
+//! The lease manager: get the config, acquire this host's subnet the way flannel's
+//! `LocalManager` does, keep it renewed, and turn the registry's changes into peer events.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, SystemTime},
+};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use rand::Rng;
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{debug, error, info, warn};
+
+use super::{
+    config::{ConfigError, NetworkConfig},
+    lease::{Lease, LeaseAttrs, LeaseError, LeaseEvent, LeaseSet, RegistryEvent, SubnetKey},
+    registry::{LeaseWatch, Registry, RegistryError, WatchError},
+};
+
+/// flannel's `subnetTTL`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// flannel's `--subnet-lease-renew-margin` default (60 minutes).
+pub const DEFAULT_RENEW_MARGIN: Duration = Duration::from_secs(3600);
+/// flannel's `raceRetries`.
+pub const DEFAULT_RACE_RETRIES: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("network config at {key} is invalid: {source}")]
+    Config { key: String, source: ConfigError },
+    #[error("network config {key} does not exist; create it with `overlay config set`")]
+    ConfigMissing { key: String },
+    #[error("no free /{subnet_len} subnet left between {min} and {max} ({taken} leases exist)")]
+    NetworkFull {
+        subnet_len: u8,
+        min: String,
+        max: String,
+        taken: usize,
+    },
+    #[error("gave up acquiring a subnet after {attempts} attempts lost to other hosts")]
+    TooManyRaces { attempts: u32 },
+    #[error("IPv6-only networks (EnableIPv4 false) are not supported by the etcd subnet manager")]
+    Ipv6Only,
+    #[error("our lease {key} was lost: {reason}")]
+    LeaseLost { key: SubnetKey, reason: String },
+    #[error("invalid lease manager option: {0}")]
+    Options(String),
+    #[error("lease event receiver was dropped")]
+    ReceiverGone,
+}
+
+/// Knobs with flannel's defaults; tests shorten the times.
+#[derive(Debug, Clone)]
+pub struct ManagerOptions {
+    pub lease_ttl: Duration,
+    pub renew_margin: Duration,
+    /// Wait before retrying a failed renewal (flannel: one minute).
+    pub renew_retry: Duration,
+    pub race_retries: u32,
+    /// From the subnet file of a previous run: reused if free and still fitting the config.
+    pub previous_subnet: Option<Ipv4Network>,
+    pub previous_ipv6_subnet: Option<Ipv6Network>,
+    /// If our lease is deleted from outside, acquire a new one instead of stopping.
+    pub reacquire_on_loss: bool,
+    /// Wait between config polls while the config key is missing (flanneld: 1 s).
+    pub config_retry: Duration,
+    /// First and longest wait before re-listing after a broken watch.
+    pub resync_backoff_min: Duration,
+    pub resync_backoff_max: Duration,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions {
+            lease_ttl: DEFAULT_LEASE_TTL,
+            renew_margin: DEFAULT_RENEW_MARGIN,
+            renew_retry: Duration::from_secs(60),
+            race_retries: DEFAULT_RACE_RETRIES,
+            previous_subnet: None,
+            previous_ipv6_subnet: None,
+            reacquire_on_loss: false,
+            config_retry: Duration::from_secs(1),
+            resync_backoff_min: Duration::from_millis(100),
+            resync_backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ManagerOptions {
+    fn validate(&self) -> Result<(), ManagerError> {
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err(ManagerError::Options(format!(
+                "lease TTL {:?} is below etcd's minimum of 2 s",
+                self.lease_ttl
+            )));
+        }
+        if self.renew_margin.is_zero() || self.renew_margin >= self.lease_ttl {
+            return Err(ManagerError::Options(format!(
+                "renew margin {:?} must be above zero and below the lease TTL {:?}",
+                self.renew_margin, self.lease_ttl
+            )));
+        }
+        if self.race_retries == 0 {
+            return Err(ManagerError::Options(
+                "race retries must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct LeaseManager<R> {
+    registry: R,
+    opts: ManagerOptions,
+}
+
+enum Attempt {
+    Got(Lease),
+    Raced,
+}
+
+impl<R: Registry> LeaseManager<R> {
+    pub fn new(registry: R, opts: ManagerOptions) -> Result<Self, ManagerError> {
+        opts.validate()?;
+        Ok(LeaseManager { registry, opts })
+    }
+
+    pub fn registry(&self) -> &R {
+        &self.registry
+    }
+
+    /// Read and validate the config once.
+    pub async fn get_config(&self) -> Result<NetworkConfig, ManagerError> {
+        let key = self.registry.config_key();
+        let raw = self
+            .registry
+            .get_config()
+            .await?
+            .ok_or(ManagerError::ConfigMissing { key: key.clone() })?;
+        NetworkConfig::parse(&raw).map_err(|source| ManagerError::Config { key, source })
+    }
+
+    /// Poll until a valid config exists, as flanneld does at start: a missing key, an
+    /// unreachable etcd or an invalid config is logged and retried.
+    pub async fn wait_for_config(&self) -> NetworkConfig {
+        loop {
+            match self.get_config().await {
+                Ok(c) => return c,
+                Err(e @ ManagerError::ConfigMissing { .. }) => info!("{e}; waiting"),
+                Err(e) => error!("{e}; retrying"),
+            }
+            tokio::time::sleep(self.opts.config_retry).await;
+        }
+    }
+
+    /// Get a subnet lease for `attrs.public_ip`: reuse ours, else the previous subnet, else a
+    /// random free one; a lost creation race is retried up to `race_retries` times.
+    pub async fn acquire(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+    ) -> Result<Lease, ManagerError> {
+        if config.ipv4.is_none() {
+            return Err(ManagerError::Ipv6Only);
+        }
+        for attempt in 1..=self.opts.race_retries {
+            match self.try_acquire(config, attrs).await? {
+                Attempt::Got(l) => return Ok(l),
+                Attempt::Raced => {
+                    debug!(attempt, "lost a race for a subnet; trying again");
+                    // Jitter so hosts that collided do not collide again in lockstep.
+                    let ms = rand::rng().random_range(0..20 * u64::from(attempt));
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+            }
+        }
+        Err(ManagerError::TooManyRaces {
+            attempts: self.opts.race_retries,
+        })
+    }
+
+    async fn try_acquire(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+    ) -> Result<Attempt, ManagerError> {
+        let listing = self.registry.list().await?;
+        warn_skipped(&listing.skipped);
+        let leases = listing.leases;
+
+        for l in leases
+            .iter()
+            .filter(|l| l.attrs.public_ip == attrs.public_ip)
+        {
+            if fits(config, &l.key) {
+                // A reservation stays one: no TTL (flannel gives it one on etcd v3, issue #1329).
+                let ttl = (!l.is_reservation()).then_some(self.opts.lease_ttl);
+                info!(subnet = %l.key, reservation = l.is_reservation(), "reusing the lease of our public IP {}", attrs.public_ip);
+                return Ok(match self.registry.update(l, attrs, ttl).await? {
+                    Some(l) => Attempt::Got(l),
+                    None => Attempt::Raced,
+                });
+            } else if l.is_reservation() {
+                warn!(subnet = %l.key, "reservation for our public IP does not fit the network config; leaving it alone");
+            } else {
+                info!(subnet = %l.key, "lease of our public IP does not fit the network config; deleting it");
+                self.registry.delete(l).await?;
+            }
+        }
+
+        let taken: Vec<&Lease> = leases.iter().collect();
+        let previous = self
+            .opts
+            .previous_subnet
+            .map(|v4| SubnetKey::new(v4, self.opts.previous_ipv6_subnet));
+        let key = match previous {
+            Some(prev) if fits(config, &prev) && !taken.iter().any(|l| overlaps(&l.key, &prev)) => {
+                info!(subnet = %prev, "reusing the previous subnet from the subnet file");
+                prev
+            }
+            prev => {
+                if let Some(prev) = prev {
+                    info!(subnet = %prev, "previous subnet is taken or does not fit the config; picking another");
+                }
+                allocate(config, &taken)?
+            }
+        };
+        Ok(
+            match self
+                .registry
+                .create(key, attrs, Some(self.opts.lease_ttl))
+                .await?
+            {
+                Some(l) => {
+                    info!(subnet = %l.key, "acquired lease");
+                    Attempt::Got(l)
+                }
+                None => Attempt::Raced,
+            },
+        )
+    }
+
+    /// Renew our lease once; reservations need nothing. Errors if the etcd lease is gone.
+    pub async fn renew(&self, lease: &mut Lease) -> Result<(), ManagerError> {
+        if lease.is_reservation() {
+            return Ok(());
+        }
+        match self.registry.keep_alive(lease.lease_id).await? {
+            Some(exp) => {
+                lease.expires = Some(exp);
+                Ok(())
+            }
+            None => Err(ManagerError::LeaseLost {
+                key: lease.key,
+                reason: "its etcd lease expired".into(),
+            }),
+        }
+    }
+
+    /// Keep `own` renewed and report every other host's lease on `events` (first the current
+    /// set as `Added`, then changes). After a compaction or a broken connection it re-lists
+    /// and sends only the difference. Returns only on error: our lease lost (unless
+    /// `reacquire_on_loss`) or the receiver dropped. Cancel it by dropping the future.
+    pub async fn run(
+        &self,
+        config: &NetworkConfig,
+        mut own: Lease,
+        events: mpsc::Sender<LeaseEvent>,
+    ) -> Result<(), ManagerError> {
+        let mut peers = LeaseSet::new();
+        let mut watch: Option<R::Watch> = None;
+        let mut backoff = self.opts.resync_backoff_min;
+        let mut resync_at = Instant::now();
+        let mut renew_at = self.renew_deadline(&own);
+
+        loop {
+            enum Step<B> {
+                Renew,
+                Resync,
+                Batch(B),
+            }
+            let step = match watch.as_mut() {
+                Some(w) => tokio::select! {
+                    r = w.next() => Step::Batch(r),
+                    _ = tokio::time::sleep_until(renew_at) => Step::Renew,
+                },
+                None => tokio::select! {
+                    _ = tokio::time::sleep_until(resync_at) => Step::Resync,
+                    _ = tokio::time::sleep_until(renew_at) => Step::Renew,
+                },
+            };
+            match step {
+                Step::Renew => match self.renew(&mut own).await {
+                    Ok(()) => {
+                        debug!(subnet = %own.key, "lease renewed");
+                        renew_at = self.renew_deadline(&own);
+                    }
+                    Err(ManagerError::LeaseLost { reason, .. }) => {
+                        own = self.lost(config, own, &reason, &mut peers, &events).await?;
+                        renew_at = self.renew_deadline(&own);
+                    }
+                    Err(e) => {
+                        warn!(
+                            "renewing lease {} failed (retrying in {:?}): {e}",
+                            own.key, self.opts.renew_retry
+                        );
+                        renew_at = Instant::now() + self.opts.renew_retry;
+                    }
+                },
+                Step::Resync => match self.registry.list().await {
+                    Ok(listing) => {
+                        warn_skipped(&listing.skipped);
+                        let mut snapshot = Vec::new();
+                        let mut own_now = None;
+                        for l in listing.leases {
+                            if l.key == own.key {
+                                own_now = Some(l);
+                            } else if in_network(config, &l) {
+                                snapshot.push(l);
+                            }
+                        }
+                        for e in peers.reset(snapshot) {
+                            events
+                                .send(e)
+                                .await
+                                .map_err(|_| ManagerError::ReceiverGone)?;
+                        }
+                        match own_now {
+                            Some(l) if l.attrs.public_ip == own.attrs.public_ip => {
+                                if l.lease_id != own.lease_id {
+                                    renew_at = Instant::now();
+                                }
+                                own = Lease {
+                                    expires: own.expires,
+                                    ..l
+                                };
+                            }
+                            Some(_) => {
+                                own = self
+                                    .lost(
+                                        config,
+                                        own,
+                                        "another host's lease now holds the key",
+                                        &mut peers,
+                                        &events,
+                                    )
+                                    .await?;
+                                renew_at = self.renew_deadline(&own);
+                            }
+                            None => {
+                                own = self
+                                    .lost(config, own, "the key was deleted", &mut peers, &events)
+                                    .await?;
+                                renew_at = self.renew_deadline(&own);
+                            }
+                        }
+                        match self.registry.watch(listing.revision + 1).await {
+                            Ok(w) => {
+                                watch = Some(w);
+                                backoff = self.opts.resync_backoff_min;
+                            }
+                            Err(e) => {
+                                warn!("starting the lease watch failed: {e}");
+                                resync_at = Instant::now() + backoff;
+                                backoff = (backoff * 2).min(self.opts.resync_backoff_max);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!("listing leases failed (retrying in {backoff:?}): {e}");
+                        resync_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(self.opts.resync_backoff_max);
+                    }
+                },
+                Step::Batch(Err(e)) => {
+                    match &e {
+                        WatchError::Compacted { .. } => warn!("{e}; re-listing leases"),
+                        WatchError::Broken { .. } => warn!("{e}; re-listing leases in {backoff:?}"),
+                    }
+                    watch = None;
+                    resync_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(self.opts.resync_backoff_max);
+                }
+                Step::Batch(Ok(batch)) => {
+                    warn_skipped(&batch.skipped);
+                    let revision = batch.revision;
+                    for ev in batch.events {
+                        let key = match &ev {
+                            RegistryEvent::Put(l) => l.key,
+                            RegistryEvent::Deleted(k) => *k,
+                        };
+                        if key == own.key {
+                            match ev {
+                                RegistryEvent::Put(l)
+                                    if l.attrs.public_ip == own.attrs.public_ip =>
+                                {
+                                    if l.lease_id != own.lease_id {
+                                        renew_at = Instant::now();
+                                    }
+                                    own = Lease {
+                                        expires: own.expires,
+                                        ..l
+                                    };
+                                }
+                                RegistryEvent::Put(_) => {
+                                    own = self
+                                        .lost(
+                                            config,
+                                            own,
+                                            "another host's lease now holds the key",
+                                            &mut peers,
+                                            &events,
+                                        )
+                                        .await?;
+                                    renew_at = self.renew_deadline(&own);
+                                }
+                                RegistryEvent::Deleted(_) => {
+                                    own = self
+                                        .lost(
+                                            config,
+                                            own,
+                                            "the key was deleted",
+                                            &mut peers,
+                                            &events,
+                                        )
+                                        .await?;
+                                    renew_at = self.renew_deadline(&own);
+                                }
+                            }
+                            continue;
+                        }
+                        if let RegistryEvent::Put(l) = &ev
+                            && !in_network(config, l)
+                        {
+                            continue;
+                        }
+                        if let Some(e) = peers.apply(ev) {
+                            events
+                                .send(e)
+                                .await
+                                .map_err(|_| ManagerError::ReceiverGone)?;
+                        }
+                    }
+                    debug!(revision, "lease watch batch applied");
+                }
+            }
+        }
+    }
+
+    fn renew_deadline(&self, own: &Lease) -> Instant {
+        match own.expires {
+            _ if own.is_reservation() => Instant::now() + Duration::from_secs(365 * 24 * 3600),
+            Some(exp) => {
+                let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
+                Instant::now() + left.saturating_sub(self.opts.renew_margin)
+            }
+            None => Instant::now(),
+        }
+    }
+
+    /// Our lease is gone: stop (as flanneld does) or, if asked, acquire a new one.
+    async fn lost(
+        &self,
+        config: &NetworkConfig,
+        own: Lease,
+        reason: &str,
+        peers: &mut LeaseSet,
+        events: &mpsc::Sender<LeaseEvent>,
+    ) -> Result<Lease, ManagerError> {
+        if !self.opts.reacquire_on_loss {
+            error!("our lease {} was lost ({reason}); stopping", own.key);
+            return Err(ManagerError::LeaseLost {
+                key: own.key,
+                reason: reason.into(),
+            });
+        }
+        warn!(
+            "our lease {} was lost ({reason}); acquiring a new one",
+            own.key
+        );
+        let mut backoff = self.opts.resync_backoff_min;
+        let fresh = loop {
+            match self.acquire(config, &own.attrs).await {
+                Ok(l) => break l,
+                Err(e @ (ManagerError::Registry(_) | ManagerError::TooManyRaces { .. })) => {
+                    warn!("re-acquiring failed (retrying in {backoff:?}): {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.opts.resync_backoff_max);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        // If the new subnet was known as a peer's (it was not: it was free), forget it.
+        if let Some(e) = peers.apply(RegistryEvent::Deleted(fresh.key)) {
+            events
+                .send(e)
+                .await
+                .map_err(|_| ManagerError::ReceiverGone)?;
+        }
+        events
+            .send(LeaseEvent::Reacquired(fresh.clone()))
+            .await
+            .map_err(|_| ManagerError::ReceiverGone)?;
+        Ok(fresh)
+    }
+}
+
+fn warn_skipped(skipped: &[LeaseError]) {
+    for e in skipped {
+        warn!("skipping malformed lease: {e}");
+    }
+}
+
+/// A lease outside the configured network is someone's mistake: skip it with a warning.
+fn in_network(config: &NetworkConfig, l: &Lease) -> bool {
+    let Some(pool) = &config.ipv4 else {
+        return true;
+    };
+    let ok =
+        pool.network.contains(l.key.ipv4.network()) && l.key.ipv4.prefix() >= pool.network.prefix();
+    if !ok {
+        warn!(
+            "skipping lease {} outside the network {}",
+            l.key, pool.network
+        );
+    }
+    ok
+}
+
+/// flannel's isSubnetConfigCompat and isIPv6SubnetConfigCompat together.
+fn fits(config: &NetworkConfig, key: &SubnetKey) -> bool {
+    let v4 = config.ipv4.as_ref().is_some_and(|p| p.fits(key.ipv4));
+    let v6 = match (&config.ipv6, key.ipv6) {
+        (None, None) => true,
+        (Some(p), Some(sn)) => p.fits(sn),
+        _ => false,
+    };
+    v4 && v6
+}
+
+fn v4_range(n: Ipv4Network) -> (u128, u128) {
+    let start = u128::from(u32::from(n.network()));
+    (start, start + (1u128 << (32 - n.prefix())) - 1)
+}
+
+fn v6_range(n: Ipv6Network) -> (u128, u128) {
+    let start = u128::from(n.network());
+    let host = if n.prefix() == 0 {
+        u128::MAX
+    } else {
+        (1u128 << (128 - n.prefix())) - 1
+    };
+    (start, start | host)
+}
+
+fn overlaps(a: &SubnetKey, b: &SubnetKey) -> bool {
+    let hit = |(s1, e1): (u128, u128), (s2, e2): (u128, u128)| s1 <= e2 && s2 <= e1;
+    hit(v4_range(a.ipv4), v4_range(b.ipv4))
+        || matches!((a.ipv6, b.ipv6), (Some(x), Some(y)) if hit(v6_range(x), v6_range(y)))
+}
+
+/// How many candidates to look at, at most; a /8 cut into /24s is 65 536.
+const MAX_SCAN: u128 = 1 << 20;
+
+/// Pick uniformly among free subnets from `min` to `max` (both subnet starts) of size `step`.
+/// `taken` is merged into disjoint ranges so each candidate is one binary search.
+fn pick_free(min: u128, max: u128, step: u128, mut taken: Vec<(u128, u128)>) -> Option<u128> {
+    taken.sort_unstable();
+    let mut merged: Vec<(u128, u128)> = Vec::with_capacity(taken.len());
+    for (s, e) in taken {
+        match merged.last_mut() {
+            Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let mut rng = rand::rng();
+    let (mut chosen, mut seen) = (None, 0u64);
+    let mut c = min;
+    let mut scanned = 0;
+    while c <= max && scanned < MAX_SCAN {
+        let end = c + step - 1;
+        let i = merged.partition_point(|r| r.0 <= end);
+        let busy = i > 0 && merged[i - 1].1 >= c;
+        if !busy {
+            // Reservoir sampling: each free candidate ends up chosen with equal chance.
+            seen += 1;
+            if rng.random_range(0..seen) == 0 {
+                chosen = Some(c);
+            }
+        }
+        scanned += 1;
+        match c.checked_add(step) {
+            Some(n) => c = n,
+            None => break,
+        }
+    }
+    chosen
+}
+
+fn allocate(config: &NetworkConfig, taken: &[&Lease]) -> Result<SubnetKey, ManagerError> {
+    let p4 = config.ipv4.as_ref().ok_or(ManagerError::Ipv6Only)?;
+    let full = || ManagerError::NetworkFull {
+        subnet_len: p4.subnet_len,
+        min: p4.subnet_min.to_string(),
+        max: p4.subnet_max.to_string(),
+        taken: taken.len(),
+    };
+    let v4 = pick_free(
+        u128::from(u32::from(p4.subnet_min)),
+        u128::from(u32::from(p4.subnet_max)),
+        1u128 << (32 - p4.subnet_len),
+        taken.iter().map(|l| v4_range(l.key.ipv4)).collect(),
+    )
+    .ok_or_else(full)?;
+    let ipv4 = Ipv4Network::new(Ipv4Addr::from(v4 as u32), p4.subnet_len).expect("valid prefix");
+    let ipv6 = match &config.ipv6 {
+        None => None,
+        Some(p6) => {
+            let v6 = pick_free(
+                u128::from(p6.subnet_min),
+                u128::from(p6.subnet_max),
+                1u128 << (128 - p6.subnet_len),
+                taken
+                    .iter()
+                    .filter_map(|l| l.key.ipv6.map(v6_range))
+                    .collect(),
+            )
+            .ok_or_else(|| ManagerError::NetworkFull {
+                subnet_len: p6.subnet_len,
+                min: p6.subnet_min.to_string(),
+                max: p6.subnet_max.to_string(),
+                taken: taken.len(),
+            })?;
+            Some(Ipv6Network::new(v6.into(), p6.subnet_len).expect("valid prefix"))
+        }
+    };
+    Ok(SubnetKey::new(ipv4, ipv6))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::subnet::mem::MemRegistry;
+
+    const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+    fn attrs(last: u8) -> LeaseAttrs {
+        LeaseAttrs::new(
+            Ipv4Addr::new(192, 168, 0, last),
+            "vxlan",
+            Some(serde_json::json!({"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"})),
+        )
+    }
+
+    fn manager(reg: &MemRegistry, opts: ManagerOptions) -> LeaseManager<MemRegistry> {
+        LeaseManager::new(reg.clone(), opts).unwrap()
+    }
+
+    async fn setup(config: &str) -> (MemRegistry, NetworkConfig) {
+        let reg = MemRegistry::new();
+        reg.put_config(config).await.unwrap();
+        (reg, NetworkConfig::parse(config).unwrap())
+    }
+
+    #[tokio::test]
+    async fn acquire_reuses_lease_of_same_public_ip() {
+        let (reg, cfg) = setup(CONFIG).await;
+        let m = manager(&reg, ManagerOptions::default());
+        let first = m.acquire(&cfg, &attrs(1)).await.unwrap();
+        assert!(cfg.ipv4.unwrap().fits(first.key.ipv4));
+        let again = m.acquire(&cfg, &attrs(1)).await.unwrap();
+        assert_eq!(again.key, first.key);
+        let other = m.acquire(&cfg, &attrs(2)).await.unwrap();
+        assert_ne!(other.key, first.key);
+        assert_eq!(reg.list().await.unwrap().leases.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn previous_subnet_is_used_if_free_and_fitting() {
+        let (reg, cfg) = setup(CONFIG).await;
+        let opts = ManagerOptions {
+            previous_subnet: Some("10.5.77.0/24".parse().unwrap()),
+            ..Default::default()
+        };
+        let l = manager(&reg, opts.clone())
+            .acquire(&cfg, &attrs(1))
+            .await
+            .unwrap();
+        assert_eq!(l.key.to_string(), "10.5.77.0-24");
+        // Taken by host 1 now: host 2 with the same previous subnet gets another one.
+        let l2 = manager(&reg, opts).acquire(&cfg, &attrs(2)).await.unwrap();
+        assert_ne!(l2.key, l.key);
+        // Outside the config: ignored.
+        let opts = ManagerOptions {
+            previous_subnet: Some("10.6.1.0/24".parse().unwrap()),
+            ..Default::default()
+        };
+        let l3 = manager(&reg, opts).acquire(&cfg, &attrs(3)).await.unwrap();
+        assert!(cfg.ipv4.unwrap().fits(l3.key.ipv4));
+    }
+
+    #[tokio::test]
+    async fn network_full_is_a_clear_error() {
+        // /28 network: subnets /30, min .4, max .12: three subnets.
+        let (reg, cfg) = setup(r#"{"Network":"10.9.0.0/28"}"#).await;
+        let m = manager(&reg, ManagerOptions::default());
+        let mut got = HashSet::new();
+        for i in 1..=3 {
+            got.insert(m.acquire(&cfg, &attrs(i)).await.unwrap().key);
+        }
+        assert_eq!(got.len(), 3);
+        let err = m.acquire(&cfg, &attrs(4)).await.unwrap_err();
+        assert!(matches!(err, ManagerError::NetworkFull { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("no free /30 subnet left between 10.9.0.4 and 10.9.0.12"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reservation_is_reused_without_ttl_and_never_taken() {
+        let (reg, cfg) = setup(r#"{"Network":"10.9.0.0/28"}"#).await;
+        // Reserve 10.9.0.4/30 for host .1 (no etcd lease).
+        reg.put_raw("10.9.0.4-30", attrs(1).to_json().as_bytes(), 0);
+        let m = manager(&reg, ManagerOptions::default());
+        for i in 2..=3 {
+            let l = m.acquire(&cfg, &attrs(i)).await.unwrap();
+            assert_ne!(l.key.to_string(), "10.9.0.4-30");
+        }
+        assert!(matches!(
+            m.acquire(&cfg, &attrs(9)).await,
+            Err(ManagerError::NetworkFull { .. })
+        ));
+        let mine = m.acquire(&cfg, &attrs(1)).await.unwrap();
+        assert_eq!(mine.key.to_string(), "10.9.0.4-30");
+        assert!(
+            mine.is_reservation(),
+            "reuse must not attach a TTL to a reservation"
+        );
+        let mut mine2 = mine.clone();
+        m.renew(&mut mine2).await.unwrap();
+        assert!(
+            reg.list()
+                .await
+                .unwrap()
+                .leases
+                .iter()
+                .any(|l| l.key == mine.key && l.lease_id == 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn incompatible_lease_of_our_ip_is_replaced() {
+        let (reg, cfg) = setup(CONFIG).await;
+        reg.put_raw("10.5.0.0-24", attrs(1).to_json().as_bytes(), 0);
+        reg.put_raw("10.5.8.0-25", attrs(2).to_json().as_bytes(), 7);
+        let m = manager(&reg, ManagerOptions::default());
+        let l = m.acquire(&cfg, &attrs(2)).await.unwrap();
+        assert_ne!(l.key.to_string(), "10.5.8.0-25");
+        let keys: Vec<String> = reg
+            .list()
+            .await
+            .unwrap()
+            .leases
+            .iter()
+            .map(|l| l.key.to_string())
+            .collect();
+        assert!(
+            !keys.contains(&"10.5.8.0-25".to_string()),
+            "wrong-length lease deleted: {keys:?}"
+        );
+        assert!(
+            keys.contains(&"10.5.0.0-24".to_string()),
+            "reservation kept: {keys:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn dual_stack_acquires_both_families() {
+        let c = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:5::/48","Backend":{"Type":"vxlan"}}"#;
+        let (reg, cfg) = setup(c).await;
+        let l = manager(&reg, ManagerOptions::default())
+            .acquire(&cfg, &attrs(1))
+            .await
+            .unwrap();
+        let v6 = l.key.ipv6.expect("an IPv6 subnet");
+        assert!(cfg.ipv6.unwrap().fits(v6));
+        assert!(l.key.to_string().contains('&'));
+    }
+
+    #[tokio::test]
+    async fn options_are_validated() {
+        let reg = MemRegistry::new();
+        let bad = ManagerOptions {
+            renew_margin: DEFAULT_LEASE_TTL,
+            ..Default::default()
+        };
+        assert!(matches!(
+            LeaseManager::new(reg.clone(), bad),
+            Err(ManagerError::Options(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn missing_and_invalid_config_are_named() {
+        let reg = MemRegistry::new();
+        let m = manager(&reg, ManagerOptions::default());
+        assert!(matches!(
+            m.get_config().await,
+            Err(ManagerError::ConfigMissing { .. })
+        ));
+        reg.put_config(r#"{"Network":"10.0.0.0/16","SubnetLen":40}"#)
+            .await
+            .unwrap();
+        let e = m.get_config().await.unwrap_err();
+        assert!(e.to_string().contains("SubnetLen"), "{e}");
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<LeaseEvent>) -> LeaseEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("event in time")
+            .expect("channel open")
+    }
+
+    #[tokio::test]
+    async fn run_reports_peers_and_resyncs_after_compaction() {
+        let (reg, cfg) = setup(CONFIG).await;
+        reg.put_raw("10.5.3.0-24", attrs(3).to_json().as_bytes(), 0);
+        let opts = ManagerOptions {
+            resync_backoff_min: Duration::from_millis(10),
+            ..Default::default()
+        };
+        let m = manager(&reg, opts);
+        let own = m.acquire(&cfg, &attrs(1)).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let run = tokio::spawn(async move { m.run(&cfg, own, tx).await });
+        assert!(
+            matches!(next(&mut rx).await, LeaseEvent::Added(l) if l.key.to_string() == "10.5.3.0-24")
+        );
+        reg.put_raw("10.5.4.0-24", attrs(4).to_json().as_bytes(), 0);
+        assert!(
+            matches!(next(&mut rx).await, LeaseEvent::Added(l) if l.key.to_string() == "10.5.4.0-24")
+        );
+        reg.put_raw("10.5.4.0-24", attrs(5).to_json().as_bytes(), 0);
+        assert!(
+            matches!(next(&mut rx).await, LeaseEvent::Changed(l) if l.attrs.public_ip == attrs(5).public_ip)
+        );
+        // Malformed and outside-network values are skipped, the loop goes on.
+        reg.put_raw("10.5.9.0-24", b"{not json", 0);
+        reg.put_raw("garbage", b"{}", 0);
+        reg.put_raw("10.99.1.0-24", attrs(6).to_json().as_bytes(), 0);
+        // A gap: break the watch, change things, compact; only the difference comes out.
+        reg.break_watches();
+        reg.delete_raw("10.5.3.0-24");
+        reg.put_raw("10.5.6.0-24", attrs(6).to_json().as_bytes(), 0);
+        reg.compact();
+        let mut got = vec![next(&mut rx).await, next(&mut rx).await];
+        got.sort_by_key(|e| format!("{e:?}"));
+        assert!(
+            matches!(&got[0], LeaseEvent::Added(l) if l.key.to_string() == "10.5.6.0-24"),
+            "{got:?}"
+        );
+        assert!(
+            matches!(&got[1], LeaseEvent::Removed(l) if l.key.to_string() == "10.5.3.0-24"),
+            "{got:?}"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), rx.recv())
+                .await
+                .is_err(),
+            "nothing repeated"
+        );
+        run.abort();
+    }
+
+    #[tokio::test]
+    async fn own_lease_deleted_stops_or_reacquires() {
+        let (reg, cfg) = setup(CONFIG).await;
+        let m = manager(&reg, ManagerOptions::default());
+        let own = m.acquire(&cfg, &attrs(1)).await.unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let key = own.key;
+        let run = tokio::spawn({
+            let cfg = cfg.clone();
+            async move { m.run(&cfg, own, tx).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reg.delete_raw(&key.to_string());
+        let err = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(err, ManagerError::LeaseLost { key: k, .. } if k == key),
+            "{err}"
+        );
+
+        let m = manager(
+            &reg,
+            ManagerOptions {
+                reacquire_on_loss: true,
+                ..Default::default()
+            },
+        );
+        let own = m.acquire(&cfg, &attrs(1)).await.unwrap();
+        let expired_id = own.lease_id;
+        let (tx, mut rx) = mpsc::channel(16);
+        let run = tokio::spawn(async move { m.run(&cfg, own, tx).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reg.expire(expired_id);
+        assert!(
+            matches!(next(&mut rx).await, LeaseEvent::Reacquired(l) if l.lease_id != expired_id)
+        );
+        run.abort();
+    }
+
+    #[test]
+    fn pick_free_skips_taken_and_covers_all_free() {
+        // Candidates 0,4,8,12 of size 4; 4..7 and a big range from 12 on are taken.
+        let mut seen = HashSet::new();
+        for _ in 0..200 {
+            seen.insert(pick_free(0, 12, 4, vec![(4, 7), (12, 40)]).unwrap());
+        }
+        assert_eq!(seen, HashSet::from([0, 8]));
+        assert_eq!(pick_free(0, 12, 4, vec![(0, 15)]), None);
+        // A range that only partly covers a candidate still makes it busy.
+        assert_eq!(pick_free(0, 4, 4, vec![(2, 2), (7, 7)]), None);
+    }
+}
