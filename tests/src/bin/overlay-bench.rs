@@ -1,0 +1,1067 @@
+//! `overlay-bench`: our eBPF datapath against flannel's backends, side by side in one run, on
+//! the same two-host lab (hosts joined by a direct veth underlay, one container per host).
+//!
+//! Per backend and round, on a fresh lab, container to container (c1 client, c2 server): TCP
+//! throughput with 1 and 4 streams, 64-byte UDP packets per second received, and ping RTT
+//! p50/p99. Backends are interleaved and rounds repeated so slow drift of a shared machine hits
+//! all of them alike; the table shows medians with their ratio to host-gw, and min-max spreads.
+//! Every raw figure goes to a JSON file.
+use std::{
+    io::Read as _,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use overlay_tests::{
+    lab::{self, Backend, Lab, OverlayProcess},
+    netns::Netns,
+    traffic,
+};
+use serde_json::{Value, json};
+
+const UNDERLAY_MTU: u32 = 1500;
+const IPERF_PORT: u16 = 5201;
+/// UDP payload of the packet-rate test: the classic small-packet figure.
+const UDP_PAYLOAD: u64 = 64;
+/// Streams for the multi-stream TCP test and the UDP test.
+const STREAMS: u32 = 4;
+const PINGS: u32 = 200;
+/// Root may ping at 10 ms; 200 pings then take about 2 s.
+const PING_INTERVAL: &str = "0.01";
+
+const USAGE: &str = "\
+overlay-bench: TCP throughput, UDP packet rate and ping RTT, container to container, for
+host-gw, the kernel vxlan device as flannel configures it, and our eBPF datapath.
+
+Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH]
+                     [--backends NAME,NAME,...] [--bpf-stats]
+
+  --rounds N        rounds over all backends, each on a fresh lab (default 3)
+  --duration SECS   length of each iperf3 measurement (default 5)
+  --quick           smoke run: 1 round of 2 s measurements
+  --json PATH       raw per-round figures (default target/bench/datapath.json)
+  --backends LIST   subset, in this order (default: all):
+                    host-gw,kernel-vxlan,ebpf-vxlan,ebpf-udp,ebpf-vxlan-generic
+  --bpf-stats       enable kernel.bpf_stats_enabled during the run and record the run time
+                    of our programs in the 1-stream TCP test (costs some ns per packet)
+
+Needs root, iperf3 and ping, and the `overlay` binary next to this one (cargo build --release).";
+
+/// Set by SIGINT/SIGTERM: the run stops after the current measurement and cleans up.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BenchBackend {
+    HostGw,
+    KernelVxlan,
+    EbpfVxlan,
+    EbpfUdp,
+    EbpfVxlanGeneric,
+}
+
+impl BenchBackend {
+    const ALL: [BenchBackend; 5] = [
+        BenchBackend::HostGw,
+        BenchBackend::KernelVxlan,
+        BenchBackend::EbpfVxlan,
+        BenchBackend::EbpfUdp,
+        BenchBackend::EbpfVxlanGeneric,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            BenchBackend::HostGw => "host-gw",
+            BenchBackend::KernelVxlan => "kernel-vxlan",
+            BenchBackend::EbpfVxlan => "ebpf-vxlan",
+            BenchBackend::EbpfUdp => "ebpf-udp",
+            BenchBackend::EbpfVxlanGeneric => "ebpf-vxlan-generic",
+        }
+    }
+
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .with_context(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|b| b.name()).collect();
+                format!(
+                    "unknown backend {s:?}: expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// Our datapath's format and the extra flags it runs with, for the eBPF variants.
+    fn ebpf(self) -> Option<(Backend, &'static [&'static str])> {
+        match self {
+            BenchBackend::HostGw | BenchBackend::KernelVxlan => None,
+            // No --xdp-mode: what users get by default (native where the driver has it).
+            BenchBackend::EbpfVxlan => Some((Backend::Vxlan, &[])),
+            BenchBackend::EbpfUdp => Some((Backend::Udp, &[])),
+            BenchBackend::EbpfVxlanGeneric => Some((Backend::Vxlan, &["--xdp-mode", "generic"])),
+        }
+    }
+
+    /// Container MTU = overlay MTU, as flannel hands it to docker.
+    fn container_mtu(self) -> u32 {
+        match self {
+            BenchBackend::HostGw => UNDERLAY_MTU,
+            BenchBackend::KernelVxlan => UNDERLAY_MTU - 50,
+            b => UNDERLAY_MTU - b.ebpf().expect("eBPF backend").0.overhead(),
+        }
+    }
+}
+
+/// The five figures of the table, in column order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Metric {
+    Tcp1,
+    Tcp4,
+    Udp64,
+    RttP50,
+    RttP99,
+}
+
+impl Metric {
+    const ALL: [Metric; 5] = [
+        Metric::Tcp1,
+        Metric::Tcp4,
+        Metric::Udp64,
+        Metric::RttP50,
+        Metric::RttP99,
+    ];
+
+    /// Column header, with the unit the table shows.
+    fn header(self) -> &'static str {
+        match self {
+            Metric::Tcp1 => "tcp1 Gbit/s",
+            Metric::Tcp4 => "tcp4 Gbit/s",
+            Metric::Udp64 => "udp64 kpps",
+            Metric::RttP50 => "rtt p50 us",
+            Metric::RttP99 => "rtt p99 us",
+        }
+    }
+
+    /// Key in the JSON, with the unit the raw figure is in.
+    fn key(self) -> &'static str {
+        match self {
+            Metric::Tcp1 => "tcp1_bps",
+            Metric::Tcp4 => "tcp4_bps",
+            Metric::Udp64 => "udp64_rx_pps",
+            Metric::RttP50 => "rtt_p50_us",
+            Metric::RttP99 => "rtt_p99_us",
+        }
+    }
+
+    /// Raw figure to the table's unit.
+    fn scale(self) -> f64 {
+        match self {
+            Metric::Tcp1 | Metric::Tcp4 => 1e-9,
+            Metric::Udp64 => 1e-3,
+            Metric::RttP50 | Metric::RttP99 => 1.0,
+        }
+    }
+}
+
+struct Options {
+    rounds: usize,
+    duration: u64,
+    json: PathBuf,
+    backends: Vec<BenchBackend>,
+    bpf_stats: bool,
+}
+
+fn parse_args() -> anyhow::Result<Option<Options>> {
+    let mut o = Options {
+        rounds: 3,
+        duration: 5,
+        json: PathBuf::from("target/bench/datapath.json"),
+        backends: BenchBackend::ALL.to_vec(),
+        bpf_stats: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| {
+            args.next()
+                .with_context(|| format!("{flag} needs a value\n\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--rounds" => {
+                o.rounds = value("--rounds")?
+                    .parse()
+                    .context("--rounds: not a number")?
+            }
+            "--duration" => {
+                o.duration = value("--duration")?
+                    .parse()
+                    .context("--duration: not a number of seconds")?
+            }
+            "--quick" => (o.rounds, o.duration) = (1, 2),
+            "--json" => o.json = value("--json")?.into(),
+            "--backends" => {
+                o.backends = value("--backends")?
+                    .split(',')
+                    .map(BenchBackend::parse)
+                    .collect::<anyhow::Result<_>>()?
+            }
+            "--bpf-stats" => o.bpf_stats = true,
+            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+    }
+    if o.rounds == 0 || o.duration == 0 || o.backends.is_empty() {
+        bail!("--rounds, --duration and --backends must not be zero or empty");
+    }
+    Ok(Some(o))
+}
+
+fn main() -> anyhow::Result<()> {
+    let Some(opts) = parse_args()? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    preflight(&opts)?;
+    install_stop_handler()?;
+    let _bpf_stats = if opts.bpf_stats {
+        Some(BpfStatsEnabled::enable()?)
+    } else {
+        None
+    };
+
+    println!(
+        "overlay-bench: {} round(s), {} s per iperf3 measurement, {PINGS} pings at {PING_INTERVAL} s; kernel {}, {} CPUs, load {}",
+        opts.rounds,
+        opts.duration,
+        read_trimmed("/proc/sys/kernel/osrelease"),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        read_trimmed("/proc/loadavg"),
+    );
+    let mut runs: Vec<Vec<Value>> = vec![Vec::new(); opts.backends.len()];
+    'rounds: for round in 0..opts.rounds {
+        // Rotate the order each round: no backend always runs first (on a cold machine) or last.
+        for k in 0..opts.backends.len() {
+            if STOP.load(Ordering::Relaxed) {
+                break 'rounds;
+            }
+            let i = (k + round) % opts.backends.len();
+            let backend = opts.backends[i];
+            let started = Instant::now();
+            let run = run_backend(backend, &opts);
+            println!(
+                "round {}/{} {:<20} {} ({:.0} s)",
+                round + 1,
+                opts.rounds,
+                backend.name(),
+                summary_line(&run),
+                started.elapsed().as_secs_f64()
+            );
+            let mut run = run;
+            run["round"] = json!(round + 1);
+            runs[i].push(run);
+        }
+    }
+    if STOP.load(Ordering::Relaxed) {
+        eprintln!("overlay-bench: interrupted; reporting what was measured");
+    }
+
+    let report = report_json(&opts, &runs);
+    print_tables(&opts, &report);
+    if let Some(dir) = opts.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&opts.json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", opts.json.display()))?;
+    println!("raw figures: {}", opts.json.display());
+    let failed = runs
+        .iter()
+        .flatten()
+        .filter(|r| !r["errors"].as_array().is_none_or(Vec::is_empty))
+        .count();
+    if failed > 0 {
+        bail!(
+            "{failed} backend run(s) had errors (see above and {})",
+            opts.json.display()
+        );
+    }
+    Ok(())
+}
+
+/// Fail early, naming what is missing, rather than half-way through a run.
+fn preflight(opts: &Options) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("overlay-bench needs root: it creates network namespaces and loads eBPF programs");
+    }
+    for (tool, package) in [
+        ("iperf3", "iperf3"),
+        ("ping", "iputils-ping"),
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+    ] {
+        if Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            bail!("{tool} not found: apt-get install {package}");
+        }
+    }
+    if opts.backends.iter().any(|b| b.ebpf().is_some()) {
+        let bin = lab::workspace_bin("overlay");
+        if !bin.exists() {
+            bail!(
+                "{} not found: build it first (cargo build --release)",
+                bin.display()
+            );
+        }
+    }
+    if opts.bpf_stats
+        && Command::new("bpftool")
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+    {
+        bail!("--bpf-stats needs bpftool: apt-get install bpftool");
+    }
+    Ok(())
+}
+
+fn install_stop_handler() -> anyhow::Result<()> {
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::Relaxed);
+    }
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(sig, &action) }
+            .with_context(|| format!("installing a {sig} handler"))?;
+    }
+    Ok(())
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Two hosts with one container each, wired for one backend.
+struct Topology {
+    // Field order is drop order: the datapaths stop before their namespaces are deleted.
+    datapaths: Vec<OverlayProcess>,
+    lab: Lab,
+}
+
+impl Topology {
+    fn build(backend: BenchBackend) -> anyhow::Result<Self> {
+        let mut lab = Lab::new(2, UNDERLAY_MTU).context("creating the two-host lab")?;
+        for h in lab.hosts.iter_mut() {
+            h.add_containers(lab::static_subnet(h.index), backend.container_mtu(), 1)
+                .with_context(|| format!("adding a container to host{}", h.index))?;
+        }
+        let mut datapaths = Vec::new();
+        match backend {
+            BenchBackend::HostGw => {
+                // flannel's host-gw: a plain route to each peer's subnet via its PublicIP.
+                for h in &lab.hosts {
+                    for peer in lab.hosts.iter().filter(|p| p.index != h.index) {
+                        let subnet = lab::static_subnet(peer.index).to_string();
+                        h.ns.ip(&["route", "add", &subnet, "via", &peer.public_ip.to_string()])
+                            .with_context(|| format!("host-gw route on {}", h.name()))?;
+                    }
+                }
+            }
+            BenchBackend::KernelVxlan => {
+                for h in &lab.hosts {
+                    let subnet = lab::static_subnet(h.index);
+                    lab::flannel_vxlan_host(
+                        &h.ns,
+                        &h.iface,
+                        h.public_ip,
+                        subnet,
+                        &lab::static_vtep_mac(h.index),
+                        UNDERLAY_MTU,
+                    )
+                    .with_context(|| format!("flannel.1 on {}", h.name()))?;
+                }
+                for h in &lab.hosts {
+                    for peer in lab.hosts.iter().filter(|p| p.index != h.index) {
+                        let mac = lab::static_vtep_mac(peer.index);
+                        lab::flannel_vxlan_add_peer(
+                            &h.ns,
+                            lab::static_subnet(peer.index),
+                            peer.public_ip,
+                            &mac,
+                        )
+                        .with_context(|| format!("flannel.1 peer entries on {}", h.name()))?;
+                    }
+                }
+            }
+            b => {
+                let (format, extra) = b.ebpf().expect("eBPF backend");
+                for h in &lab.hosts {
+                    let mut args = lab::static_datapath_args(&lab, h.index, format);
+                    args.extend(extra.iter().map(|s| s.to_string()));
+                    let p = OverlayProcess::start(&h.ns, &args, Duration::from_secs(20))
+                        .with_context(|| format!("starting `overlay datapath` on {}", h.name()))?;
+                    datapaths.push(p);
+                }
+            }
+        }
+        Ok(Topology { datapaths, lab })
+    }
+
+    fn client(&self) -> &lab::Container {
+        &self.lab.hosts[0].containers[0]
+    }
+
+    fn server(&self) -> &lab::Container {
+        &self.lab.hosts[1].containers[0]
+    }
+
+    /// XDP attach mode per host as our datapath reported it ("Driver" = native, "Skb" = generic).
+    fn xdp_modes(&self) -> Vec<String> {
+        self.datapaths
+            .iter()
+            .map(|p| p.ready["xdp_mode"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+
+    /// Stop the datapaths and return their final counters, host by host.
+    fn stop_datapaths(&mut self) -> anyhow::Result<Vec<Value>> {
+        self.datapaths.drain(..).map(|p| p.stop()).collect()
+    }
+}
+
+/// One backend, one round: a fresh lab and every measurement. Errors end up in the result's
+/// `errors`, so one broken backend does not hide the figures of the others.
+fn run_backend(backend: BenchBackend, opts: &Options) -> Value {
+    let mut run = json!({ "backend": backend.name(), "container_mtu": backend.container_mtu(), "errors": [] });
+    let mut errors = Vec::new();
+    match Topology::build(backend) {
+        Err(e) => errors.push(format!("setup: {e:#}")),
+        Ok(mut topo) => {
+            if backend.ebpf().is_some() {
+                run["xdp_mode"] = json!(topo.xdp_modes());
+            }
+            measure_all(&topo, opts, &mut run, &mut errors);
+            if !topo.datapaths.is_empty() {
+                match topo.stop_datapaths() {
+                    Ok(counters) => run["datapath_counters"] = json!(counters),
+                    Err(e) => errors.push(format!("stopping the datapath: {e:#}")),
+                }
+            }
+        }
+    }
+    run["errors"] = json!(errors);
+    run
+}
+
+fn measure_all(topo: &Topology, opts: &Options, run: &mut Value, errors: &mut Vec<String>) {
+    let (c1, c2) = (topo.client(), topo.server());
+    // Also warms ARP and neighbour caches, so the RTT figures start hot.
+    match traffic::ping(&c1.ns, c2.ip, 5, 56, false, "0.05") {
+        Ok(r) if r.received > 0 => {}
+        Ok(r) => {
+            errors.push(format!(
+                "no connectivity {} -> {}: {}/{} pings answered",
+                c1.ip, c2.ip, r.received, r.transmitted
+            ));
+            return;
+        }
+        Err(e) => {
+            errors.push(format!("ping {} -> {}: {e:#}", c1.ip, c2.ip));
+            return;
+        }
+    }
+    let steps: [(&str, &dyn Fn(&mut Value) -> anyhow::Result<()>); 4] = [
+        ("ping", &|run| measure_rtt(c1, c2, run)),
+        ("tcp1", &|run| measure_tcp(topo, opts, 1, run)),
+        ("tcp4", &|run| measure_tcp(topo, opts, STREAMS, run)),
+        ("udp64", &|run| measure_udp(c1, c2, opts, run)),
+    ];
+    for (name, step) in steps {
+        if STOP.load(Ordering::Relaxed) {
+            errors.push("interrupted".into());
+            return;
+        }
+        if let Err(e) = step(run) {
+            errors.push(format!("{name}: {e:#}"));
+        }
+    }
+}
+
+fn measure_rtt(c1: &lab::Container, c2: &lab::Container, run: &mut Value) -> anyhow::Result<()> {
+    let r = traffic::ping(&c1.ns, c2.ip, PINGS, 56, false, PING_INTERVAL)?;
+    let (Some(p50), Some(p99)) = (r.percentile(50.0), r.percentile(99.0)) else {
+        bail!("no ping answered ({} sent)", r.transmitted);
+    };
+    run["rtt_p50_us"] = json!(p50 * 1000.0);
+    run["rtt_p99_us"] = json!(p99 * 1000.0);
+    run["ping_sent"] = json!(r.transmitted);
+    run["ping_received"] = json!(r.received);
+    Ok(())
+}
+
+fn measure_tcp(
+    topo: &Topology,
+    opts: &Options,
+    streams: u32,
+    run: &mut Value,
+) -> anyhow::Result<()> {
+    let (c1, c2) = (topo.client(), topo.server());
+    let key = if streams == 1 { "tcp1" } else { "tcp4" };
+    let underlay = &topo.lab.hosts[0];
+    let link_before = link_tx_stats(&underlay.ns, &underlay.iface)?;
+    let bpf_before = if opts.bpf_stats && streams == 1 {
+        Some(bpf_prog_stats()?)
+    } else {
+        None
+    };
+
+    let (client, _server) = iperf3(c1, c2, opts.duration, &["-P", &streams.to_string()])?;
+    let received = f64_at(&client, "/end/sum_received/bits_per_second")?;
+    run[format!("{key}_bps")] = json!(received);
+    run[format!("{key}_retransmits")] = client
+        .pointer("/end/sum_sent/retransmits")
+        .cloned()
+        .unwrap_or(Value::Null);
+    run[format!("{key}_cpu")] = client
+        .pointer("/end/cpu_utilization_percent")
+        .cloned()
+        .unwrap_or(Value::Null);
+
+    // What crossed the underlay: the average skb size tells whether host1 sent GSO
+    // super-packets or wire-sized segments.
+    let link_after = link_tx_stats(&underlay.ns, &underlay.iface)?;
+    let (packets, bytes) = (link_after.0 - link_before.0, link_after.1 - link_before.1);
+    run[format!("{key}_underlay_tx")] = json!({
+        "packets": packets,
+        "bytes": bytes,
+        "avg_bytes_per_skb": if packets > 0 { bytes / packets } else { 0 },
+    });
+    if let Some(before) = bpf_before {
+        run["tcp1_bpf_stats"] = bpf_stats_delta(&before, &bpf_prog_stats()?);
+    }
+    Ok(())
+}
+
+fn measure_udp(
+    c1: &lab::Container,
+    c2: &lab::Container,
+    opts: &Options,
+    run: &mut Value,
+) -> anyhow::Result<()> {
+    let args = [
+        "-u",
+        "-l",
+        &UDP_PAYLOAD.to_string(),
+        "-b",
+        "0",
+        "-P",
+        &STREAMS.to_string(),
+    ];
+    let (client, server) = iperf3(c1, c2, opts.duration, &args)?;
+    // The server's own view: packets counts what the sequence numbers say was sent, so
+    // received = packets - lost_packets; its bytes must agree.
+    let packets = f64_at(&server, "/end/sum_received/packets")?;
+    let lost = f64_at(&server, "/end/sum_received/lost_packets")?;
+    let bytes = f64_at(&server, "/end/sum_received/bytes")?;
+    let seconds = f64_at(&server, "/end/sum_received/seconds")?;
+    if seconds <= 0.0 {
+        bail!("iperf3 server reports a {seconds} s test");
+    }
+    let received = packets - lost;
+    if (bytes / UDP_PAYLOAD as f64 - received).abs() > received * 0.01 + 1.0 {
+        bail!("iperf3 server figures disagree: {received} packets received but {bytes} bytes");
+    }
+    run["udp64_rx_pps"] = json!(received / seconds);
+    let sent = f64_at(&client, "/end/sum_sent/packets")?;
+    let sent_seconds = f64_at(&client, "/end/sum_sent/seconds")?;
+    run["udp64_tx_pps"] = json!(if sent_seconds > 0.0 {
+        sent / sent_seconds
+    } else {
+        0.0
+    });
+    run["udp64_lost_percent"] = json!(if packets > 0.0 {
+        100.0 * lost / packets
+    } else {
+        0.0
+    });
+    run["udp64_cpu"] = client
+        .pointer("/end/cpu_utilization_percent")
+        .cloned()
+        .unwrap_or(Value::Null);
+    Ok(())
+}
+
+fn f64_at(v: &Value, pointer: &str) -> anyhow::Result<f64> {
+    v.pointer(pointer)
+        .and_then(Value::as_f64)
+        .with_context(|| format!("iperf3 JSON has no number at {pointer}"))
+}
+
+/// A child process that is killed when dropped, on every path; and dies with us (PDEATHSIG)
+/// if we are killed.
+struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        Ok(KillOnDrop(child))
+    }
+
+    /// Wait up to `timeout` for the process to exit; kill it if it does not. Returns its exit
+    /// status and everything it printed.
+    fn wait(mut self, timeout: Duration) -> anyhow::Result<(ExitStatus, String, String)> {
+        // Read both pipes while waiting: iperf3's JSON can outgrow a pipe buffer.
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_string(&mut s);
+                }
+                s
+            })
+        };
+        let out = read(self.0.stdout.take().map(|p| Box::new(p) as _));
+        let err = read(self.0.stderr.take().map(|p| Box::new(p) as _));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.0.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                bail!("no exit after {timeout:?}; killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok((
+            status,
+            out.join().unwrap_or_default(),
+            err.join().unwrap_or_default(),
+        ))
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// One iperf3 test from c1 to a one-shot server in c2; returns the client's and the server's
+/// JSON reports.
+fn iperf3(
+    c1: &lab::Container,
+    c2: &lab::Container,
+    duration: u64,
+    extra: &[&str],
+) -> anyhow::Result<(Value, Value)> {
+    let port = IPERF_PORT.to_string();
+    let mut server = c2.ns.command("iperf3");
+    server.args(["-s", "-1", "-J", "-p", &port]);
+    let mut server =
+        KillOnDrop::spawn(server).context("starting the iperf3 server (apt-get install iperf3)")?;
+    wait_listening(&c2.ns, IPERF_PORT, &mut server)?;
+
+    let mut client = c1.ns.command("iperf3");
+    let (dst, secs) = (c2.ip.to_string(), duration.to_string());
+    client
+        .args([
+            "-c",
+            &dst,
+            "-p",
+            &port,
+            "-t",
+            &secs,
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ])
+        .args(extra);
+    let what = format!("iperf3 -c {dst} {}", extra.join(" "));
+    let client = KillOnDrop::spawn(client).with_context(|| format!("starting {what}"))?;
+    let limit = Duration::from_secs(duration + 20);
+    let (status, out, err) = client.wait(limit).with_context(|| what.clone())?;
+    let client_json = iperf3_json(&out, &err, status).with_context(|| what.clone())?;
+    // The one-shot server prints its report and exits once the client is done.
+    let (status, out, err) = server
+        .wait(Duration::from_secs(10))
+        .context("iperf3 server")?;
+    let server_json = iperf3_json(&out, &err, status).context("iperf3 server")?;
+    Ok((client_json, server_json))
+}
+
+fn iperf3_json(out: &str, err: &str, status: ExitStatus) -> anyhow::Result<Value> {
+    let v: Value = serde_json::from_str(out)
+        .with_context(|| format!("exited {status} without a JSON report: {}", err.trim()))?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        bail!("iperf3 error: {e}");
+    }
+    if !status.success() {
+        bail!("exited {status}: {}", err.trim());
+    }
+    Ok(v)
+}
+
+fn wait_listening(ns: &Netns, port: u16, server: &mut KillOnDrop) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let filter = format!(":{port}");
+    loop {
+        let out = ns.exec("ss", &["-Hltn", "sport", "=", &filter])?;
+        if !out.trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "iperf3 server in {} not listening on port {port} after 5 s",
+                ns.name()
+            );
+        }
+        if let Some(status) = server.0.try_wait()? {
+            bail!("iperf3 server exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (tx packets, tx bytes) of an interface, from its kernel counters.
+fn link_tx_stats(ns: &Netns, iface: &str) -> anyhow::Result<(u64, u64)> {
+    let out = ns.ip(&["-j", "-s", "link", "show", "dev", iface])?;
+    let v: Value = serde_json::from_str(&out)
+        .with_context(|| format!("unreadable `ip -j -s link` output for {iface}"))?;
+    let tx = &v[0]["stats64"]["tx"];
+    Ok((
+        tx["packets"].as_u64().unwrap_or(0),
+        tx["bytes"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// kernel.bpf_stats_enabled on for the run, back to its old value after.
+struct BpfStatsEnabled {
+    old: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStatsEnabled {
+    fn enable() -> anyhow::Result<Self> {
+        let old =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(BpfStatsEnabled {
+            old: old.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for BpfStatsEnabled {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.old);
+    }
+}
+
+/// run_cnt and run_time_ns of every loaded program named like ours, by program id. Programs
+/// are not per namespace: another run loading ours at the same time would be counted too.
+fn bpf_prog_stats() -> anyhow::Result<Vec<(u64, String, u64, u64)>> {
+    let out = overlay_tests::netns::run(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+    let v: Value =
+        serde_json::from_str(&out).context("unreadable `bpftool -j prog show` output")?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let name = p["name"].as_str()?;
+            if !name.starts_with("overlay_") {
+                return None;
+            }
+            Some((
+                p["id"].as_u64()?,
+                name.to_string(),
+                p["run_cnt"].as_u64().unwrap_or(0),
+                p["run_time_ns"].as_u64().unwrap_or(0),
+            ))
+        })
+        .collect())
+}
+
+fn bpf_stats_delta(before: &[(u64, String, u64, u64)], after: &[(u64, String, u64, u64)]) -> Value {
+    let mut out = serde_json::Map::new();
+    for (id, name, cnt, ns) in after {
+        let Some((_, _, cnt0, ns0)) = before.iter().find(|b| b.0 == *id) else {
+            continue;
+        };
+        let e = out
+            .entry(name.clone())
+            .or_insert_with(|| json!({"run_cnt": 0u64, "run_time_ns": 0u64}));
+        e["run_cnt"] = json!(e["run_cnt"].as_u64().unwrap_or(0) + (cnt - cnt0));
+        e["run_time_ns"] = json!(e["run_time_ns"].as_u64().unwrap_or(0) + (ns - ns0));
+    }
+    for e in out.values_mut() {
+        let (cnt, ns) = (
+            e["run_cnt"].as_u64().unwrap_or(0),
+            e["run_time_ns"].as_u64().unwrap_or(0),
+        );
+        e["ns_per_run"] = json!(if cnt > 0 { ns as f64 / cnt as f64 } else { 0.0 });
+    }
+    Value::Object(out)
+}
+
+fn summary_line(run: &Value) -> String {
+    let mut parts: Vec<String> = Metric::ALL
+        .iter()
+        .map(|m| match run[m.key()].as_f64() {
+            Some(x) => format!("{} {:.1}", m.header(), x * m.scale()),
+            None => format!("{} -", m.header()),
+        })
+        .collect();
+    if let Some(modes) = run["xdp_mode"].as_array() {
+        parts.push(format!(
+            "xdp {}",
+            modes
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("/")
+        ));
+    }
+    if let Some(avg) = run["tcp1_underlay_tx"]["avg_bytes_per_skb"].as_u64() {
+        parts.push(format!("underlay skb {avg} B"));
+    }
+    for e in run["errors"].as_array().into_iter().flatten() {
+        parts.push(format!("ERROR {}", e.as_str().unwrap_or_default()));
+    }
+    parts.join(", ")
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn spread(values: &[f64]) -> Option<Spread> {
+    let mut v: Vec<f64> = values.to_vec();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Spread {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    })
+}
+
+fn report_json(opts: &Options, runs: &[Vec<Value>]) -> Value {
+    let stats = |runs: &[Value], m: Metric| {
+        spread(
+            &runs
+                .iter()
+                .filter_map(|r| r[m.key()].as_f64())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let host_gw = opts
+        .backends
+        .iter()
+        .position(|b| *b == BenchBackend::HostGw)
+        .map(|i| runs[i].as_slice());
+    let backends: Vec<Value> = opts
+        .backends
+        .iter()
+        .zip(runs)
+        .map(|(b, runs)| {
+            let mut summary = serde_json::Map::new();
+            for m in Metric::ALL {
+                let Some(s) = stats(runs, m) else { continue };
+                let ratio = host_gw.and_then(|h| stats(h, m)).map(|h| s.median / h.median);
+                summary.insert(
+                    m.key().into(),
+                    json!({"median": s.median, "min": s.min, "max": s.max, "ratio_to_host_gw": ratio}),
+                );
+            }
+            let xdp = runs.iter().find_map(|r| r.get("xdp_mode").cloned()).unwrap_or(Value::Null);
+            json!({
+                "backend": b.name(),
+                "container_mtu": b.container_mtu(),
+                "xdp_mode": xdp,
+                "summary": summary,
+                "runs": runs,
+            })
+        })
+        .collect();
+    json!({
+        "benchmark": "datapath",
+        "config": {
+            "rounds": opts.rounds,
+            "duration_s": opts.duration,
+            "underlay_mtu": UNDERLAY_MTU,
+            "streams": STREAMS,
+            "udp_payload": UDP_PAYLOAD,
+            "pings": PINGS,
+            "ping_interval_s": PING_INTERVAL,
+            "kernel": read_trimmed("/proc/sys/kernel/osrelease"),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "loadavg_at_end": read_trimmed("/proc/loadavg"),
+            "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "topology": "two hosts joined by a direct veth underlay (MTU 1500), one container per host behind docker0; c1 (host1) client, c2 (host2) server",
+        },
+        "backends": backends,
+    })
+}
+
+fn print_tables(opts: &Options, report: &Value) {
+    let rows: Vec<&Value> = report["backends"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let name_w = rows
+        .iter()
+        .filter_map(|r| r["backend"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(7)
+        .max(7);
+    let cell = |r: &Value, m: Metric| -> (String, String) {
+        let s = &r["summary"][m.key()];
+        let Some(median) = s["median"].as_f64() else {
+            return ("-".into(), "-".into());
+        };
+        let v = median * m.scale();
+        let value = if v >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.2}")
+        };
+        let ratio = s["ratio_to_host_gw"]
+            .as_f64()
+            .map(|x| format!("{x:.2}x"))
+            .unwrap_or("-".into());
+        let range = format!(
+            "{:.1}-{:.1}",
+            s["min"].as_f64().unwrap_or(0.0) * m.scale(),
+            s["max"].as_f64().unwrap_or(0.0) * m.scale()
+        );
+        (format!("{value:>8} {ratio:>6}"), range)
+    };
+    let xdp = |r: &Value| -> String {
+        match r["xdp_mode"].as_array() {
+            Some(modes) => {
+                let mut m: Vec<&str> = modes
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(|s| match s {
+                        "Driver" => "native",
+                        "Skb" => "generic",
+                        other => other,
+                    })
+                    .collect();
+                m.dedup();
+                m.join("/")
+            }
+            None => "-".into(),
+        }
+    };
+
+    println!();
+    println!(
+        "Medians over {} round(s) of {} s, ratio to host-gw (throughput: higher is better; RTT: lower is better)",
+        opts.rounds, opts.duration
+    );
+    let mut header = format!("{:<name_w$}  {:<8}", "backend", "xdp");
+    for m in Metric::ALL {
+        header += &format!("  {:>15}", m.header());
+    }
+    println!("{header}");
+    println!("{}", "-".repeat(header.len()));
+    for r in &rows {
+        let mut line = format!(
+            "{:<name_w$}  {:<8}",
+            r["backend"].as_str().unwrap_or("?"),
+            xdp(r)
+        );
+        for m in Metric::ALL {
+            line += &format!("  {:>15}", cell(r, m).0);
+        }
+        println!("{line}");
+    }
+    if opts.rounds > 1 {
+        println!();
+        println!("Spread (min-max over rounds)");
+        let mut header = format!("{:<name_w$}", "backend");
+        for m in Metric::ALL {
+            header += &format!("  {:>15}", m.header());
+        }
+        println!("{header}");
+        for r in &rows {
+            let mut line = format!("{:<name_w$}", r["backend"].as_str().unwrap_or("?"));
+            for m in Metric::ALL {
+                line += &format!("  {:>15}", cell(r, m).1);
+            }
+            println!("{line}");
+        }
+    }
+    println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_takes_median_and_range() {
+        let s = spread(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        let s = spread(&[4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 4.0));
+        assert!(spread(&[]).is_none());
+    }
+
+    #[test]
+    fn backend_names_round_trip() {
+        for b in BenchBackend::ALL {
+            assert_eq!(BenchBackend::parse(b.name()).unwrap(), b);
+        }
+        assert!(BenchBackend::parse("vxlan").is_err());
+        assert_eq!(BenchBackend::EbpfUdp.container_mtu(), 1472);
+        assert_eq!(BenchBackend::EbpfVxlanGeneric.container_mtu(), 1450);
+    }
+}
