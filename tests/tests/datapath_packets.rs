@@ -1,0 +1,799 @@
+//! Packet tests: the programs run in the kernel through BPF_PROG_TEST_RUN on hand-built frames.
+//! Each case names its input, the verdict it must get, the exact output frame (or "unchanged"),
+//! and the counter it must move. Expected frames are built here byte by byte, independently of
+//! overlay-common's header builders, so a mistake there cannot hide itself.
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use overlay::datapath::{MacAddr, PeerEntry, Programs};
+use overlay_common::{CounterIndex, DatapathConfig, Format};
+use overlay_tests::netns::Netns;
+
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const LOCAL_IP: [u8; 4] = [192, 168, 250, 1];
+const PEER_IP: [u8; 4] = [192, 168, 250, 2];
+/// A peer on the underlay whose neighbour entry is not resolved yet.
+const COLD_PEER_IP: [u8; 4] = [192, 168, 250, 3];
+/// A peer with no route at all.
+const UNROUTABLE_PEER_IP: [u8; 4] = [10, 99, 0, 1];
+const PEER_NEIGH_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
+const LOCAL_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const PEER_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const OVERLAY_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
+const NIC_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x01];
+const REMOTE_NIC_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x02];
+
+const LOCAL_CONTAINER: [u8; 4] = [10, 244, 1, 2];
+const PEER_CONTAINER: [u8; 4] = [10, 244, 2, 2];
+
+// ---- independent frame building -------------------------------------------------------------
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from(chunk[0]) << 8
+        };
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut v = dst.to_vec();
+    v.extend(src);
+    v.extend(ethertype.to_be_bytes());
+    v
+}
+
+struct Ip {
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    options: Vec<u8>,
+    frag: u16,
+    ttl: u8,
+    id: u16,
+}
+
+impl Ip {
+    fn new(src: [u8; 4], dst: [u8; 4], proto: u8) -> Self {
+        Ip {
+            src,
+            dst,
+            proto,
+            options: vec![],
+            frag: 0,
+            ttl: 63,
+            id: 0x1234,
+        }
+    }
+
+    fn build(&self, payload: &[u8]) -> Vec<u8> {
+        let hlen = 20 + self.options.len();
+        assert_eq!(hlen % 4, 0);
+        let total = (hlen + payload.len()) as u16;
+        let mut h = vec![0x40 | (hlen / 4) as u8, 0];
+        h.extend(total.to_be_bytes());
+        h.extend(self.id.to_be_bytes());
+        h.extend(self.frag.to_be_bytes());
+        h.extend([self.ttl, self.proto, 0, 0]);
+        h.extend(self.src);
+        h.extend(self.dst);
+        h.extend(&self.options);
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend(payload);
+        h
+    }
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = sport.to_be_bytes().to_vec();
+    v.extend(dport.to_be_bytes());
+    v.extend(((8 + payload.len()) as u16).to_be_bytes());
+    v.extend([0, 0]);
+    v.extend(payload);
+    v
+}
+
+fn vxlan(flags: u8, vni: u32) -> Vec<u8> {
+    let mut v = vec![flags, 0, 0, 0];
+    v.extend(((vni & 0xff_ffff) << 8).to_be_bytes());
+    v
+}
+
+/// An ICMP echo request, the inner packet of most cases.
+fn icmp_echo(len: usize) -> Vec<u8> {
+    let mut v = vec![8, 0, 0, 0, 0x42, 0x42, 0, 1];
+    v.extend((0..len).map(|i| i as u8));
+    let c = checksum(&v);
+    v[2..4].copy_from_slice(&c.to_be_bytes());
+    v
+}
+
+fn inner_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    Ip::new(src, dst, 1).build(&icmp_echo(32))
+}
+
+/// A tunnel frame as a peer would send it to us.
+fn tunnel_frame(
+    format: Format,
+    outer_src: [u8; 4],
+    outer: &Ip,
+    vni_hdr: &[u8],
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut payload = vec![];
+    let port = match format {
+        Format::Udp => 8285,
+        Format::Vxlan => {
+            payload.extend(vni_hdr);
+            payload.extend(eth(LOCAL_VTEP, PEER_VTEP, 0x0800));
+            8472
+        }
+    };
+    payload.extend(inner);
+    let mut ip = Ip {
+        src: outer_src,
+        ..Ip::new(outer_src, outer.dst, 17)
+    };
+    ip.options = outer.options.clone();
+    ip.frag = outer.frag;
+    let mut f = eth(NIC_MAC, REMOTE_NIC_MAC, 0x0800);
+    f.extend(ip.build(&udp(45678, port, &payload)));
+    f
+}
+
+fn good_tunnel_frame(format: Format, inner: &[u8]) -> Vec<u8> {
+    tunnel_frame(
+        format,
+        PEER_IP,
+        &Ip::new(PEER_IP, LOCAL_IP, 17),
+        &vxlan(0x08, 1),
+        inner,
+    )
+}
+
+/// What our XDP program must hand to the stack after decapsulation.
+fn decapsulated(inner: &[u8]) -> Vec<u8> {
+    let mut f = eth(NIC_MAC, REMOTE_NIC_MAC, 0x0800);
+    f.extend(inner);
+    f
+}
+
+/// What our TC program must produce for `inner` towards PEER_IP, with the outer source port
+/// left to the caller (it is a hash of the inner flow).
+fn encapsulated(
+    format: Format,
+    outer_eth: Vec<u8>,
+    peer_ip: [u8; 4],
+    inner: &[u8],
+    sport: u16,
+) -> Vec<u8> {
+    let mut payload = vec![];
+    let port = match format {
+        Format::Udp => 8285,
+        Format::Vxlan => {
+            payload.extend(vxlan(0x08, 1));
+            payload.extend(eth(PEER_VTEP, LOCAL_VTEP, 0x0800));
+            8472
+        }
+    };
+    payload.extend(inner);
+    let ip = Ip {
+        frag: 0x4000,
+        ttl: 64,
+        id: 0,
+        ..Ip::new(LOCAL_IP, peer_ip, 17)
+    };
+    let mut f = outer_eth;
+    f.extend(ip.build(&udp(sport, port, &payload)));
+    f
+}
+
+// ---- harness ---------------------------------------------------------------------------------
+
+struct Bench {
+    programs: Programs,
+    nic_mac: [u8; 6],
+}
+
+fn config(format: Format, ifindex: u32) -> DatapathConfig {
+    DatapathConfig {
+        public_ip: LOCAL_IP,
+        subnet_addr: [10, 244, 1, 0],
+        subnet_prefix_len: 24,
+        format: format as u8,
+        port: format.default_port(),
+        vni: 1,
+        vtep_mac: LOCAL_VTEP,
+        _pad: [0; 2],
+        underlay_ifindex: ifindex,
+    }
+}
+
+/// Programs loaded, peers in the maps, and an underlay in the current (test) namespace: the
+/// encap program's route lookup runs in the namespace of the thread that calls test_run.
+fn setup(ns: &Netns) -> anyhow::Result<(u32, [u8; 6])> {
+    // bpf_fib_lookup answers only on interfaces that forward; the loader enables forwarding.
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.ip(&[
+        "link", "add", "nic0", "type", "veth", "peer", "name", "nic1",
+    ])?;
+    ns.ip(&["link", "set", "nic0", "up"])?;
+    ns.ip(&["link", "set", "nic1", "up"])?;
+    ns.ip(&["addr", "add", "192.168.250.1/24", "dev", "nic0"])?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "192.168.250.2",
+        "lladdr",
+        "02:aa:00:00:00:02",
+        "dev",
+        "nic0",
+        "nud",
+        "permanent",
+    ])?;
+    let out = ns.ip(&["-j", "link", "show", "nic0"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let ifindex = v[0]["ifindex"].as_u64().unwrap() as u32;
+    let mac: MacAddr = v[0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    Ok((ifindex, mac.0))
+}
+
+impl Bench {
+    fn new(format: Format, nic_ifindex: u32, nic_mac: [u8; 6]) -> anyhow::Result<Self> {
+        let mut programs = Programs::load()?;
+        programs.set_config(&config(format, nic_ifindex))?;
+        for ip in [PEER_IP, COLD_PEER_IP, UNROUTABLE_PEER_IP] {
+            let third = if ip == PEER_IP {
+                2
+            } else if ip == COLD_PEER_IP {
+                3
+            } else {
+                4
+            };
+            programs.upsert_peer(&PeerEntry {
+                subnet: format!("10.244.{third}.0/24").parse()?,
+                public_ip: Ipv4Addr::from(ip),
+                vtep_mac: Some(MacAddr(PEER_VTEP)),
+            })?;
+        }
+        Ok(Bench { programs, nic_mac })
+    }
+
+    fn counter(&mut self, c: CounterIndex) -> u64 {
+        self.programs.counters().unwrap().get(c).packets
+    }
+
+    fn run_xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.programs.decap_program().unwrap();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("XDP test_run on a {}-byte frame: {e}", frame.len()));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn run_tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run_tc(frame)
+            .unwrap_or_else(|e| panic!("TC test_run on a {}-byte frame: {e}", frame.len()))
+    }
+
+    fn try_run_tc(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.programs.encap_program().unwrap();
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+}
+
+#[derive(Debug)]
+enum Expect {
+    /// Passed on with these exact bytes.
+    Pass(Vec<u8>),
+    PassUnchanged,
+    Drop(CounterIndex),
+}
+
+fn check_decap(b: &mut Bench, format: Format, desc: &str, frame: &[u8], expect: &Expect) {
+    let before = match expect {
+        Expect::Drop(c) => b.counter(*c),
+        _ => b.counter(CounterIndex::decap(format)),
+    };
+    let (verdict, out) = b.run_xdp(frame);
+    match expect {
+        Expect::Pass(bytes) => {
+            assert_eq!(verdict, XDP_PASS, "{format:?} {desc}: verdict");
+            assert_eq!(&out, bytes, "{format:?} {desc}: output frame");
+            assert_eq!(
+                b.counter(CounterIndex::decap(format)),
+                before + 1,
+                "{format:?} {desc}: decap counter"
+            );
+        }
+        Expect::PassUnchanged => {
+            assert_eq!(verdict, XDP_PASS, "{format:?} {desc}: verdict");
+            assert_eq!(&out, frame, "{format:?} {desc}: frame must pass untouched");
+            assert_eq!(
+                b.counter(CounterIndex::decap(format)),
+                before,
+                "{format:?} {desc}: nothing decapsulated"
+            );
+        }
+        Expect::Drop(c) => {
+            assert_eq!(verdict, XDP_DROP, "{format:?} {desc}: verdict");
+            assert_eq!(
+                b.counter(*c),
+                before + 1,
+                "{format:?} {desc}: counter {}",
+                c.name()
+            );
+        }
+    }
+}
+
+fn in_test_namespace(f: impl FnOnce(u32, [u8; 6]) + Send + 'static) {
+    let ns = Netns::new("pkt").expect("namespace");
+    let (ifindex, mac) = setup(&ns).expect("test underlay");
+    let r = ns.spawn(move || f(ifindex, mac)).join();
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e:#}"),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+// ---- decapsulation ---------------------------------------------------------------------------
+
+fn decap_cases(format: Format) -> Vec<(String, Vec<u8>, Expect)> {
+    let inner = inner_packet(PEER_CONTAINER, LOCAL_CONTAINER);
+    let mut cases: Vec<(String, Vec<u8>, Expect)> = vec![];
+    let mut add = |d: &str, f: Vec<u8>, e: Expect| cases.push((d.to_string(), f, e));
+
+    add(
+        "valid tunnel packet",
+        good_tunnel_frame(format, &inner),
+        Expect::Pass(decapsulated(&inner)),
+    );
+
+    let outer_opts = Ip {
+        options: vec![0x01, 0x01, 0x01, 0x00],
+        ..Ip::new(PEER_IP, LOCAL_IP, 17)
+    };
+    add(
+        "outer IPv4 options",
+        tunnel_frame(format, PEER_IP, &outer_opts, &vxlan(0x08, 1), &inner),
+        Expect::Pass(decapsulated(&inner)),
+    );
+    let inner_opts = Ip {
+        options: vec![0x94, 0x04, 0, 0],
+        ..Ip::new(PEER_CONTAINER, LOCAL_CONTAINER, 1)
+    }
+    .build(&icmp_echo(40));
+    add(
+        "inner IPv4 options",
+        good_tunnel_frame(format, &inner_opts),
+        Expect::Pass(decapsulated(&inner_opts)),
+    );
+    let inner_frag = Ip {
+        frag: 0x2000,
+        ..Ip::new(PEER_CONTAINER, LOCAL_CONTAINER, 17)
+    }
+    .build(&[7u8; 64]);
+    add(
+        "inner fragment is ordinary payload",
+        good_tunnel_frame(format, &inner_frag),
+        Expect::Pass(decapsulated(&inner_frag)),
+    );
+    let to_host = inner_packet(PEER_CONTAINER, [10, 244, 1, 0]);
+    add(
+        "inner destination is our overlay address",
+        good_tunnel_frame(format, &to_host),
+        Expect::Pass(decapsulated(&to_host)),
+    );
+
+    add(
+        "unknown peer",
+        tunnel_frame(
+            format,
+            [192, 168, 250, 9],
+            &Ip::new([192, 168, 250, 9], LOCAL_IP, 17),
+            &vxlan(0x08, 1),
+            &inner,
+        ),
+        Expect::Drop(CounterIndex::DropUnknownPeer),
+    );
+    add(
+        "spoofed inner source (another peer's subnet)",
+        good_tunnel_frame(format, &inner_packet([10, 244, 3, 5], LOCAL_CONTAINER)),
+        Expect::Drop(CounterIndex::DropSpoofedSource),
+    );
+    add(
+        "inner destination outside our subnet",
+        good_tunnel_frame(format, &inner_packet(PEER_CONTAINER, [10, 244, 3, 5])),
+        Expect::Drop(CounterIndex::DropNotOurSubnet),
+    );
+    let first_frag = Ip {
+        frag: 0x2000,
+        ..Ip::new(PEER_IP, LOCAL_IP, 17)
+    };
+    add(
+        "outer first fragment on the tunnel port",
+        tunnel_frame(format, PEER_IP, &first_frag, &vxlan(0x08, 1), &inner),
+        Expect::Drop(CounterIndex::DropFragment),
+    );
+    let later_frag = Ip {
+        frag: 0x0010,
+        ..Ip::new(PEER_IP, LOCAL_IP, 17)
+    };
+    add(
+        "outer non-first fragment (no UDP header to judge)",
+        tunnel_frame(format, PEER_IP, &later_frag, &vxlan(0x08, 1), &inner),
+        Expect::PassUnchanged,
+    );
+    let mut other_port = eth(NIC_MAC, REMOTE_NIC_MAC, 0x0800);
+    other_port.extend(Ip::new(PEER_IP, LOCAL_IP, 17).build(&udp(5000, 53, &inner)));
+    add("UDP to another port", other_port, Expect::PassUnchanged);
+    let mut tcp = eth(NIC_MAC, REMOTE_NIC_MAC, 0x0800);
+    tcp.extend(Ip::new(PEER_IP, LOCAL_IP, 6).build(&[0u8; 20]));
+    add("TCP", tcp, Expect::PassUnchanged);
+    let mut arp = eth([0xff; 6], REMOTE_NIC_MAC, 0x0806);
+    arp.extend([0u8; 28]);
+    add("ARP", arp, Expect::PassUnchanged);
+    let mut v6 = eth(NIC_MAC, REMOTE_NIC_MAC, 0x86dd);
+    v6.extend([0x60, 0, 0, 0, 0, 8, 17, 64]);
+    v6.extend([0u8; 40]);
+    add("IPv6", v6, Expect::PassUnchanged);
+    add(
+        "tunnel port, but addressed to another host",
+        tunnel_frame(
+            format,
+            PEER_IP,
+            &Ip::new(PEER_IP, [192, 168, 250, 7], 17),
+            &vxlan(0x08, 1),
+            &inner,
+        ),
+        Expect::PassUnchanged,
+    );
+    let mut bad_version = good_tunnel_frame(format, &inner);
+    let inner_at = bad_version.len() - inner.len();
+    bad_version[inner_at] = 0x65;
+    add(
+        "inner header is not IPv4",
+        bad_version,
+        Expect::Drop(CounterIndex::DropMalformed),
+    );
+
+    if format == Format::Vxlan {
+        add(
+            "wrong VNI",
+            tunnel_frame(
+                format,
+                PEER_IP,
+                &Ip::new(PEER_IP, LOCAL_IP, 17),
+                &vxlan(0x08, 2),
+                &inner,
+            ),
+            Expect::Drop(CounterIndex::DropWrongVni),
+        );
+        add(
+            "VXLAN I flag clear",
+            tunnel_frame(
+                format,
+                PEER_IP,
+                &Ip::new(PEER_IP, LOCAL_IP, 17),
+                &vxlan(0x00, 1),
+                &inner,
+            ),
+            Expect::Drop(CounterIndex::DropWrongVni),
+        );
+        let mut arp_inside = good_tunnel_frame(format, &inner);
+        let et = arp_inside.len() - inner.len() - 2;
+        arp_inside[et..et + 2].copy_from_slice(&0x0806u16.to_be_bytes());
+        add(
+            "inner frame is not IPv4",
+            arp_inside,
+            Expect::Drop(CounterIndex::DropMalformed),
+        );
+    }
+    cases
+}
+
+/// Every length a valid tunnel frame can be cut to: before the UDP header is complete we cannot
+/// know it is ours (pass untouched); after that, a short frame is malformed.
+fn truncation_cases(format: Format) -> Vec<(String, Vec<u8>, Expect)> {
+    let inner = inner_packet(PEER_CONTAINER, LOCAL_CONTAINER);
+    let full = good_tunnel_frame(format, &inner);
+    let udp_end = 14 + 20 + 8;
+    // XDP test runs need at least an Ethernet header.
+    (14..full.len())
+        .map(|len| {
+            let expect = if len < udp_end {
+                Expect::PassUnchanged
+            } else {
+                Expect::Drop(CounterIndex::DropMalformed)
+            };
+            (
+                format!("truncated to {len} of {} bytes", full.len()),
+                full[..len].to_vec(),
+                expect,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn decapsulation_table() {
+    in_test_namespace(|ifindex, mac| {
+        for format in [Format::Udp, Format::Vxlan] {
+            let mut b = Bench::new(format, ifindex, mac).unwrap();
+            let cases = decap_cases(format)
+                .into_iter()
+                .chain(truncation_cases(format));
+            let mut n = 0;
+            for (desc, frame, expect) in cases {
+                check_decap(&mut b, format, &desc, &frame, &expect);
+                n += 1;
+            }
+            assert!(n > 40, "{format:?}: only {n} cases ran");
+        }
+    });
+}
+
+// ---- encapsulation ---------------------------------------------------------------------------
+
+fn from_overlay_device(inner: &[u8]) -> Vec<u8> {
+    let mut f = eth(OVERLAY_MAC, OVERLAY_MAC, 0x0800);
+    f.extend(inner);
+    f
+}
+
+fn sport_of(out: &[u8]) -> u16 {
+    u16::from_be_bytes([out[34], out[35]])
+}
+
+#[test]
+fn encapsulation_table() {
+    in_test_namespace(|ifindex, nic_mac| {
+        for format in [Format::Udp, Format::Vxlan] {
+            let mut b = Bench::new(format, ifindex, nic_mac).unwrap();
+            let resolved_eth = eth(PEER_NEIGH_MAC, b.nic_mac, 0x0800);
+
+            let mut inners = vec![
+                ("ICMP echo", inner_packet(LOCAL_CONTAINER, PEER_CONTAINER)),
+                (
+                    "inner IPv4 options",
+                    Ip {
+                        options: vec![0x94, 0x04, 0, 0],
+                        ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 1)
+                    }
+                    .build(&icmp_echo(8)),
+                ),
+                (
+                    "inner fragment",
+                    Ip {
+                        frag: 0x2001,
+                        ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17)
+                    }
+                    .build(&[1u8; 24]),
+                ),
+                (
+                    "from the host's overlay address",
+                    inner_packet([10, 244, 1, 0], PEER_CONTAINER),
+                ),
+            ];
+            inners.push((
+                "full-size packet",
+                Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17).build(&vec![9u8; 1500 - 50 - 20]),
+            ));
+            for (desc, inner) in &inners {
+                let before = b.counter(CounterIndex::encap(format));
+                let (verdict, out) = b.run_tc(&from_overlay_device(inner));
+                assert_eq!(
+                    verdict,
+                    TC_ACT_REDIRECT,
+                    "{format:?} {desc}: verdict; counters {:?}",
+                    b.programs.counters().unwrap().nonzero()
+                );
+                assert!(
+                    out.len() > 36,
+                    "{format:?} {desc}: output too short: {out:?}"
+                );
+                let sport = sport_of(&out);
+                assert!(
+                    (32768..61000).contains(&sport),
+                    "{format:?} {desc}: source port {sport}"
+                );
+                let expected = encapsulated(format, resolved_eth.clone(), PEER_IP, inner, sport);
+                assert_eq!(out, expected, "{format:?} {desc}: output frame");
+                assert_eq!(
+                    b.counter(CounterIndex::encap(format)),
+                    before + 1,
+                    "{format:?} {desc}: counter"
+                );
+            }
+
+            // The source port follows the inner flow: stable for one flow, spread over flows.
+            let flow = |port: u16| {
+                let inner =
+                    Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17).build(&udp(port, 80, &[0u8; 16]));
+                from_overlay_device(&inner)
+            };
+            let a1 = sport_of(&b.run_tc(&flow(1000)).1);
+            let a2 = sport_of(&b.run_tc(&flow(1000)).1);
+            assert_eq!(a1, a2, "{format:?}: same flow, same outer source port");
+            let ports: std::collections::HashSet<u16> = (0..16)
+                .map(|i| sport_of(&b.run_tc(&flow(2000 + i)).1))
+                .collect();
+            assert!(
+                ports.len() >= 8,
+                "{format:?}: 16 flows gave only {} outer source ports",
+                ports.len()
+            );
+
+            // Peer whose neighbour is not resolved: handed to the kernel to resolve
+            // (bpf_redirect_neigh), outer Ethernet left for it to fill.
+            let inner = inner_packet(LOCAL_CONTAINER, [10, 244, 3, 2]);
+            let (verdict, out) = b.run_tc(&from_overlay_device(&inner));
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{format:?}: cold neighbour");
+            let expected = encapsulated(
+                format,
+                eth(OVERLAY_MAC, OVERLAY_MAC, 0x0800),
+                COLD_PEER_IP,
+                &inner,
+                sport_of(&out),
+            );
+            assert_eq!(out, expected, "{format:?}: cold neighbour frame");
+
+            let drops: Vec<(&str, Vec<u8>, CounterIndex)> = vec![
+                (
+                    "no peer for the destination",
+                    from_overlay_device(&inner_packet(LOCAL_CONTAINER, [10, 244, 9, 9])),
+                    CounterIndex::DropNoPeer,
+                ),
+                (
+                    "peer without a route",
+                    from_overlay_device(&inner_packet(LOCAL_CONTAINER, [10, 244, 4, 2])),
+                    CounterIndex::DropNoRoute,
+                ),
+                (
+                    "ARP frame",
+                    {
+                        let mut f = eth([0xff; 6], OVERLAY_MAC, 0x0806);
+                        f.extend([0u8; 28]);
+                        f
+                    },
+                    CounterIndex::DropNotIpv4,
+                ),
+                (
+                    "IPv6 frame",
+                    {
+                        let mut f = eth(OVERLAY_MAC, OVERLAY_MAC, 0x86dd);
+                        f.extend([0x60u8; 40]);
+                        f
+                    },
+                    CounterIndex::DropNotIpv4,
+                ),
+                (
+                    "IPv4 header length below 20",
+                    {
+                        let mut i = inner_packet(LOCAL_CONTAINER, PEER_CONTAINER);
+                        i[0] = 0x44;
+                        from_overlay_device(&i)
+                    },
+                    CounterIndex::DropNotIpv4,
+                ),
+                (
+                    "IPv4 ethertype, version 6 header",
+                    {
+                        let mut i = inner_packet(LOCAL_CONTAINER, PEER_CONTAINER);
+                        i[0] = 0x65;
+                        from_overlay_device(&i)
+                    },
+                    CounterIndex::DropNotIpv4,
+                ),
+            ];
+            for (desc, frame, counter) in drops {
+                let before = b.counter(counter);
+                let (verdict, _) = b.run_tc(&frame);
+                assert_eq!(verdict, TC_ACT_SHOT, "{format:?} {desc}: verdict");
+                assert_eq!(
+                    b.counter(counter),
+                    before + 1,
+                    "{format:?} {desc}: counter {}",
+                    counter.name()
+                );
+            }
+
+            // Every cut of the inner IPv4 header: refused by the kernel's skb test run (it wants a
+            // whole IPv4 header, as the stack guarantees on egress), or dropped and counted.
+            let full = from_overlay_device(&inner_packet(LOCAL_CONTAINER, PEER_CONTAINER));
+            let mut refused = vec![];
+            for len in 15..34 {
+                let before = b.counter(CounterIndex::DropNotIpv4);
+                let Ok((verdict, _)) = b.try_run_tc(&full[..len]) else {
+                    refused.push(len);
+                    continue;
+                };
+                assert_eq!(
+                    verdict, TC_ACT_SHOT,
+                    "{format:?}: inner header cut to {len}"
+                );
+                assert_eq!(
+                    b.counter(CounterIndex::DropNotIpv4),
+                    before + 1,
+                    "{format:?}: cut to {len}"
+                );
+            }
+            eprintln!("{format:?}: kernel refused test runs of {refused:?}-byte frames");
+        }
+    });
+}
+
+/// A config map left empty (datapath loaded but not configured) must not let packets through
+/// unencapsulated: egress drops and counts, ingress passes everything (it cannot know the port).
+#[test]
+fn unconfigured_datapath_is_safe() {
+    in_test_namespace(|_, _| {
+        let mut programs = Programs::load().unwrap();
+        let frame = from_overlay_device(&inner_packet(LOCAL_CONTAINER, PEER_CONTAINER));
+        let mut out = vec![0u8; 256];
+        let r = programs
+            .encap_program()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(r.return_value, TC_ACT_SHOT);
+        assert_eq!(
+            programs
+                .counters()
+                .unwrap()
+                .get(CounterIndex::DropNoConfig)
+                .packets,
+            1
+        );
+        let tunnel = good_tunnel_frame(
+            Format::Vxlan,
+            &inner_packet(PEER_CONTAINER, LOCAL_CONTAINER),
+        );
+        let r = programs
+            .decap_program()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(&tunnel),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(r.return_value, XDP_PASS);
+    });
+}
