@@ -41,19 +41,49 @@ impl Host {
 
     /// Create `docker0` with the subnet's first address (docker's `--bip`) and `count`
     /// containers behind it with MTU `mtu` (docker's `--mtu`), as the seeds' docker does.
-    pub fn add_containers(&mut self, subnet: Ipv4Network, mtu: u32, count: usize) -> anyhow::Result<()> {
+    pub fn add_containers(
+        &mut self,
+        subnet: Ipv4Network,
+        mtu: u32,
+        count: usize,
+    ) -> anyhow::Result<()> {
         let bip = Ipv4Addr::from(u32::from(subnet.network()) + 1);
         let ns = &self.ns;
         ns.ip(&["link", "add", "docker0", "type", "bridge"])?;
-        ns.ip(&["addr", "add", &format!("{bip}/{}", subnet.prefix()), "dev", "docker0"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{bip}/{}", subnet.prefix()),
+            "dev",
+            "docker0",
+        ])?;
         ns.ip(&["link", "set", "docker0", "mtu", &mtu.to_string(), "up"])?;
         for i in 0..count {
             let c = Netns::new(&format!("c{}{}", self.index, i))?;
             let ip = Ipv4Addr::from(u32::from(subnet.network()) + 2 + i as u32);
             let veth = format!("veth{i}");
-            ns.ip(&["link", "add", &veth, "mtu", &mtu.to_string(), "type", "veth", "peer", "name", "eth0", "netns", c.name()])?;
+            ns.ip(&[
+                "link",
+                "add",
+                &veth,
+                "mtu",
+                &mtu.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                c.name(),
+            ])?;
             ns.ip(&["link", "set", &veth, "master", "docker0", "up"])?;
-            c.ip(&["addr", "add", &format!("{ip}/{}", subnet.prefix()), "dev", "eth0"])?;
+            c.ip(&[
+                "addr",
+                "add",
+                &format!("{ip}/{}", subnet.prefix()),
+                "dev",
+                "eth0",
+            ])?;
             c.ip(&["link", "set", "eth0", "mtu", &mtu.to_string(), "up"])?;
             c.ip(&["route", "add", "default", "via", &bip.to_string()])?;
             self.containers.push(Container { ns: c, ip });
@@ -90,7 +120,20 @@ impl Lab {
         let mtu = underlay_mtu.to_string();
         let switch = if n == 2 {
             let (a, b) = (&hosts[0], &hosts[1]);
-            a.ns.ip(&["link", "add", "eth0", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns", b.ns.name()])?;
+            a.ns.ip(&[
+                "link",
+                "add",
+                "eth0",
+                "mtu",
+                &mtu,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                b.ns.name(),
+            ])?;
             None
         } else {
             let sw = Netns::new("sw")?;
@@ -98,7 +141,20 @@ impl Lab {
             sw.ip(&["link", "set", "sw0", "up"])?;
             for h in &hosts {
                 let port = format!("p{}", h.index);
-                sw.ip(&["link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns", h.ns.name()])?;
+                sw.ip(&[
+                    "link",
+                    "add",
+                    &port,
+                    "mtu",
+                    &mtu,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    h.ns.name(),
+                ])?;
                 sw.ip(&["link", "set", &port, "master", "sw0", "up"])?;
             }
             Some(sw)
@@ -107,7 +163,10 @@ impl Lab {
             h.ns.ip(&["addr", "add", &format!("{}/24", h.public_ip), "dev", "eth0"])?;
             h.ns.ip(&["link", "set", "eth0", "up"])?;
         }
-        Ok(Lab { hosts, _switch: switch })
+        Ok(Lab {
+            hosts,
+            _switch: switch,
+        })
     }
 }
 
@@ -138,21 +197,36 @@ pub struct OverlayProcess {
 impl OverlayProcess {
     /// Start `overlay <args>` in `ns` and wait (up to `timeout`) for its ready line on stdout.
     pub fn start(ns: &Netns, args: &[String], timeout: Duration) -> anyhow::Result<Self> {
+        Self::start_opts(ns, args, timeout, true)
+    }
+
+    /// As [`Self::start`]; with `die_with_parent` false the process outlives us (demo `--keep`).
+    pub fn start_opts(ns: &Netns, args: &[String], timeout: Duration, die_with_parent: bool) -> anyhow::Result<Self> {
         let bin = workspace_bin("overlay");
         if !bin.exists() {
-            bail!("{} not found: build the workspace first (cargo build --release)", bin.display());
+            bail!(
+                "{} not found: build the workspace first (cargo build --release)",
+                bin.display()
+            );
         }
         let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         // Quiet unless asked: OVERLAY_LOG=info (or debug) shows what the agents do.
-        cmd.env("RUST_LOG", std::env::var("OVERLAY_LOG").unwrap_or_else(|_| "warn".into()));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("OVERLAY_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         // The child dies with the thread that started it, even if the test is killed.
-        unsafe {
-            use std::os::unix::process::CommandExt as _;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
+        if die_with_parent {
+            unsafe {
+                use std::os::unix::process::CommandExt as _;
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
@@ -169,17 +243,27 @@ impl OverlayProcess {
             Ok(Ok(line)) if !line.is_empty() => line,
             Ok(_) => {
                 let status = child.wait()?;
-                bail!("overlay {args:?} in {} exited before ready: {status}", ns.name());
+                bail!(
+                    "overlay {args:?} in {} exited before ready: {status}",
+                    ns.name()
+                );
             }
             Err(_) => {
                 let _ = child.kill();
-                bail!("overlay {args:?} in {} not ready after {timeout:?}", ns.name());
+                bail!(
+                    "overlay {args:?} in {} not ready after {timeout:?}",
+                    ns.name()
+                );
             }
         };
         let stdout = reader.join().expect("reader thread");
         let ready = serde_json::from_str(line.trim())
             .with_context(|| format!("ready line is not JSON: {line:?}"))?;
-        Ok(OverlayProcess { child, stdout, ready })
+        Ok(OverlayProcess {
+            child,
+            stdout,
+            ready,
+        })
     }
 
     /// SIGTERM, then read what the process prints on its way out (its final counters).
@@ -291,10 +375,19 @@ pub fn static_datapath_args(lab: &Lab, index: usize, backend: Backend) -> Vec<St
 
 /// Start the datapath on every host of `lab` with static peers; containers must exist.
 pub fn start_static_datapaths(lab: &Lab, backend: Backend) -> anyhow::Result<Vec<OverlayProcess>> {
+    start_static_datapaths_opts(lab, backend, true)
+}
+
+pub fn start_static_datapaths_opts(
+    lab: &Lab,
+    backend: Backend,
+    die_with_parent: bool,
+) -> anyhow::Result<Vec<OverlayProcess>> {
     lab.hosts
         .iter()
         .map(|h| {
-            OverlayProcess::start(&h.ns, &static_datapath_args(lab, h.index, backend), Duration::from_secs(20))
+            let args = static_datapath_args(lab, h.index, backend);
+            OverlayProcess::start_opts(&h.ns, &args, Duration::from_secs(20), die_with_parent)
                 .with_context(|| format!("starting the datapath on {}", h.name()))
         })
         .collect()
@@ -324,22 +417,78 @@ pub fn flannel_vxlan_host(
 ) -> anyhow::Result<()> {
     let local = public_ip.to_string();
     ns.ip(&[
-        "link", "add", "flannel.1", "address", vtep_mac, "type", "vxlan", "id", "1", "local", &local, "dev", iface,
-        "dstport", "8472", "nolearning",
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        vtep_mac,
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &local,
+        "dev",
+        iface,
+        "dstport",
+        "8472",
+        "nolearning",
     ])?;
-    ns.ip(&["link", "set", "flannel.1", "mtu", &(underlay_mtu - 50).to_string(), "up"])?;
-    ns.ip(&["addr", "add", &format!("{}/32", subnet.network()), "dev", "flannel.1"])?;
+    ns.ip(&[
+        "link",
+        "set",
+        "flannel.1",
+        "mtu",
+        &(underlay_mtu - 50).to_string(),
+        "up",
+    ])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", subnet.network()),
+        "dev",
+        "flannel.1",
+    ])?;
     Ok(())
 }
 
 /// What flannel's vxlan backend adds when it learns a peer's lease.
-pub fn flannel_vxlan_add_peer(ns: &Netns, subnet: Ipv4Network, public_ip: Ipv4Addr, vtep_mac: &str) -> anyhow::Result<()> {
+pub fn flannel_vxlan_add_peer(
+    ns: &Netns,
+    subnet: Ipv4Network,
+    public_ip: Ipv4Addr,
+    vtep_mac: &str,
+) -> anyhow::Result<()> {
     let gw = subnet.network().to_string();
-    ns.ip(&["neigh", "replace", &gw, "lladdr", vtep_mac, "dev", "flannel.1", "nud", "permanent"])?;
-    crate::netns::run(
-        ns.command("bridge")
-            .args(["fdb", "append", vtep_mac, "dev", "flannel.1", "dst", &public_ip.to_string()]),
-    )?;
-    ns.ip(&["route", "replace", &subnet.to_string(), "via", &gw, "dev", "flannel.1", "onlink"])?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &gw,
+        "lladdr",
+        vtep_mac,
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    ])?;
+    crate::netns::run(ns.command("bridge").args([
+        "fdb",
+        "append",
+        vtep_mac,
+        "dev",
+        "flannel.1",
+        "dst",
+        &public_ip.to_string(),
+    ]))?;
+    ns.ip(&[
+        "route",
+        "replace",
+        &subnet.to_string(),
+        "via",
+        &gw,
+        "dev",
+        "flannel.1",
+        "onlink",
+    ])?;
     Ok(())
 }
