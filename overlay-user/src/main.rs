@@ -13,6 +13,12 @@ struct Cli {
 enum Command {
     /// Run the eBPF datapath with a static peer table (no etcd).
     Datapath(cli::datapath::Args),
+    /// Write Docker daemon options from the subnet file (flannel's mk-docker-opts.sh).
+    DockerOpts(cli::docker_opts::Args),
+    /// Read or write the network config in etcd, with validation.
+    Config(cli::config::Args),
+    /// List the subnet leases in etcd with their hosts, backend data and remaining TTL.
+    Leases(cli::leases::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -20,5 +26,8 @@ fn main() -> anyhow::Result<()> {
     cli::init_logging();
     match cli.command {
         Command::Datapath(args) => cli::datapath::run(args),
+        Command::DockerOpts(args) => cli::docker_opts::run(args),
+        Command::Config(args) => cli::config::run(args),
+        Command::Leases(args) => cli::leases::run(args),
     }
 }

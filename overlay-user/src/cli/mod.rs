@@ -1,6 +1,9 @@
 //! One module per `overlay` subcommand: its clap arguments and its `run`.
 
+pub mod config;
 pub mod datapath;
+pub mod docker_opts;
+pub mod leases;
 
 /// Log to stderr; `RUST_LOG` overrides the default `info` level.
 pub fn init_logging() {
