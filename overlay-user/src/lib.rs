@@ -5,6 +5,7 @@
 //! - [`subnet`]: network config, subnet leases and watches in etcd, the subnet file.
 //! - [`cli`]: the `overlay` command's subcommands.
 
+pub mod backend;
 pub mod cli;
 pub mod datapath;
 pub mod subnet;

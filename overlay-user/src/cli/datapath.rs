@@ -66,7 +66,10 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let format = Format::from(args.backend);
     if args.vni > 0x00ff_ffff {
-        anyhow::bail!("--vni {} is out of range: a VNI has 24 bits (max 16777215)", args.vni);
+        anyhow::bail!(
+            "--vni {} is out of range: a VNI has 24 bits (max 16777215)",
+            args.vni
+        );
     }
     let network = match args.network {
         Some(n) => n,
@@ -95,6 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         overlay_device: args.overlay_device,
         mtu: args.mtu,
         vtep_mac: args.vtep_mac,
+        pin_dir: None,
         xdp: args.xdp_mode,
     })
     .with_context(|| format!("attaching the datapath to {}", args.iface))?;
@@ -107,7 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "ready": true,
         "vtep_mac": dp.vtep_mac().to_string(),
         "mtu": dp.mtu(),
-        "xdp_mode": format!("{:?}", dp.xdp_mode()),
+        "xdp_mode": dp.xdp_mode().map(|m| format!("{m:?}")).unwrap_or_else(|| "adopted".into()),
     });
     let mut out = std::io::stdout().lock();
     writeln!(out, "{ready}")?;

@@ -7,12 +7,23 @@
 //!   detaches everything it attached and removes the device it created.
 pub mod netdev;
 
-use std::{collections::HashMap, fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    collections::HashMap,
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use ipnetwork::Ipv4Network;
 pub use overlay_common::Format;
@@ -61,7 +72,11 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -77,7 +92,9 @@ impl FromStr for MacAddr {
         let mut out = [0u8; 6];
         let parts: Vec<&str> = s.split(':').collect();
         if parts.len() != 6 {
-            return Err(format!("invalid MAC address {s:?}: expected six hex bytes separated by ':'"));
+            return Err(format!(
+                "invalid MAC address {s:?}: expected six hex bytes separated by ':'"
+            ));
         }
         for (o, p) in out.iter_mut().zip(parts) {
             *o = u8::from_str_radix(p, 16)
@@ -109,7 +126,11 @@ impl FromStr for PeerEntry {
             .parse()
             .map_err(|e| format!("invalid peer {s:?}: subnet {subnet:?}: {e}"))?;
         if subnet.network() != subnet.ip() {
-            return Err(format!("invalid peer {s:?}: {subnet} has host bits set (use {}/{})", subnet.network(), subnet.prefix()));
+            return Err(format!(
+                "invalid peer {s:?}: {subnet} has host bits set (use {}/{})",
+                subnet.network(),
+                subnet.prefix()
+            ));
         }
         let (ip, mac) = match rest.split_once(',') {
             Some((ip, mac)) => (ip, Some(mac.parse::<MacAddr>()?)),
@@ -118,7 +139,11 @@ impl FromStr for PeerEntry {
         let public_ip = ip
             .parse()
             .map_err(|e| format!("invalid peer {s:?}: PublicIP {ip:?}: {e}"))?;
-        Ok(PeerEntry { subnet, public_ip, vtep_mac: mac })
+        Ok(PeerEntry {
+            subnet,
+            public_ip,
+            vtep_mac: mac,
+        })
     }
 }
 
@@ -160,11 +185,29 @@ pub struct Programs {
 
 impl Programs {
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        Self::load_pinned(None)
+    }
+
+    /// Load with the maps pinned in `pin_dir` (a bpffs directory): maps already pinned there
+    /// by a previous run are reused with their contents, missing ones are created and pinned.
+    pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let encap: &mut SchedClassifier = program(&mut ebpf, PROG_ENCAP)?;
-        encap.load().map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+        encap.load().map_err(|source| DatapathError::Program {
+            name: PROG_ENCAP,
+            source,
+        })?;
         let decap: &mut Xdp = program(&mut ebpf, PROG_DECAP)?;
-        decap.load().map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+        decap.load().map_err(|source| DatapathError::Program {
+            name: PROG_DECAP,
+            source,
+        })?;
         Ok(Self { ebpf })
     }
 
@@ -178,7 +221,10 @@ impl Programs {
 
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
         let mut map: Array<_, DatapathConfig> = typed_map(&mut self.ebpf, MAP_CONFIG)?;
-        map.set(0, cfg, 0).map_err(|source| DatapathError::Map { name: MAP_CONFIG, source })
+        map.set(0, cfg, 0).map_err(|source| DatapathError::Map {
+            name: MAP_CONFIG,
+            source,
+        })
     }
 
     /// Insert or replace the entries for one peer.
@@ -196,10 +242,17 @@ impl Programs {
         let mut peers: LpmTrie<_, [u8; 4], Peer> = typed_map(&mut self.ebpf, MAP_PEERS)?;
         peers
             .insert(&subnet_key(peer.subnet), value, 0)
-            .map_err(|source| DatapathError::Map { name: MAP_PEERS, source })?;
-        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> = typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
+            .map_err(|source| DatapathError::Map {
+                name: MAP_PEERS,
+                source,
+            })?;
+        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> =
+            typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
         ips.insert(peer.public_ip.octets(), by_ip, 0)
-            .map_err(|source| DatapathError::Map { name: MAP_PEERS_BY_IP, source })
+            .map_err(|source| DatapathError::Map {
+                name: MAP_PEERS_BY_IP,
+                source,
+            })
     }
 
     /// Remove one peer's entries; absent entries are not an error.
@@ -207,22 +260,54 @@ impl Programs {
         let mut peers: LpmTrie<_, [u8; 4], Peer> = typed_map(&mut self.ebpf, MAP_PEERS)?;
         match peers.remove(&subnet_key(peer.subnet)) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(DatapathError::Map { name: MAP_PEERS, source }),
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    name: MAP_PEERS,
+                    source,
+                });
+            }
         }
-        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> = typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
+        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> =
+            typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
         match ips.remove(&peer.public_ip.octets()) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map { name: MAP_PEERS_BY_IP, source }),
+            Err(source) => Err(DatapathError::Map {
+                name: MAP_PEERS_BY_IP,
+                source,
+            }),
         }
+    }
+
+    /// The peers currently in the maps (non-empty when adopting a pinned datapath).
+    pub fn read_peers(&mut self) -> Result<HashMap<Ipv4Network, PeerEntry>, DatapathError> {
+        let peers: LpmTrie<_, [u8; 4], Peer> = typed_map(&mut self.ebpf, MAP_PEERS)?;
+        let mut out = HashMap::new();
+        for item in peers.iter() {
+            let (key, peer) = item.map_err(|source| DatapathError::Map { name: MAP_PEERS, source })?;
+            let Ok(subnet) = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
+                continue;
+            };
+            let mac = MacAddr(peer.vtep_mac);
+            out.insert(
+                subnet,
+                PeerEntry {
+                    subnet,
+                    public_ip: Ipv4Addr::from(peer.public_ip),
+                    vtep_mac: (mac != MacAddr::default()).then_some(mac),
+                },
+            );
+        }
+        Ok(out)
     }
 
     pub fn counters(&mut self) -> Result<Counters, DatapathError> {
         let map: PerCpuArray<_, Counter> = typed_map(&mut self.ebpf, MAP_COUNTERS)?;
         let mut out = Vec::with_capacity(CounterIndex::COUNT as usize);
         for i in 0..CounterIndex::COUNT {
-            let per_cpu = map
-                .get(&i, 0)
-                .map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
+            let per_cpu = map.get(&i, 0).map_err(|source| DatapathError::Map {
+                name: MAP_COUNTERS,
+                source,
+            })?;
             out.push(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
                 packets: acc.packets + c.packets,
                 bytes: acc.bytes + c.bytes,
@@ -244,7 +329,8 @@ where
         name,
         source: ProgramError::NotLoaded,
     })?;
-    p.try_into().map_err(|source| DatapathError::Program { name, source })
+    p.try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 fn typed_map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -285,7 +371,28 @@ pub struct DatapathSpec {
     /// Our VtepMAC (the overlay device's MAC); default: the device's own, kept across restarts.
     pub vtep_mac: Option<MacAddr>,
     pub xdp: XdpAttach,
+    /// bpffs directory for pinned maps and links. With it, the datapath outlives the process
+    /// (dropping a [`Datapath`] leaves it attached) and the next start adopts it; without it,
+    /// dropping detaches everything.
+    pub pin_dir: Option<PathBuf>,
 }
+
+impl DatapathSpec {
+    /// The MTU the overlay device gets: `mtu`, or the underlay's minus the format's overhead.
+    pub fn effective_mtu(&self, underlay_mtu: u32) -> u32 {
+        self.mtu.unwrap_or(underlay_mtu.saturating_sub(self.format.overhead()))
+    }
+}
+
+enum Links {
+    /// Owned by this process: detached when dropped.
+    Owned(SchedClassifierLinkId, XdpLinkId),
+    /// Pinned in bpffs: they stay until [`Datapath::cleanup`] unpins them.
+    Pinned,
+}
+
+const LINK_ENCAP: &str = "link_encap";
+const LINK_DECAP: &str = "link_decap";
 
 /// The datapath attached to this host.
 pub struct Datapath {
@@ -293,15 +400,21 @@ pub struct Datapath {
     spec: DatapathSpec,
     overlay: netdev::LinkInfo,
     underlay: netdev::LinkInfo,
-    xdp_mode: XdpMode,
-    links: Option<(SchedClassifierLinkId, XdpLinkId)>,
+    /// None when an attachment was adopted from a previous run (its mode was chosen then).
+    xdp_mode: Option<XdpMode>,
+    links: Option<Links>,
     peers: HashMap<Ipv4Network, PeerEntry>,
 }
 
 impl Datapath {
     /// Set up the device, route and sysctls, load the programs, write our config and attach.
+    /// With a pin directory holding a previous run's datapath, adopt it instead: the maps keep
+    /// their peers and counters and the links get the new programs atomically, so traffic
+    /// never stops.
     pub fn attach(spec: DatapathSpec) -> Result<Self, DatapathError> {
-        if !spec.network.contains(spec.subnet.network()) || spec.subnet.prefix() < spec.network.prefix() {
+        if !spec.network.contains(spec.subnet.network())
+            || spec.subnet.prefix() < spec.network.prefix()
+        {
             return Err(DatapathError::Config(format!(
                 "subnet {} is not inside network {}",
                 spec.subnet, spec.network
@@ -309,29 +422,28 @@ impl Datapath {
         }
         let underlay = netdev::link_info(&spec.underlay)?;
         let overhead = spec.format.overhead();
-        let mtu = spec.mtu.unwrap_or(underlay.mtu.saturating_sub(overhead));
+        let mtu = spec.effective_mtu(underlay.mtu);
         if mtu < 576 || mtu + overhead > underlay.mtu {
             return Err(DatapathError::Config(format!(
                 "overlay MTU {mtu} does not fit: underlay {} has MTU {} and the {:?} format needs {overhead} bytes",
                 underlay.name, underlay.mtu, spec.format
             )));
         }
+        if let Some(dir) = &spec.pin_dir {
+            netdev::ensure_bpffs(dir)?;
+        }
 
-        let mut programs = Programs::load()?;
+        let mut programs = Programs::load_pinned(spec.pin_dir.as_deref())?;
 
         netdev::sysctl_set("net/ipv4/ip_forward", "1")?;
         // Decapsulated packets arrive on the underlay with overlay sources routed via the
         // overlay device: strict reverse-path filtering would drop them.
         netdev::sysctl_set(&format!("net/ipv4/conf/{}/rp_filter", underlay.name), "2")?;
 
+        let created = netdev::create_overlay_device(&spec.overlay_device, spec.vtep_mac)?;
         // Like flannel.1, the overlay device holds the subnet's network address as a /32, the
         // source for host-originated overlay traffic.
-        let overlay = netdev::ensure_overlay_device(
-            &spec.overlay_device,
-            mtu,
-            spec.subnet.network(),
-            spec.vtep_mac,
-        )?;
+        let overlay = netdev::configure_overlay_device(&created.name, mtu, spec.subnet.network())?;
         let vtep_mac = overlay.mac.unwrap_or_default();
         programs.set_config(&DatapathConfig {
             public_ip: spec.public_ip.octets(),
@@ -344,16 +456,17 @@ impl Datapath {
             _pad: [0; 2],
             underlay_ifindex: underlay.ifindex,
         })?;
+        let peers = programs.read_peers()?;
 
-        // From here on, a failure drops `dp`, which removes what was set up.
+        // From here on, a failure drops `dp`, which removes what was set up (unpinned runs).
         let mut dp = Datapath {
             programs,
             spec,
             overlay,
             underlay,
-            xdp_mode: XdpMode::Skb,
+            xdp_mode: None,
             links: None,
-            peers: HashMap::new(),
+            peers,
         };
         dp.attach_programs()?;
         netdev::route_replace(dp.spec.network, &dp.overlay.name)?;
@@ -365,20 +478,63 @@ impl Datapath {
             mtu,
             vtep_mac = %vtep_mac,
             xdp_mode = ?dp.xdp_mode,
+            adopted_peers = dp.peers.len(),
+            pinned = dp.spec.pin_dir.is_some(),
             "datapath attached"
         );
         Ok(dp)
     }
 
     fn attach_programs(&mut self) -> Result<(), DatapathError> {
-        let tc = self
-            .programs
+        let Some(dir) = self.spec.pin_dir.clone() else {
+            let tc = self.attach_encap()?;
+            let xdp = self.attach_decap()?;
+            self.links = Some(Links::Owned(tc, xdp));
+            return Ok(());
+        };
+        let encap_pin = dir.join(LINK_ENCAP);
+        match adopt_link(&encap_pin, |fd| {
+            let link = SchedClassifierLink::try_from(fd).map_err(|e| e.to_string())?;
+            let prog = self.programs.encap_program().map_err(|e| e.to_string())?;
+            let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+            prog.take_link(id).map(drop).map_err(|e| e.to_string())
+        }) {
+            Adopted::Yes => tracing::info!(link = %encap_pin.display(), "adopted pinned encap link"),
+            Adopted::No => {
+                let id = self.attach_encap()?;
+                let link = self.programs.encap_program()?.take_link(id).map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+                pin_link(FdLink::try_from(link), &encap_pin)?;
+            }
+        }
+        let decap_pin = dir.join(LINK_DECAP);
+        match adopt_link(&decap_pin, |fd| {
+            let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
+            let prog = self.programs.decap_program().map_err(|e| e.to_string())?;
+            let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+            prog.take_link(id).map(drop).map_err(|e| e.to_string())
+        }) {
+            Adopted::Yes => tracing::info!(link = %decap_pin.display(), "adopted pinned decap link"),
+            Adopted::No => {
+                let id = self.attach_decap()?;
+                let link = self.programs.decap_program()?.take_link(id).map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+                pin_link(FdLink::try_from(link), &decap_pin)?;
+            }
+        }
+        self.links = Some(Links::Pinned);
+        Ok(())
+    }
+
+    fn attach_encap(&mut self) -> Result<SchedClassifierLinkId, DatapathError> {
+        self.programs
             .encap_program()?
             .attach(&self.overlay.name, TcAttachType::Egress)
-            .map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+            .map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })
+    }
+
+    fn attach_decap(&mut self) -> Result<XdpLinkId, DatapathError> {
         let xdp = self.programs.decap_program()?;
         let underlay = self.underlay.name.clone();
-        let (xdp_link, mode) = match self.spec.xdp {
+        let (link, mode) = match self.spec.xdp {
             XdpAttach::Native => (xdp.attach(&underlay, XdpMode::Driver), XdpMode::Driver),
             XdpAttach::Generic => (xdp.attach(&underlay, XdpMode::Skb), XdpMode::Skb),
             XdpAttach::Auto => match xdp.attach(&underlay, XdpMode::Driver) {
@@ -393,10 +549,9 @@ impl Datapath {
                 }
             },
         };
-        let xdp_link = xdp_link.map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
-        self.xdp_mode = mode;
-        self.links = Some((tc, xdp_link));
-        Ok(())
+        let link = link.map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+        self.xdp_mode = Some(mode);
+        Ok(link)
     }
 
     pub fn spec(&self) -> &DatapathSpec {
@@ -412,7 +567,8 @@ impl Datapath {
         self.overlay.mtu
     }
 
-    pub fn xdp_mode(&self) -> XdpMode {
+    /// The XDP mode chosen at attach time; None if adopted from a previous run.
+    pub fn xdp_mode(&self) -> Option<XdpMode> {
         self.xdp_mode
     }
 
@@ -423,6 +579,12 @@ impl Datapath {
     pub fn upsert_peer(&mut self, peer: PeerEntry) -> Result<(), DatapathError> {
         if peer.subnet == self.spec.subnet {
             return Err(DatapathError::Peer { subnet: peer.subnet, reason: "is our own subnet".into() });
+        }
+        if !self.spec.network.contains(peer.subnet.network()) {
+            return Err(DatapathError::Peer {
+                subnet: peer.subnet,
+                reason: format!("is outside the overlay network {}", self.spec.network),
+            });
         }
         if self.spec.format == Format::Vxlan && peer.vtep_mac.is_none() {
             return Err(DatapathError::Peer { subnet: peer.subnet, reason: "vxlan peer without VtepMAC".into() });
@@ -436,7 +598,7 @@ impl Datapath {
         }
         self.programs.upsert_peer(&peer)?;
         self.peers.insert(peer.subnet, peer);
-        tracing::info!(subnet = %peer.subnet, public_ip = %peer.public_ip, vtep_mac = ?peer.vtep_mac, "peer added");
+        tracing::debug!(subnet = %peer.subnet, public_ip = %peer.public_ip, vtep_mac = ?peer.vtep_mac, "peer set");
         Ok(())
     }
 
@@ -444,7 +606,7 @@ impl Datapath {
         if let Some(old) = self.peers.get(&subnet).copied() {
             self.programs.remove_peer(&old)?;
             self.peers.remove(&subnet);
-            tracing::info!(%subnet, public_ip = %old.public_ip, "peer removed");
+            tracing::debug!(%subnet, public_ip = %old.public_ip, "peer removed");
         }
         Ok(())
     }
@@ -453,26 +615,63 @@ impl Datapath {
         self.programs.counters()
     }
 
-    /// Detach the programs and remove the overlay device (and with it its route).
+    /// Stop now: detach unpinned programs and remove the overlay device; pinned datapaths are
+    /// left running (use [`Datapath::cleanup`] to remove them).
     pub fn detach(mut self) -> Result<(), DatapathError> {
         self.detach_inner()
     }
 
     fn detach_inner(&mut self) -> Result<(), DatapathError> {
-        if let Some((tc, xdp)) = self.links.take() {
-            self.programs
-                .encap_program()?
-                .detach(tc)
-                .map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
-            self.programs
-                .decap_program()?
-                .detach(xdp)
-                .map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+        match self.links.take() {
+            Some(Links::Owned(tc, xdp)) => {
+                self.programs
+                    .encap_program()?
+                    .detach(tc)
+                    .map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+                self.programs
+                    .decap_program()?
+                    .detach(xdp)
+                    .map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+            }
+            Some(Links::Pinned) => {
+                tracing::info!(
+                    pin_dir = %self.spec.pin_dir.as_deref().unwrap_or(Path::new("")).display(),
+                    "datapath left attached for the next start"
+                );
+                return Ok(());
+            }
+            None => {}
         }
         if netdev::link_exists(&self.overlay.name) {
             // Takes its address and the overlay route with it.
             netdev::delete_link(&self.overlay.name)?;
             tracing::info!(overlay = %self.overlay.name, underlay = %self.underlay.name, "datapath detached");
+        }
+        Ok(())
+    }
+
+    /// Remove a pinned datapath: unpin (and so detach) its links, remove its pinned maps and
+    /// the overlay device. Whatever is already gone is skipped.
+    pub fn cleanup(pin_dir: &Path, overlay_device: &str) -> Result<(), DatapathError> {
+        for name in [LINK_ENCAP, LINK_DECAP] {
+            let path = pin_dir.join(name);
+            if path.exists() {
+                match PinnedLink::from_pin(&path) {
+                    Ok(link) => drop(link.unpin()),
+                    Err(_) => drop(std::fs::remove_file(&path)),
+                }
+                tracing::info!(link = %path.display(), "unpinned");
+            }
+        }
+        for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
+            let path = pin_dir.join(name);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| DatapathError::Config(format!("removing {}: {e}", path.display())))?;
+            }
+        }
+        if netdev::link_exists(overlay_device) {
+            netdev::delete_link(overlay_device)?;
+            tracing::info!(device = overlay_device, "removed overlay device");
         }
         Ok(())
     }
@@ -486,13 +685,46 @@ impl Drop for Datapath {
     }
 }
 
+enum Adopted {
+    Yes,
+    No,
+}
+
+/// Take over the link pinned at `path` with `update` (which swaps in our program). A link that
+/// cannot be taken over (its device was recreated, say) is unpinned, so a fresh one replaces it.
+fn adopt_link(path: &Path, update: impl FnOnce(FdLink) -> Result<(), String>) -> Adopted {
+    if !path.exists() {
+        return Adopted::No;
+    }
+    let result = PinnedLink::from_pin(path)
+        .map_err(|e| e.to_string())
+        .and_then(|pinned| update(FdLink::from(pinned)));
+    match result {
+        Ok(()) => Adopted::Yes,
+        Err(reason) => {
+            tracing::warn!(link = %path.display(), %reason, "cannot adopt pinned link; attaching anew");
+            let _ = std::fs::remove_file(path);
+            Adopted::No
+        }
+    }
+}
+
+fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), DatapathError> {
+    let link = link.map_err(|e| DatapathError::Config(format!("link for {}: {e}", path.display())))?;
+    link.pin(path)
+        .map(drop)
+        .map_err(|e| DatapathError::Config(format!("pinning {}: {e}", path.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn peer_flag_parses_and_rejects() {
-        let p: PeerEntry = "10.244.2.0/24=192.168.1.2,aa:bb:cc:dd:ee:0f".parse().unwrap();
+        let p: PeerEntry = "10.244.2.0/24=192.168.1.2,aa:bb:cc:dd:ee:0f"
+            .parse()
+            .unwrap();
         assert_eq!(p.subnet.to_string(), "10.244.2.0/24");
         assert_eq!(p.public_ip, Ipv4Addr::new(192, 168, 1, 2));
         assert_eq!(p.vtep_mac.unwrap().to_string(), "aa:bb:cc:dd:ee:0f");

@@ -41,6 +41,21 @@ pub fn ip(args: &[&str]) -> Result<String, DatapathError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Run `bridge <args>` (fdb entries for the kernel vxlan backend).
+pub fn bridge(args: &[&str]) -> Result<String, DatapathError> {
+    let out = Command::new("bridge").args(args).output().map_err(|e| DatapathError::Command {
+        command: format!("bridge {}", args.join(" ")),
+        message: format!("cannot run bridge (install iproute2): {e}"),
+    })?;
+    if !out.status.success() {
+        return Err(DatapathError::Command {
+            command: format!("bridge {}", args.join(" ")),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn link_info(name: &str) -> Result<LinkInfo, DatapathError> {
     let out = ip(&["-j", "link", "show", "dev", name]).map_err(|e| DatapathError::Interface {
         name: name.to_string(),
@@ -50,10 +65,13 @@ pub fn link_info(name: &str) -> Result<LinkInfo, DatapathError> {
         name: name.to_string(),
         reason: format!("unreadable `ip -j link` output: {e}"),
     })?;
-    let l = links.into_iter().next().ok_or_else(|| DatapathError::Interface {
-        name: name.to_string(),
-        reason: "no such interface".into(),
-    })?;
+    let l = links
+        .into_iter()
+        .next()
+        .ok_or_else(|| DatapathError::Interface {
+            name: name.to_string(),
+            reason: "no such interface".into(),
+        })?;
     Ok(LinkInfo {
         name: l.ifname,
         ifindex: l.ifindex,
@@ -69,37 +87,36 @@ pub fn link_exists(name: &str) -> bool {
 /// Create (or keep) the device that overlay traffic is routed to; our TC program on its egress
 /// does the rest. Any Ethernet-type device that transmits nothing by itself will do: `dummy`,
 /// or `ifb` on kernels built without dummy. Kept across restarts so its MAC, our VtepMAC, stays
-/// the same.
-pub fn ensure_overlay_device(
-    name: &str,
-    mtu: u32,
-    addr: Ipv4Addr,
-    mac: Option<MacAddr>,
-) -> Result<LinkInfo, DatapathError> {
+/// the same; created before the lease, since the lease publishes that MAC.
+pub fn create_overlay_device(name: &str, mac: Option<MacAddr>) -> Result<LinkInfo, DatapathError> {
     if let Ok(existing) = link_info(name) {
         // ifb cannot change its MAC once created: recreate it when another one is asked for.
-        if mac.is_some() && existing.mac != mac {
-            delete_link(name)?;
+        if mac.is_none() || existing.mac == mac {
+            return Ok(existing);
         }
+        delete_link(name)?;
     }
-    if !link_exists(name) {
-        let mac = mac.map(|m| m.to_string());
-        let kind = ["dummy", "ifb"]
-            .into_iter()
-            .find(|kind| {
-                let mut args = vec!["link", "add", name];
-                if let Some(mac) = &mac {
-                    args.extend(["address", mac.as_str()]);
-                }
-                args.extend(["type", kind]);
-                ip(&args).is_ok()
-            })
-            .ok_or_else(|| DatapathError::Interface {
-                name: name.to_string(),
-                reason: "cannot create the overlay device: this kernel has neither the dummy nor the ifb driver".into(),
-            })?;
-        tracing::info!(device = name, kind, "created overlay device");
-    }
+    let mac = mac.map(|m| m.to_string());
+    let kind = ["dummy", "ifb"]
+        .into_iter()
+        .find(|kind| {
+            let mut args = vec!["link", "add", name];
+            if let Some(mac) = &mac {
+                args.extend(["address", mac.as_str()]);
+            }
+            args.extend(["type", kind]);
+            ip(&args).is_ok()
+        })
+        .ok_or_else(|| DatapathError::Interface {
+            name: name.to_string(),
+            reason: "cannot create the overlay device: this kernel has neither the dummy nor the ifb driver".into(),
+        })?;
+    tracing::info!(device = name, kind, "created overlay device");
+    link_info(name)
+}
+
+/// MTU, address and state of the overlay device.
+pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<LinkInfo, DatapathError> {
     // No neighbour resolution on this device: every packet goes to our program, which resolves
     // the outer next hop itself.
     ip(&["link", "set", "dev", name, "arp", "off"])?;
@@ -108,6 +125,23 @@ pub fn ensure_overlay_device(
     ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])?;
     ip(&["addr", "replace", &format!("{addr}/32"), "dev", name])?;
     link_info(name)
+}
+
+/// Make sure `dir` is on a bpffs, mounting one there if not: pins live only on bpffs, and a
+/// namespace started with `ip netns exec` sees a fresh /sys without /sys/fs/bpf mounted.
+pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), DatapathError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DatapathError::Config(format!("creating pin directory {}: {e}", dir.display())))?;
+    let is_bpffs = nix::sys::statfs::statfs(dir)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if !is_bpffs {
+        nix::mount::mount(Some("bpf"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| DatapathError::Config(format!("mounting bpffs at {}: {e}", dir.display())))?;
+        tracing::info!(dir = %dir.display(), "mounted bpffs for pinned maps and links");
+    }
+    Ok(())
 }
 
 pub fn route_replace(network: Ipv4Network, dev: &str) -> Result<(), DatapathError> {
