@@ -97,7 +97,10 @@ pub enum EtcdError {
 /// flannel's lease registry over etcd. Cheap to clone (one shared connection).
 #[derive(Clone)]
 pub struct EtcdRegistry {
-    client: Client,
+    /// One client per endpoint: tonic's balancer keeps sending to a dead endpoint, so
+    /// failover is done here, moving to the next endpoint when one is unreachable.
+    clients: std::sync::Arc<Vec<(String, Client)>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     prefix: String,
     target: String,
 }
@@ -192,22 +195,37 @@ impl EtcdRegistry {
             (None, None) => {}
         }
         let target = endpoints.join(",");
-        let client = Client::connect(&endpoints, Some(opts))
-            .await
-            .map_err(|source| EtcdError::Connect {
-                endpoints: target.clone(),
-                source,
-            })?;
-        Ok(EtcdRegistry {
-            client,
-            prefix: args.prefix.trim_end_matches('/').to_string(),
-            target,
+        let mut clients = Vec::new();
+        let mut last_err = None;
+        for e in &endpoints {
+            // Without credentials this connects lazily; with them it logs in, which needs the
+            // endpoint up: endpoints down at start are skipped.
+            match Client::connect([e], Some(opts.clone())).await {
+                Ok(c) => clients.push((e.clone(), c)),
+                Err(source) => {
+                    warn!("etcd endpoint {e}: {source}");
+                    last_err = Some(source);
+                }
+            }
+        }
+        let Some(source) = last_err.filter(|_| clients.is_empty()) else {
+            return Ok(EtcdRegistry {
+                clients: std::sync::Arc::new(clients),
+                current: Default::default(),
+                prefix: args.prefix.trim_end_matches('/').to_string(),
+                target,
+            });
+        };
+        Err(EtcdError::Connect {
+            endpoints: target,
+            source,
         })
     }
 
-    /// The underlying client, for tools and tests that need etcd itself (compaction, raw puts).
+    /// The client of the endpoint in use, for tools and tests that need etcd itself.
     pub fn client(&self) -> &Client {
-        &self.client
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.clients[i % self.clients.len()].1
     }
 
     pub fn subnets_prefix(&self) -> String {
@@ -218,25 +236,60 @@ impl EtcdRegistry {
         format!("{}{key}", self.subnets_prefix())
     }
 
-    async fn call<T, F>(&self, op: &'static str, key: &str, fut: F) -> Result<T, RegistryError>
+    /// Run one request, on the endpoint in use and then on each other one while the
+    /// endpoint is unreachable. Errors name the endpoint and key.
+    async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut request: F,
+    ) -> Result<T, RegistryError>
     where
-        F: Future<Output = Result<T, etcd_client::Error>>,
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(RegistryError::Request {
-                op,
-                key: key.to_string(),
-                target: self.target.clone(),
-                reason: e.to_string(),
-            }),
-            Err(_) => Err(RegistryError::Timeout {
-                op,
-                key: key.to_string(),
-                target: self.target.clone(),
-                after: REQUEST_TIMEOUT,
-            }),
+        use std::sync::atomic::Ordering;
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut failure = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let (endpoint, client) = &self.clients[idx];
+            match tokio::time::timeout(REQUEST_TIMEOUT, request(client.clone())).await {
+                Ok(Ok(v)) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(e)) if unreachable(&e) => {
+                    failure = Some(RegistryError::Request {
+                        op,
+                        key: key.to_string(),
+                        target: endpoint.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Ok(Err(e)) => {
+                    return Err(RegistryError::Request {
+                        op,
+                        key: key.to_string(),
+                        target: endpoint.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(_) => {
+                    failure = Some(RegistryError::Timeout {
+                        op,
+                        key: key.to_string(),
+                        target: endpoint.clone(),
+                        after: REQUEST_TIMEOUT,
+                    });
+                }
+            }
+            if i + 1 < n {
+                warn!("etcd endpoint {endpoint} unreachable; trying the next one");
+            }
         }
+        Err(failure.expect("at least one endpoint"))
     }
 
     fn parse_kv(&self, kv: &etcd_client::KeyValue) -> Result<Lease, LeaseError> {
@@ -251,17 +304,22 @@ impl EtcdRegistry {
     async fn grant(&self, key: &str, ttl: Option<Duration>) -> Result<i64, RegistryError> {
         let Some(ttl) = ttl else { return Ok(0) };
         let secs = ttl.as_secs().max(1) as i64;
-        let mut c = self.client.clone();
-        Ok(self
-            .call("grant lease for", key, c.lease_grant(secs, None))
-            .await?
-            .id())
+        let resp = self
+            .call("grant lease for", key, |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
+            .await?;
+        Ok(resp.id())
     }
 
     async fn revoke_quietly(&self, id: i64) {
         if id != 0 {
-            let mut c = self.client.clone();
-            if let Err(e) = c.lease_revoke(id).await {
+            if let Err(e) = self
+                .call("revoke", &format!("lease {id:x}"), |mut c| async move {
+                    c.lease_revoke(id).await
+                })
+                .await
+            {
                 warn!("revoking unused etcd lease {id:x}: {e}");
             }
         }
@@ -284,8 +342,13 @@ impl EtcdRegistry {
             attrs.to_json(),
             put_opts,
         )]);
-        let mut c = self.client.clone();
-        let resp = match self.call(op, &full, c.txn(txn)).await {
+        let resp = match self
+            .call(op, &full, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 self.revoke_quietly(id).await;
@@ -316,8 +379,12 @@ impl Registry for EtcdRegistry {
 
     async fn get_config(&self) -> Result<Option<String>, RegistryError> {
         let key = self.config_key();
-        let mut c = self.client.clone();
-        let resp = self.call("get", &key, c.get(key.clone(), None)).await?;
+        let resp = self
+            .call("get", &key, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         Ok(resp
             .kvs()
             .first()
@@ -326,21 +393,21 @@ impl Registry for EtcdRegistry {
 
     async fn put_config(&self, json: &str) -> Result<(), RegistryError> {
         let key = self.config_key();
-        let mut c = self.client.clone();
-        self.call("put", &key, c.put(key.clone(), json, None))
-            .await?;
+        self.call("put", &key, |mut c| {
+            let (key, json) = (key.clone(), json.to_string());
+            async move { c.put(key, json, None).await }
+        })
+        .await?;
         Ok(())
     }
 
     async fn list(&self) -> Result<Listing, RegistryError> {
         let prefix = self.subnets_prefix();
-        let mut c = self.client.clone();
         let resp = self
-            .call(
-                "list",
-                &prefix,
-                c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-            )
+            .call("list", &prefix, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         let mut listing = Listing {
             revision: resp.header().map_or(0, |h| h.revision()),
@@ -395,32 +462,32 @@ impl Registry for EtcdRegistry {
                 existing.mod_revision,
             )])
             .and_then([TxnOp::delete(full.clone(), None)]);
-        let mut c = self.client.clone();
-        Ok(self.call("delete", &full, c.txn(txn)).await?.succeeded())
+        let resp = self
+            .call("delete", &full, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(resp.succeeded())
     }
 
     async fn keep_alive(&self, lease_id: i64) -> Result<Option<SystemTime>, RegistryError> {
-        let what = format!("lease {lease_id:x}");
-        let mut c = self.client.clone();
-        match tokio::time::timeout(REQUEST_TIMEOUT, c.lease_keep_alive(lease_id)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => return Ok(None),
-            Ok(Err(e)) => {
-                return Err(RegistryError::Request {
-                    op: "keepalive",
-                    key: what,
-                    target: self.target.clone(),
-                    reason: e.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(RegistryError::Timeout {
-                    op: "keepalive",
-                    key: what,
-                    target: self.target.clone(),
-                    after: REQUEST_TIMEOUT,
-                });
-            }
+        // etcd-client reports an unknown (expired) lease as a keep-alive error.
+        let alive = self
+            .call(
+                "keepalive",
+                &format!("lease {lease_id:x}"),
+                |mut c| async move {
+                    match c.lease_keep_alive(lease_id).await {
+                        Ok(_) => Ok(true),
+                        Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                },
+            )
+            .await?;
+        if !alive {
+            return Ok(None);
         }
         Ok(self
             .time_to_live(lease_id)
@@ -429,12 +496,11 @@ impl Registry for EtcdRegistry {
     }
 
     async fn time_to_live(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
-        let mut c = self.client.clone();
         let resp = self
             .call(
                 "timetolive",
                 &format!("lease {lease_id:x}"),
-                c.lease_time_to_live(lease_id, None),
+                |mut c| async move { c.lease_time_to_live(lease_id, None).await },
             )
             .await?;
         Ok((resp.ttl() > 0).then(|| Duration::from_secs(resp.ttl() as u64)))
@@ -442,18 +508,33 @@ impl Registry for EtcdRegistry {
 
     async fn watch(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
         let prefix = self.subnets_prefix();
-        let mut c = self.client.clone();
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(from_revision);
         let stream = self
-            .call("watch", &prefix, c.watch(prefix.clone(), Some(opts)))
+            .call("watch", &prefix, |mut c| {
+                let prefix = prefix.clone();
+                let opts = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(from_revision);
+                async move { c.watch(prefix, Some(opts)).await }
+            })
             .await?;
         Ok(EtcdWatch {
             registry: self.clone(),
             stream,
             from: from_revision,
         })
+    }
+}
+
+/// Errors after which another endpoint may do better: no connection, or a member that cannot
+/// serve (no leader). tonic's `Code` is matched by name since tonic is not a direct dependency.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            format!("{:?}", s.code()).as_str(),
+            "Unavailable" | "DeadlineExceeded"
+        ),
+        _ => false,
     }
 }
 
