@@ -3,8 +3,11 @@
 //!
 //! - [`datapath`]: load, attach and detach the eBPF programs; the peer table in BPF maps.
 //! - [`subnet`]: network config, subnet leases and watches in etcd, the subnet file.
+//! - [`agent`]: `overlay agent`, the flanneld replacement: lease, reconcile, health, rules.
+//! - [`backend`]: how packets reach a peer: eBPF, kernel vxlan, TUN udp, host-gw.
 //! - [`cli`]: the `overlay` command's subcommands.
 
+pub mod agent;
 pub mod backend;
 pub mod cli;
 pub mod datapath;

@@ -4,11 +4,12 @@ pub mod config;
 pub mod datapath;
 pub mod docker_opts;
 pub mod leases;
+pub mod status;
 
-/// Log to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_logging() {
+/// Log to stderr at `level`; `RUST_LOG` overrides it.
+pub fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,0 +1,247 @@
+//! `/healthz` (alive), `/readyz` (lease held, subnet file written, datapath attached),
+//! `/metrics` (Prometheus text) and `/status` (JSON for `overlay status`).
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use overlay_common::CounterIndex;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+use crate::datapath::Counters;
+
+/// What the agent reports; updated by the agent loop, read by the HTTP handlers.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub lease_held: bool,
+    pub subnet_file_written: bool,
+    pub datapath_attached: bool,
+    pub subnet: Option<String>,
+    pub public_ip: Option<String>,
+    pub backend: String,
+    pub lease_expires: Option<SystemTime>,
+    /// (subnet, PublicIP, VtepMAC) per peer in the datapath.
+    pub peers: Vec<(String, String, Option<String>)>,
+    pub counters: Option<Counters>,
+    pub etcd_reconnects: u64,
+}
+
+impl Status {
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if !self.lease_held {
+            return Err("no subnet lease yet");
+        }
+        if !self.subnet_file_written {
+            return Err("subnet file not written yet");
+        }
+        if !self.datapath_attached {
+            return Err("datapath not attached yet");
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ready": self.ready().is_ok(),
+            "subnet": self.subnet,
+            "public_ip": self.public_ip,
+            "backend": self.backend,
+            "lease_expires_unix": self.lease_expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+            "peers": self.peers.iter().map(|(s, ip, mac)| serde_json::json!({"subnet": s, "public_ip": ip, "vtep_mac": mac})).collect::<Vec<_>>(),
+            "counters": self.counters.as_ref().map(|c| c.to_json()),
+            "etcd_reconnects": self.etcd_reconnects,
+        })
+    }
+
+    pub fn metrics(&self) -> String {
+        let mut m = String::new();
+        let expiry = self
+            .lease_expires
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let _ = writeln!(
+            m,
+            "# HELP overlay_lease_expiry_timestamp_seconds When our subnet lease expires unless renewed (0: reservation or none)."
+        );
+        let _ = writeln!(m, "# TYPE overlay_lease_expiry_timestamp_seconds gauge");
+        let _ = writeln!(m, "overlay_lease_expiry_timestamp_seconds {expiry}");
+        let _ = writeln!(m, "# HELP overlay_peers Remote subnets in the datapath.");
+        let _ = writeln!(m, "# TYPE overlay_peers gauge");
+        let _ = writeln!(m, "overlay_peers {}", self.peers.len());
+        let _ = writeln!(
+            m,
+            "# HELP overlay_ready 1 when the lease is held, the subnet file written and the datapath attached."
+        );
+        let _ = writeln!(m, "# TYPE overlay_ready gauge");
+        let _ = writeln!(m, "overlay_ready {}", u8::from(self.ready().is_ok()));
+        let _ = writeln!(
+            m,
+            "# HELP overlay_etcd_reconnects_total Times the etcd watch broke and was re-established by a re-list."
+        );
+        let _ = writeln!(m, "# TYPE overlay_etcd_reconnects_total counter");
+        let _ = writeln!(m, "overlay_etcd_reconnects_total {}", self.etcd_reconnects);
+        if let Some(c) = &self.counters {
+            for (metric, help, which) in [
+                (
+                    "overlay_encapsulated",
+                    "encapsulated towards peers",
+                    [CounterIndex::EncapUdp, CounterIndex::EncapVxlan],
+                ),
+                (
+                    "overlay_decapsulated",
+                    "decapsulated from peers",
+                    [CounterIndex::DecapUdp, CounterIndex::DecapVxlan],
+                ),
+            ] {
+                for unit in ["packets", "bytes"] {
+                    let _ = writeln!(
+                        m,
+                        "# HELP {metric}_{unit}_total {unit} {help}, by wire format."
+                    );
+                    let _ = writeln!(m, "# TYPE {metric}_{unit}_total counter");
+                    for (idx, format) in which.iter().zip(["udp", "vxlan"]) {
+                        let v = c.get(*idx);
+                        let n = if unit == "packets" {
+                            v.packets
+                        } else {
+                            v.bytes
+                        };
+                        let _ = writeln!(m, "{metric}_{unit}_total{{format=\"{format}\"}} {n}");
+                    }
+                }
+            }
+            let _ = writeln!(
+                m,
+                "# HELP overlay_dropped_packets_total Packets the datapath dropped, by reason."
+            );
+            let _ = writeln!(m, "# TYPE overlay_dropped_packets_total counter");
+            for idx in CounterIndex::ALL
+                .iter()
+                .filter(|i| i.name().starts_with("drop_"))
+            {
+                let _ = writeln!(
+                    m,
+                    "overlay_dropped_packets_total{{reason=\"{}\"}} {}",
+                    &idx.name()[5..],
+                    c.get(*idx).packets
+                );
+            }
+        }
+        m
+    }
+}
+
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+/// Serve until the task is dropped. Binding errors are returned at once.
+pub async fn serve(
+    addr: SocketAddr,
+    status: SharedStatus,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /healthz, /readyz, /metrics, /status");
+    Ok(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let status = status.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (code, ctype, body) =
+                    respond(path, &status.lock().expect("status lock").clone());
+                let head = format!(
+                    "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+            });
+        }
+    })
+}
+
+fn respond(path: &str, status: &Status) -> (&'static str, &'static str, String) {
+    match path {
+        "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+        "/readyz" => match status.ready() {
+            Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
+            Err(why) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", status.metrics()),
+        "/status" => ("200 OK", "application/json", status.to_json().to_string()),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /healthz, /readyz, /metrics or /status\n".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_all_three() {
+        let mut s = Status::default();
+        assert_eq!(respond("/readyz", &s).0, "503 Service Unavailable");
+        s.lease_held = true;
+        s.subnet_file_written = true;
+        assert!(respond("/readyz", &s).2.contains("datapath"));
+        s.datapath_attached = true;
+        assert_eq!(respond("/readyz", &s).0, "200 OK");
+        assert_eq!(respond("/healthz", &Status::default()).0, "200 OK");
+    }
+
+    #[test]
+    fn metrics_carry_counters_by_format_and_reason() {
+        let mut c = vec![overlay_common::Counter::default(); CounterIndex::COUNT as usize];
+        c[CounterIndex::EncapVxlan as usize] = overlay_common::Counter {
+            packets: 7,
+            bytes: 700,
+        };
+        c[CounterIndex::DropNoPeer as usize] = overlay_common::Counter {
+            packets: 3,
+            bytes: 300,
+        };
+        let s = Status {
+            counters: Some(Counters(c)),
+            ..Default::default()
+        };
+        let m = s.metrics();
+        assert!(
+            m.contains("overlay_encapsulated_packets_total{format=\"vxlan\"} 7"),
+            "{m}"
+        );
+        assert!(
+            m.contains("overlay_encapsulated_bytes_total{format=\"vxlan\"} 700"),
+            "{m}"
+        );
+        assert!(
+            m.contains("overlay_dropped_packets_total{reason=\"no_peer\"} 3"),
+            "{m}"
+        );
+    }
+}

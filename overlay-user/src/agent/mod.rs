@@ -1,0 +1,470 @@
+//! `overlay agent`: flanneld's job with our datapath. Lease a subnet in etcd, write the subnet
+//! file, program the backend, then keep the backend equal to the set of leases in etcd.
+//!
+//! The loop reconciles towards desired state: each lease event updates `desired` and is applied
+//! at once; anything that failed marks the state dirty and is retried every second until the
+//! backend matches (flannel logs a failed update and forgets it).
+pub mod args;
+pub mod health;
+pub mod iptables;
+pub mod notify;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+pub use args::{AgentArgs, DatapathChoice};
+use ipnetwork::Ipv4Network;
+use tokio::{signal::unix::SignalKind, sync::mpsc};
+
+use crate::{
+    backend::{
+        Backend, BackendError, PeerLease,
+        ebpf::{EbpfBackend, EbpfOptions},
+        host_gw::HostGw,
+        kernel_vxlan::KernelVxlan,
+    },
+    datapath::{Datapath, Format, netdev},
+    subnet::{
+        self, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig,
+        config::Backend as BackendConfig, etcd::EtcdRegistry,
+    },
+};
+
+/// Name flannel gives its vxlan device; our kernel fallback uses it too.
+pub const KERNEL_VXLAN_DEVICE: &str = "flannel.1";
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        return cleanup(&args);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+
+    let (iface, public_ip) = pick_interface(&args)?;
+    tracing::info!(%iface, %public_ip, "using interface");
+
+    let status: health::SharedStatus = Arc::new(Mutex::new(health::Status {
+        public_ip: Some(public_ip.to_string()),
+        ..Default::default()
+    }));
+    if args.healthz_port != 0 {
+        let addr = SocketAddr::from((args.healthz_ip, args.healthz_port));
+        let server = health::serve(addr, status.clone())
+            .await
+            .with_context(|| format!("listening on {addr} for /healthz"))?;
+        tokio::spawn(server);
+    }
+
+    let registry = EtcdRegistry::connect(&args.etcd)
+        .await
+        .context("connecting to etcd")?;
+    let (previous_subnet, previous_ipv6_subnet) =
+        subnet::file::read_previous_subnets(&args.subnet_file);
+    let lease_ttl = Duration::from_secs(args.lease_ttl_secs);
+    let mut renew_margin = Duration::from_secs(args.renew_margin_minutes * 60);
+    if renew_margin >= lease_ttl {
+        // Only with the test-only short TTLs: keep flannel's proportions.
+        renew_margin = lease_ttl / 3;
+    }
+    let manager = Arc::new(LeaseManager::new(
+        registry,
+        ManagerOptions {
+            lease_ttl,
+            renew_margin,
+            previous_subnet,
+            previous_ipv6_subnet,
+            reacquire_on_loss: args.reacquire_lease,
+            ..Default::default()
+        },
+    )?);
+
+    let config = tokio::select! {
+        c = manager.wait_for_config() => c,
+        _ = sigterm.recv() => return Ok(()),
+        _ = sigint.recv() => return Ok(()),
+    };
+    let network = config
+        .ipv4
+        .as_ref()
+        .map(|p| p.network)
+        .context("the network config has no IPv4 network")?;
+    let mut backend = make_backend(&config, &args, &iface, public_ip)?;
+    tracing::info!(backend = %backend.describe(), %network, "network config read");
+
+    let attrs = backend.lease_attrs();
+    let lease = manager
+        .acquire(&config, &attrs)
+        .await
+        .context("leasing a subnet")?;
+    let mut own_subnet = lease.subnet();
+    tracing::info!(subnet = %own_subnet, "subnet leased");
+    {
+        let mut s = status.lock().expect("status");
+        s.lease_held = true;
+        s.subnet = Some(own_subnet.to_string());
+        s.lease_expires = lease.expires;
+    }
+
+    activate(&mut *backend, &args, &config, &lease, network, &status)?;
+    notify::notify("READY=1");
+
+    let (tx, mut rx) = mpsc::channel::<LeaseEvent>(1024);
+    let run_manager = manager.clone();
+    let run_config = config.clone();
+    let mut lease_task = tokio::spawn(async move { run_manager.run(&run_config, lease, tx).await });
+
+    let mut desired: BTreeMap<Ipv4Network, PeerLease> = BTreeMap::new();
+    let mut dirty = true;
+    let expected_type = backend.expected_backend_type();
+    let mut tick = tokio::time::interval(RETRY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let result: anyhow::Result<()> = 'agent: loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { continue };
+                // Drain what is queued, so a burst costs one pass, not one per event.
+                let mut batch = vec![event];
+                while let Ok(e) = rx.try_recv() {
+                    batch.push(e);
+                }
+                for event in batch {
+                    match event {
+                        LeaseEvent::Added(l) | LeaseEvent::Changed(l) => match PeerLease::from_lease(&l, expected_type) {
+                            Ok(peer) => {
+                                desired.insert(peer.subnet, peer);
+                                if let Err(e) = backend.set_peer(&peer) {
+                                    tracing::warn!("adding peer {} failed (will retry): {e}", peer.subnet);
+                                    dirty = true;
+                                }
+                            }
+                            Err(why) => {
+                                tracing::warn!(subnet = %l.subnet(), "ignoring lease: {why}");
+                                if desired.remove(&l.subnet()).is_some() {
+                                    dirty = true;
+                                }
+                            }
+                        },
+                        LeaseEvent::Removed(l) => {
+                            desired.remove(&l.subnet());
+                            if let Err(e) = backend.remove_peer(l.subnet()) {
+                                tracing::warn!("removing peer {} failed (will retry): {e}", l.subnet());
+                                dirty = true;
+                            }
+                        }
+                        LeaseEvent::Reacquired(l) => {
+                            tracing::warn!(subnet = %l.subnet(), "our lease was lost and leased again");
+                            own_subnet = l.subnet();
+                            if let Err(e) = activate(&mut *backend, &args, &config, &l, network, &status) {
+                                break 'agent Err(e);
+                            }
+                            dirty = true;
+                        }
+                    }
+                }
+                publish(&mut *backend, &desired, &status);
+            }
+            _ = tick.tick() => {
+                if dirty {
+                    dirty = !reconcile(&mut *backend, &desired);
+                }
+                publish(&mut *backend, &desired, &status);
+            }
+            r = &mut lease_task => {
+                break match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("lease for {own_subnet}"))),
+                    Err(e) => Err(anyhow::anyhow!("lease task failed: {e}")),
+                };
+            }
+            _ = sigterm.recv() => break Ok(()),
+            _ = sigint.recv() => break Ok(()),
+        }
+    };
+    lease_task.abort();
+    notify::notify("STOPPING=1");
+    tracing::info!(
+        "stopping; the datapath stays for the next start (`overlay agent --cleanup` removes it)"
+    );
+    drop(backend);
+    result
+}
+
+/// Program the backend for our lease, install rules and write the subnet file.
+fn activate(
+    backend: &mut dyn Backend,
+    args: &AgentArgs,
+    config: &NetworkConfig,
+    lease: &Lease,
+    network: Ipv4Network,
+    status: &health::SharedStatus,
+) -> anyhow::Result<()> {
+    let subnet = lease.subnet();
+    backend
+        .activate(subnet, network)
+        .with_context(|| format!("programming {}", backend.describe()))?;
+    status.lock().expect("status").datapath_attached = true;
+    if args.iptables_forward_rules {
+        iptables::install_forward(network)?;
+    }
+    if args.ip_masq {
+        iptables::install_masquerade(network, subnet)?;
+    }
+    subnet::file::write_subnet_file(
+        &args.subnet_file,
+        config,
+        &lease.key,
+        backend.mtu(),
+        args.ip_masq,
+    )
+    .with_context(|| format!("writing {}", args.subnet_file.display()))?;
+    tracing::info!(file = %args.subnet_file.display(), mtu = backend.mtu(), "subnet file written");
+    let mut s = status.lock().expect("status");
+    s.subnet_file_written = true;
+    s.subnet = Some(subnet.to_string());
+    s.backend = backend.describe();
+    Ok(())
+}
+
+/// Make the backend's peers equal to `desired`. True when everything applied.
+fn reconcile(backend: &mut dyn Backend, desired: &BTreeMap<Ipv4Network, PeerLease>) -> bool {
+    let mut clean = true;
+    for subnet in backend.peers() {
+        if !desired.contains_key(&subnet)
+            && let Err(e) = backend.remove_peer(subnet)
+        {
+            tracing::warn!("removing stale peer {subnet} failed: {e}");
+            clean = false;
+        }
+    }
+    for peer in desired.values() {
+        if let Err(e) = backend.set_peer(peer) {
+            tracing::warn!("adding peer {} failed: {e}", peer.subnet);
+            clean = false;
+        }
+    }
+    if clean {
+        tracing::debug!(peers = desired.len(), "backend matches etcd");
+    }
+    clean
+}
+
+fn publish(
+    backend: &mut dyn Backend,
+    desired: &BTreeMap<Ipv4Network, PeerLease>,
+    status: &health::SharedStatus,
+) {
+    let counters = backend.counters();
+    let programmed = backend.peers();
+    let mut s = status.lock().expect("status");
+    s.peers = programmed
+        .iter()
+        .filter_map(|subnet| desired.get(subnet))
+        .map(|p| {
+            (
+                p.subnet.to_string(),
+                p.public_ip.to_string(),
+                p.vtep_mac.map(|m| m.to_string()),
+            )
+        })
+        .collect();
+    s.counters = counters;
+}
+
+fn make_backend(
+    config: &NetworkConfig,
+    args: &AgentArgs,
+    iface: &str,
+    public_ip: Ipv4Addr,
+) -> anyhow::Result<Box<dyn Backend>> {
+    let ebpf = |format: Format, port: u16, vni: u32, mtu: u32| {
+        EbpfBackend::new(EbpfOptions {
+            underlay: iface.to_string(),
+            public_ip,
+            format,
+            port,
+            vni,
+            mtu,
+            device: args.overlay_device.clone(),
+            pin_dir: Some(args.pin_dir.clone()),
+            xdp: args.xdp_mode,
+        })
+    };
+    match &config.backend {
+        BackendConfig::HostGw => Ok(Box::new(HostGw::new(iface, public_ip)?)),
+        BackendConfig::Vxlan { vni, port, mtu, .. } => {
+            let port = if *port == 0 {
+                Format::Vxlan.default_port()
+            } else {
+                *port
+            };
+            let kernel = || -> anyhow::Result<Box<dyn Backend>> {
+                Ok(Box::new(KernelVxlan::new(
+                    KERNEL_VXLAN_DEVICE,
+                    iface,
+                    public_ip,
+                    *vni,
+                    port,
+                    *mtu,
+                )?))
+            };
+            match args.datapath {
+                DatapathChoice::Kernel => kernel(),
+                DatapathChoice::Ebpf => Ok(Box::new(ebpf(Format::Vxlan, port, *vni, *mtu)?)),
+                DatapathChoice::Auto => match ebpf(Format::Vxlan, port, *vni, *mtu) {
+                    Ok(b) => Ok(Box::new(b)),
+                    Err(e @ BackendError::Unavailable(_)) => {
+                        tracing::warn!("{e}; falling back to the kernel vxlan device");
+                        kernel()
+                    }
+                    Err(e) => Err(e.into()),
+                },
+            }
+        }
+        BackendConfig::Udp { port } => {
+            let port = if *port == 0 {
+                Format::Udp.default_port()
+            } else {
+                *port
+            };
+            match args.datapath {
+                DatapathChoice::Kernel => udp_fallback(iface, public_ip, port),
+                DatapathChoice::Ebpf => Ok(Box::new(ebpf(Format::Udp, port, 0, 0)?)),
+                DatapathChoice::Auto => match ebpf(Format::Udp, port, 0, 0) {
+                    Ok(b) => Ok(Box::new(b)),
+                    Err(e @ BackendError::Unavailable(_)) => {
+                        tracing::warn!("{e}; falling back to the userspace udp forwarder");
+                        udp_fallback(iface, public_ip, port)
+                    }
+                    Err(e) => Err(e.into()),
+                },
+            }
+        }
+    }
+}
+
+fn udp_fallback(
+    _iface: &str,
+    _public_ip: Ipv4Addr,
+    _port: u16,
+) -> anyhow::Result<Box<dyn Backend>> {
+    bail!("the userspace udp forwarder is not available in this build")
+}
+
+/// `--iface` (names or addresses, first that exists), else `--iface-regex`, else the
+/// interface of the default route; the PublicIP is `--public-ip` or that interface's address.
+fn pick_interface(args: &AgentArgs) -> anyhow::Result<(String, Ipv4Addr)> {
+    let addrs = interface_addresses()?;
+    let mut chosen: Option<(String, Ipv4Addr)> = None;
+    if !args.iface.is_empty() {
+        for want in &args.iface {
+            let found = match want.parse::<Ipv4Addr>() {
+                Ok(ip) => addrs.iter().find(|(_, a)| *a == ip).cloned(),
+                Err(_) => addrs.iter().find(|(n, _)| n == want).cloned(),
+            };
+            if found.is_some() {
+                chosen = found;
+                break;
+            }
+        }
+        if chosen.is_none() {
+            bail!(
+                "none of --iface {} is an interface with an IPv4 address here",
+                args.iface.join(",")
+            );
+        }
+    } else if !args.iface_regex.is_empty() {
+        for pattern in &args.iface_regex {
+            let re = regex::Regex::new(pattern)
+                .with_context(|| format!("--iface-regex {pattern:?} is not a valid regex"))?;
+            if let Some(found) = addrs
+                .iter()
+                .find(|(n, a)| re.is_match(n) || re.is_match(&a.to_string()))
+            {
+                chosen = Some(found.clone());
+                break;
+            }
+        }
+        if chosen.is_none() {
+            bail!(
+                "no interface matches --iface-regex {}",
+                args.iface_regex.join(",")
+            );
+        }
+    } else {
+        let out = netdev::ip(&["-j", "-4", "route", "show", "default"])?;
+        let routes: serde_json::Value =
+            serde_json::from_str(&out).context("reading the default route")?;
+        let dev = routes
+            .as_array()
+            .and_then(|r| r.first())
+            .and_then(|r| r["dev"].as_str())
+            .context("no default route: pass --iface (or --iface-regex) to name the interface for inter-host traffic")?;
+        chosen = addrs.iter().find(|(n, _)| n == dev).cloned();
+        if chosen.is_none() {
+            bail!("the default route's interface {dev} has no IPv4 address: pass --iface");
+        }
+    }
+    let (name, addr) = chosen.expect("set above");
+    Ok((name, args.public_ip.unwrap_or(addr)))
+}
+
+/// (interface, first IPv4 address) for every interface that has one.
+fn interface_addresses() -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
+    let out = netdev::ip(&["-j", "-4", "addr", "show"])?;
+    let links: serde_json::Value =
+        serde_json::from_str(&out).context("reading interface addresses")?;
+    let mut v = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        let Some(name) = link["ifname"].as_str() else {
+            continue;
+        };
+        let addr = link["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["local"].as_str()?.parse::<Ipv4Addr>().ok())
+            .next();
+        if let Some(addr) = addr {
+            v.push((name.to_string(), addr));
+        }
+    }
+    Ok(v)
+}
+
+/// Remove what the agent installed: the pinned eBPF datapath and its device, flannel's vxlan
+/// device, routes with our protocol number, iptables chains, the subnet file.
+fn cleanup(args: &AgentArgs) -> anyhow::Result<()> {
+    if args.pin_dir.exists() {
+        Datapath::cleanup(&args.pin_dir, &args.overlay_device)?;
+    } else if netdev::link_exists(&args.overlay_device) {
+        netdev::delete_link(&args.overlay_device)?;
+    }
+    if netdev::link_exists(KERNEL_VXLAN_DEVICE) {
+        netdev::delete_link(KERNEL_VXLAN_DEVICE)?;
+    }
+    let _ = netdev::ip(&["route", "flush", "proto", crate::backend::ROUTE_PROTO]);
+    iptables::remove_masquerade();
+    iptables::remove_forward();
+    if args.subnet_file.exists() {
+        std::fs::remove_file(&args.subnet_file)
+            .with_context(|| format!("removing {}", args.subnet_file.display()))?;
+    }
+    tracing::info!("removed everything the agent installed");
+    Ok(())
+}
