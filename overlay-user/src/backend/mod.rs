@@ -10,6 +10,7 @@
 pub mod ebpf;
 pub mod host_gw;
 pub mod kernel_vxlan;
+pub mod tun_udp;
 
 use std::net::Ipv4Addr;
 
@@ -51,9 +52,15 @@ impl PeerLease {
     /// (flannel's backends likewise ignore leases of another type).
     pub fn from_lease(lease: &Lease, backend_type: &str) -> Result<Self, String> {
         let attrs = &lease.attrs;
-        let lease_type = if attrs.backend_type.is_empty() { "udp" } else { attrs.backend_type.as_str() };
+        let lease_type = if attrs.backend_type.is_empty() {
+            "udp"
+        } else {
+            attrs.backend_type.as_str()
+        };
         if lease_type != backend_type {
-            return Err(format!("its backend is {lease_type:?}, ours is {backend_type:?}"));
+            return Err(format!(
+                "its backend is {lease_type:?}, ours is {backend_type:?}"
+            ));
         }
         let vtep_mac = match (&attrs.backend_data, backend_type) {
             (Some(data), "vxlan") => {
@@ -69,7 +76,11 @@ impl PeerLease {
         if attrs.public_ip.is_unspecified() {
             return Err("lease without PublicIP".into());
         }
-        Ok(PeerLease { subnet: lease.subnet(), public_ip: attrs.public_ip, vtep_mac })
+        Ok(PeerLease {
+            subnet: lease.subnet(),
+            public_ip: attrs.public_ip,
+            vtep_mac,
+        })
     }
 }
 
