@@ -21,11 +21,17 @@ fn main() -> anyhow::Result<()> {
 
     let rustc = PathBuf::from(&toolchain).join("bin/rustc");
     if !rustc.exists() {
-        bail!("{} not found: the BPF toolchain is missing; {SETUP_HINT}", rustc.display());
+        bail!(
+            "{} not found: the BPF toolchain is missing; {SETUP_HINT}",
+            rustc.display()
+        );
     }
     let core = PathBuf::from(&toolchain).join("lib/rustlib/bpfel-unknown-none/lib");
     if !core.exists() {
-        bail!("{} not found: prebuilt core for BPF is missing; {SETUP_HINT}", core.display());
+        bail!(
+            "{} not found: prebuilt core for BPF is missing; {SETUP_HINT}",
+            core.display()
+        );
     }
 
     // bpf-linker: on PATH, or in the tools cache where `cargo xtask setup` puts it.
@@ -34,7 +40,10 @@ fn main() -> anyhow::Result<()> {
         let dir = tools_dir().context("neither HOME nor OVERLAY_TOOLS_DIR is set")?;
         let bin = dir.join("bin");
         if !bin.join("bpf-linker").exists() {
-            bail!("bpf-linker not found on PATH nor in {}; {SETUP_HINT}", bin.display());
+            bail!(
+                "bpf-linker not found on PATH nor in {}; {SETUP_HINT}",
+                bin.display()
+            );
         }
         let path = env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![bin];
@@ -48,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../overlay-ebpf"),
         ..Default::default()
     };
-    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain))
-        .with_context(|| format!("building overlay-ebpf failed; if a tool is missing, {SETUP_HINT}"))
+    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain)).with_context(|| {
+        format!("building overlay-ebpf failed; if a tool is missing, {SETUP_HINT}")
+    })
 }

@@ -20,15 +20,23 @@ use crate::{
 const PASS: Result<u32, CounterIndex> = Ok(xdp_action::XDP_PASS);
 
 pub fn decap(ctx: &XdpContext) -> Result<u32, CounterIndex> {
-    let Some(cfg) = CONFIG.get(0) else { return PASS };
-    let Some(format) = cfg.format() else { return PASS };
+    let Some(cfg) = CONFIG.get(0) else {
+        return PASS;
+    };
+    let Some(format) = cfg.format() else {
+        return PASS;
+    };
 
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return PASS };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return PASS;
+    };
     let eth = unsafe { *eth };
     if u16::from_be(eth.ether_type) != ETH_P_IP {
         return PASS;
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN as usize) else { return PASS };
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN as usize) else {
+        return PASS;
+    };
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
     if ip.vihl >> 4 != 4 || ihl < 20 || ip.proto as u8 != IPPROTO_UDP {
@@ -40,7 +48,9 @@ pub fn decap(ctx: &XdpContext) -> Result<u32, CounterIndex> {
         return PASS;
     }
     let udp_off = ETH_LEN as usize + ihl;
-    let Some(udp) = ptr_at::<UdpHdr>(ctx, udp_off) else { return PASS };
+    let Some(udp) = ptr_at::<UdpHdr>(ctx, udp_off) else {
+        return PASS;
+    };
     let udp = unsafe { &*udp };
     if u16::from_be_bytes(udp.dst) != cfg.port || ip.dst_addr != cfg.public_ip {
         return PASS;

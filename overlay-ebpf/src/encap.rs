@@ -33,13 +33,19 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
     if u16::from_be_bytes(proto) != ETH_P_IP {
         return Err(CounterIndex::DropNotIpv4);
     }
-    let vihl: u8 = ctx.load(ETH_LEN as usize).map_err(|_| CounterIndex::DropNotIpv4)?;
-    let dst: [u8; 4] = ctx.load(ETH_LEN as usize + 16).map_err(|_| CounterIndex::DropNotIpv4)?;
+    let vihl: u8 = ctx
+        .load(ETH_LEN as usize)
+        .map_err(|_| CounterIndex::DropNotIpv4)?;
+    let dst: [u8; 4] = ctx
+        .load(ETH_LEN as usize + 16)
+        .map_err(|_| CounterIndex::DropNotIpv4)?;
     if vihl >> 4 != 4 || vihl & 0x0f < 5 {
         return Err(CounterIndex::DropNotIpv4);
     }
 
-    let peer = PEERS.get(Key::new(32, dst)).ok_or(CounterIndex::DropNoPeer)?;
+    let peer = PEERS
+        .get(Key::new(32, dst))
+        .ok_or(CounterIndex::DropNoPeer)?;
     let peer_ip = peer.public_ip;
     let peer_mac = peer.vtep_mac;
 
@@ -55,7 +61,8 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
         | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
     if format == Format::Vxlan {
-        flags |= BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64 | aya_ebpf::bpf_f_adj_room_encap_l2(ETH_LEN as u64);
+        flags |=
+            BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64 | aya_ebpf::bpf_f_adj_room_encap_l2(ETH_LEN as u64);
     }
     ctx.adjust_room(format.overhead() as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| CounterIndex::DropEncapFailed)?;
@@ -115,7 +122,8 @@ fn redirect_to_peer(
         eth[0..6].copy_from_slice(&p.dmac);
         eth[6..12].copy_from_slice(&p.smac);
         eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        ctx.store(0, &eth, 0).map_err(|_| CounterIndex::DropEncapFailed)?;
+        ctx.store(0, &eth, 0)
+            .map_err(|_| CounterIndex::DropEncapFailed)?;
         return Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32);
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {

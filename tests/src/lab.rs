@@ -201,7 +201,12 @@ impl OverlayProcess {
     }
 
     /// As [`Self::start`]; with `die_with_parent` false the process outlives us (demo `--keep`).
-    pub fn start_opts(ns: &Netns, args: &[String], timeout: Duration, die_with_parent: bool) -> anyhow::Result<Self> {
+    pub fn start_opts(
+        ns: &Netns,
+        args: &[String],
+        timeout: Duration,
+        die_with_parent: bool,
+    ) -> anyhow::Result<Self> {
         let bin = workspace_bin("overlay");
         if !bin.exists() {
             bail!(

@@ -3,8 +3,8 @@
 use std::{
     fs::File,
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
     sync::Once,
+    sync::atomic::{AtomicU32, Ordering},
 };
 
 use anyhow::{Context as _, bail};
@@ -57,7 +57,8 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(|_| ())
     }
 
     /// Run `f` on a fresh thread that has entered this namespace: sockets it opens live here.
@@ -78,26 +79,40 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace removes its interfaces; veth peers elsewhere go with them.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let Output { status, stdout, stderr } =
-        cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
-        bail!("{cmd:?} failed ({status}): {}", String::from_utf8_lossy(&stderr).trim());
+        bail!(
+            "{cmd:?} failed ({status}): {}",
+            String::from_utf8_lossy(&stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&stdout).into_owned())
 }
 
 /// Remove namespaces left by runs whose process is gone (killed before their drops ran).
 fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
         }

@@ -32,16 +32,40 @@ impl PingResult {
 
 /// `ping` from `ns` to `dst`. `size` is the ICMP payload; `dont_fragment` sets DF (`-M do`).
 /// Does not fail on loss: the caller asserts on the counts.
-pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32, size: u32, dont_fragment: bool, interval: &str) -> anyhow::Result<PingResult> {
+pub fn ping(
+    ns: &Netns,
+    dst: Ipv4Addr,
+    count: u32,
+    size: u32,
+    dont_fragment: bool,
+    interval: &str,
+) -> anyhow::Result<PingResult> {
     let mut cmd = ns.command("ping");
-    cmd.args(["-n", "-c", &count.to_string(), "-s", &size.to_string(), "-i", interval, "-W", "1"]);
+    cmd.args([
+        "-n",
+        "-c",
+        &count.to_string(),
+        "-s",
+        &size.to_string(),
+        "-i",
+        interval,
+        "-W",
+        "1",
+    ]);
     if dont_fragment {
         cmd.args(["-M", "do"]);
     }
     cmd.arg(dst.to_string());
-    let out = cmd.output().context("running ping (install iputils-ping)")?;
+    let out = cmd
+        .output()
+        .context("running ping (install iputils-ping)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    parse_ping(&text).with_context(|| format!("unreadable ping output: {text}{}", String::from_utf8_lossy(&out.stderr)))
+    parse_ping(&text).with_context(|| {
+        format!(
+            "unreadable ping output: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 pub fn parse_ping(text: &str) -> anyhow::Result<PingResult> {
@@ -102,7 +126,10 @@ pub fn tcp_transfer_verified(
             for (k, b) in buf[..n].iter().enumerate() {
                 let i = pos + k as u64;
                 if *b != pattern(i) {
-                    bail!("byte {i} corrupted: got {b:#04x}, expected {:#04x}", pattern(i));
+                    bail!(
+                        "byte {i} corrupted: got {b:#04x}, expected {:#04x}",
+                        pattern(i)
+                    );
                 }
             }
             pos += n as u64;

@@ -122,6 +122,18 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 
     activate(&mut *backend, &args, &config, &lease, network, &status)?;
     notify::notify("READY=1");
+    // One JSON line on stdout when ready, for scripts and tests (systemd gets READY=1).
+    println!(
+        "{}",
+        serde_json::json!({
+            "ready": true,
+            "subnet": own_subnet.to_string(),
+            "public_ip": public_ip.to_string(),
+            "mtu": backend.mtu(),
+            "backend": backend.describe(),
+            "lease": attrs.to_json(),
+        })
+    );
 
     let (tx, mut rx) = mpsc::channel::<LeaseEvent>(1024);
     let run_manager = manager.clone();

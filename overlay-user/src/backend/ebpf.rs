@@ -6,7 +6,9 @@ use serde_json::json;
 
 use super::{Backend, BackendError, PeerLease};
 use crate::{
-    datapath::{Counters, Datapath, DatapathSpec, Format, MacAddr, PeerEntry, Programs, XdpAttach, netdev},
+    datapath::{
+        Counters, Datapath, DatapathSpec, Format, MacAddr, PeerEntry, Programs, XdpAttach, netdev,
+    },
     subnet::LeaseAttrs,
 };
 
@@ -34,12 +36,22 @@ impl EbpfBackend {
     /// Check that the programs load here (so the agent can fall back before it leases), and
     /// create the overlay device, whose MAC our lease publishes.
     pub fn new(opts: EbpfOptions) -> Result<Self, BackendError> {
-        Programs::load().map_err(|e| BackendError::Unavailable(format!("eBPF programs do not load: {e}")))?;
+        Programs::load()
+            .map_err(|e| BackendError::Unavailable(format!("eBPF programs do not load: {e}")))?;
         let underlay = netdev::link_info(&opts.underlay)?;
         let device = netdev::create_overlay_device(&opts.device, None)?;
         let vtep_mac = device.mac.unwrap_or_default();
-        let mtu = if opts.mtu > 0 { opts.mtu } else { underlay.mtu.saturating_sub(opts.format.overhead()) };
-        Ok(EbpfBackend { opts, vtep_mac, mtu, datapath: None })
+        let mtu = if opts.mtu > 0 {
+            opts.mtu
+        } else {
+            underlay.mtu.saturating_sub(opts.format.overhead())
+        };
+        Ok(EbpfBackend {
+            opts,
+            vtep_mac,
+            mtu,
+            datapath: None,
+        })
     }
 
     fn datapath(&mut self) -> Result<&mut Datapath, BackendError> {
@@ -84,7 +96,11 @@ impl Backend for EbpfBackend {
     }
 
     fn set_peer(&mut self, peer: &PeerLease) -> Result<(), BackendError> {
-        let entry = PeerEntry { subnet: peer.subnet, public_ip: peer.public_ip, vtep_mac: peer.vtep_mac };
+        let entry = PeerEntry {
+            subnet: peer.subnet,
+            public_ip: peer.public_ip,
+            vtep_mac: peer.vtep_mac,
+        };
         self.datapath()?.upsert_peer(entry)?;
         Ok(())
     }
@@ -95,7 +111,10 @@ impl Backend for EbpfBackend {
     }
 
     fn peers(&self) -> Vec<Ipv4Network> {
-        self.datapath.as_ref().map(|d| d.peers().map(|p| p.subnet).collect()).unwrap_or_default()
+        self.datapath
+            .as_ref()
+            .map(|d| d.peers().map(|p| p.subnet).collect())
+            .unwrap_or_default()
     }
 
     fn counters(&mut self) -> Option<Counters> {

@@ -17,7 +17,12 @@ pub struct HostGw {
 impl HostGw {
     pub fn new(underlay: &str, public_ip: Ipv4Addr) -> Result<Self, BackendError> {
         let link = netdev::link_info(underlay)?;
-        Ok(HostGw { underlay: underlay.into(), public_ip, mtu: link.mtu, peers: BTreeMap::new() })
+        Ok(HostGw {
+            underlay: underlay.into(),
+            public_ip,
+            mtu: link.mtu,
+            peers: BTreeMap::new(),
+        })
     }
 }
 
@@ -30,7 +35,11 @@ impl Backend for HostGw {
         self.mtu
     }
 
-    fn activate(&mut self, _subnet: Ipv4Network, _network: Ipv4Network) -> Result<(), BackendError> {
+    fn activate(
+        &mut self,
+        _subnet: Ipv4Network,
+        _network: Ipv4Network,
+    ) -> Result<(), BackendError> {
         netdev::sysctl_set("net/ipv4/ip_forward", "1")?;
         Ok(())
     }
@@ -40,8 +49,15 @@ impl Backend for HostGw {
             return Ok(());
         }
         netdev::ip(&[
-            "route", "replace", &peer.subnet.to_string(), "via", &peer.public_ip.to_string(), "dev", &self.underlay,
-            "proto", ROUTE_PROTO,
+            "route",
+            "replace",
+            &peer.subnet.to_string(),
+            "via",
+            &peer.public_ip.to_string(),
+            "dev",
+            &self.underlay,
+            "proto",
+            ROUTE_PROTO,
         ])?;
         self.peers.insert(peer.subnet, peer.public_ip);
         Ok(())

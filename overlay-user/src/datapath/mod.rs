@@ -283,8 +283,12 @@ impl Programs {
         let peers: LpmTrie<_, [u8; 4], Peer> = typed_map(&mut self.ebpf, MAP_PEERS)?;
         let mut out = HashMap::new();
         for item in peers.iter() {
-            let (key, peer) = item.map_err(|source| DatapathError::Map { name: MAP_PEERS, source })?;
-            let Ok(subnet) = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
+            let (key, peer) = item.map_err(|source| DatapathError::Map {
+                name: MAP_PEERS,
+                source,
+            })?;
+            let Ok(subnet) = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
+            else {
                 continue;
             };
             let mac = MacAddr(peer.vtep_mac);
@@ -380,7 +384,8 @@ pub struct DatapathSpec {
 impl DatapathSpec {
     /// The MTU the overlay device gets: `mtu`, or the underlay's minus the format's overhead.
     pub fn effective_mtu(&self, underlay_mtu: u32) -> u32 {
-        self.mtu.unwrap_or(underlay_mtu.saturating_sub(self.format.overhead()))
+        self.mtu
+            .unwrap_or(underlay_mtu.saturating_sub(self.format.overhead()))
     }
 }
 
@@ -499,10 +504,19 @@ impl Datapath {
             let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
             prog.take_link(id).map(drop).map_err(|e| e.to_string())
         }) {
-            Adopted::Yes => tracing::info!(link = %encap_pin.display(), "adopted pinned encap link"),
+            Adopted::Yes => {
+                tracing::info!(link = %encap_pin.display(), "adopted pinned encap link")
+            }
             Adopted::No => {
                 let id = self.attach_encap()?;
-                let link = self.programs.encap_program()?.take_link(id).map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+                let link = self
+                    .programs
+                    .encap_program()?
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program {
+                        name: PROG_ENCAP,
+                        source,
+                    })?;
                 pin_link(FdLink::try_from(link), &encap_pin)?;
             }
         }
@@ -513,10 +527,19 @@ impl Datapath {
             let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
             prog.take_link(id).map(drop).map_err(|e| e.to_string())
         }) {
-            Adopted::Yes => tracing::info!(link = %decap_pin.display(), "adopted pinned decap link"),
+            Adopted::Yes => {
+                tracing::info!(link = %decap_pin.display(), "adopted pinned decap link")
+            }
             Adopted::No => {
                 let id = self.attach_decap()?;
-                let link = self.programs.decap_program()?.take_link(id).map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+                let link = self
+                    .programs
+                    .decap_program()?
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program {
+                        name: PROG_DECAP,
+                        source,
+                    })?;
                 pin_link(FdLink::try_from(link), &decap_pin)?;
             }
         }
@@ -528,7 +551,10 @@ impl Datapath {
         self.programs
             .encap_program()?
             .attach(&self.overlay.name, TcAttachType::Egress)
-            .map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })
+            .map_err(|source| DatapathError::Program {
+                name: PROG_ENCAP,
+                source,
+            })
     }
 
     fn attach_decap(&mut self) -> Result<XdpLinkId, DatapathError> {
@@ -549,7 +575,10 @@ impl Datapath {
                 }
             },
         };
-        let link = link.map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+        let link = link.map_err(|source| DatapathError::Program {
+            name: PROG_DECAP,
+            source,
+        })?;
         self.xdp_mode = Some(mode);
         Ok(link)
     }
@@ -578,7 +607,10 @@ impl Datapath {
 
     pub fn upsert_peer(&mut self, peer: PeerEntry) -> Result<(), DatapathError> {
         if peer.subnet == self.spec.subnet {
-            return Err(DatapathError::Peer { subnet: peer.subnet, reason: "is our own subnet".into() });
+            return Err(DatapathError::Peer {
+                subnet: peer.subnet,
+                reason: "is our own subnet".into(),
+            });
         }
         if !self.spec.network.contains(peer.subnet.network()) {
             return Err(DatapathError::Peer {
@@ -587,7 +619,10 @@ impl Datapath {
             });
         }
         if self.spec.format == Format::Vxlan && peer.vtep_mac.is_none() {
-            return Err(DatapathError::Peer { subnet: peer.subnet, reason: "vxlan peer without VtepMAC".into() });
+            return Err(DatapathError::Peer {
+                subnet: peer.subnet,
+                reason: "vxlan peer without VtepMAC".into(),
+            });
         }
         if let Some(old) = self.peers.get(&peer.subnet).copied() {
             if old == peer {
@@ -627,11 +662,17 @@ impl Datapath {
                 self.programs
                     .encap_program()?
                     .detach(tc)
-                    .map_err(|source| DatapathError::Program { name: PROG_ENCAP, source })?;
+                    .map_err(|source| DatapathError::Program {
+                        name: PROG_ENCAP,
+                        source,
+                    })?;
                 self.programs
                     .decap_program()?
                     .detach(xdp)
-                    .map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
+                    .map_err(|source| DatapathError::Program {
+                        name: PROG_DECAP,
+                        source,
+                    })?;
             }
             Some(Links::Pinned) => {
                 tracing::info!(
@@ -666,7 +707,9 @@ impl Datapath {
         for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
             let path = pin_dir.join(name);
             if path.exists() {
-                std::fs::remove_file(&path).map_err(|e| DatapathError::Config(format!("removing {}: {e}", path.display())))?;
+                std::fs::remove_file(&path).map_err(|e| {
+                    DatapathError::Config(format!("removing {}: {e}", path.display()))
+                })?;
             }
         }
         if netdev::link_exists(overlay_device) {
@@ -710,7 +753,8 @@ fn adopt_link(path: &Path, update: impl FnOnce(FdLink) -> Result<(), String>) ->
 }
 
 fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), DatapathError> {
-    let link = link.map_err(|e| DatapathError::Config(format!("link for {}: {e}", path.display())))?;
+    let link =
+        link.map_err(|e| DatapathError::Config(format!("link for {}: {e}", path.display())))?;
     link.pin(path)
         .map(drop)
         .map_err(|e| DatapathError::Config(format!("pinning {}: {e}", path.display())))

@@ -43,10 +43,13 @@ pub fn ip(args: &[&str]) -> Result<String, DatapathError> {
 
 /// Run `bridge <args>` (fdb entries for the kernel vxlan backend).
 pub fn bridge(args: &[&str]) -> Result<String, DatapathError> {
-    let out = Command::new("bridge").args(args).output().map_err(|e| DatapathError::Command {
-        command: format!("bridge {}", args.join(" ")),
-        message: format!("cannot run bridge (install iproute2): {e}"),
-    })?;
+    let out = Command::new("bridge")
+        .args(args)
+        .output()
+        .map_err(|e| DatapathError::Command {
+            command: format!("bridge {}", args.join(" ")),
+            message: format!("cannot run bridge (install iproute2): {e}"),
+        })?;
     if !out.status.success() {
         return Err(DatapathError::Command {
             command: format!("bridge {}", args.join(" ")),
@@ -116,7 +119,11 @@ pub fn create_overlay_device(name: &str, mac: Option<MacAddr>) -> Result<LinkInf
 }
 
 /// MTU, address and state of the overlay device.
-pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<LinkInfo, DatapathError> {
+pub fn configure_overlay_device(
+    name: &str,
+    mtu: u32,
+    addr: Ipv4Addr,
+) -> Result<LinkInfo, DatapathError> {
     // No neighbour resolution on this device: every packet goes to our program, which resolves
     // the outer next hop itself.
     ip(&["link", "set", "dev", name, "arp", "off"])?;
@@ -131,14 +138,21 @@ pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<
 /// namespace started with `ip netns exec` sees a fresh /sys without /sys/fs/bpf mounted.
 pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), DatapathError> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| DatapathError::Config(format!("creating pin directory {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        DatapathError::Config(format!("creating pin directory {}: {e}", dir.display()))
+    })?;
     let is_bpffs = nix::sys::statfs::statfs(dir)
         .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if !is_bpffs {
-        nix::mount::mount(Some("bpf"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| DatapathError::Config(format!("mounting bpffs at {}: {e}", dir.display())))?;
+        nix::mount::mount(
+            Some("bpf"),
+            dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| DatapathError::Config(format!("mounting bpffs at {}: {e}", dir.display())))?;
         tracing::info!(dir = %dir.display(), "mounted bpffs for pinned maps and links");
     }
     Ok(())

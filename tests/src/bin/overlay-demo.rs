@@ -10,7 +10,10 @@ use overlay_tests::{
 };
 
 #[derive(Parser)]
-#[command(name = "overlay-demo", about = "A multi-host overlay network in network namespaces")]
+#[command(
+    name = "overlay-demo",
+    about = "A multi-host overlay network in network namespaces"
+)]
 struct Args {
     /// Tunnel format.
     #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "udp"])]
@@ -31,19 +34,31 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let backend = if args.backend == "udp" { Backend::Udp } else { Backend::Vxlan };
+    let backend = if args.backend == "udp" {
+        Backend::Udp
+    } else {
+        Backend::Vxlan
+    };
     // Ctrl-C must reach our drops, not kill us mid-way: take the signals as data.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
 
-    println!("creating {} hosts with {} containers each ({} backend)...", args.hosts, args.containers, backend.name());
+    println!(
+        "creating {} hosts with {} containers each ({} backend)...",
+        args.hosts,
+        args.containers,
+        backend.name()
+    );
     let lab = lab::static_lab(args.hosts as usize, args.containers as usize, backend)?;
     let procs = lab::start_static_datapaths_opts(&lab, backend, !args.keep)?;
 
     println!();
-    println!("{:<7} {:<16} {:<16} {:<6} {:<18} {:>5}", "host", "subnet", "PublicIP", "peers", "VtepMAC", "MTU");
+    println!(
+        "{:<7} {:<16} {:<16} {:<6} {:<18} {:>5}",
+        "host", "subnet", "PublicIP", "peers", "VtepMAC", "MTU"
+    );
     for (h, p) in lab.hosts.iter().zip(&procs) {
         println!(
             "{:<7} {:<16} {:<16} {:<6} {:<18} {:>5}",
@@ -57,14 +72,21 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!();
-    println!("{:<24} {:<24} {:>8} {:>10}", "from", "to", "replies", "rtt avg");
+    println!(
+        "{:<24} {:<24} {:>8} {:>10}",
+        "from", "to", "replies", "rtt avg"
+    );
     let mut failures = 0;
     for a in &lab.hosts {
         for ca in &a.containers {
             for b in lab.hosts.iter().filter(|b| b.index != a.index) {
                 for cb in &b.containers {
                     let r = ping(&ca.ns, cb.ip, 3, 56, false, "0.05")?;
-                    let avg = if r.rtts_ms.is_empty() { f64::NAN } else { r.rtts_ms.iter().sum::<f64>() / r.rtts_ms.len() as f64 };
+                    let avg = if r.rtts_ms.is_empty() {
+                        f64::NAN
+                    } else {
+                        r.rtts_ms.iter().sum::<f64>() / r.rtts_ms.len() as f64
+                    };
                     if r.received != r.transmitted {
                         failures += 1;
                     }
@@ -80,17 +102,34 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("{}", if failures == 0 { "all container pairs reachable".to_string() } else { format!("{failures} pairs lost pings") });
+    println!(
+        "{}",
+        if failures == 0 {
+            "all container pairs reachable".to_string()
+        } else {
+            format!("{failures} pairs lost pings")
+        }
+    );
 
-    let explore = format!("ip netns exec {} ping {}", lab.hosts[0].containers[0].ns.name(), lab.hosts[1].containers[0].ip);
+    let explore = format!(
+        "ip netns exec {} ping {}",
+        lab.hosts[0].containers[0].ns.name(),
+        lab.hosts[1].containers[0].ip
+    );
     if args.keep {
         // Leave everything running: the namespaces, and the datapath processes in them.
-        println!("left up (--keep); explore with e.g. `{explore}`; remove with `ip netns del` on each namespace");
+        println!(
+            "left up (--keep); explore with e.g. `{explore}`; remove with `ip netns del` on each namespace"
+        );
         for p in procs {
             std::mem::forget(p);
         }
         std::mem::forget(lab);
-        return if failures == 0 { Ok(()) } else { anyhow::bail!("{failures} container pairs could not reach each other") };
+        return if failures == 0 {
+            Ok(())
+        } else {
+            anyhow::bail!("{failures} container pairs could not reach each other")
+        };
     }
     if !args.once {
         println!("running; explore with e.g. `{explore}`; Ctrl-C to stop and remove everything");
