@@ -313,15 +313,12 @@ impl EtcdRegistry {
     }
 
     async fn revoke_quietly(&self, id: i64) {
-        if id != 0 {
-            if let Err(e) = self
-                .call("revoke", &format!("lease {id:x}"), |mut c| async move {
-                    c.lease_revoke(id).await
-                })
-                .await
-            {
-                warn!("revoking unused etcd lease {id:x}: {e}");
-            }
+        if id == 0 {
+            return;
+        }
+        let revoke = |mut c: Client| async move { c.lease_revoke(id).await };
+        if let Err(e) = self.call("revoke", &format!("lease {id:x}"), revoke).await {
+            warn!("revoking unused etcd lease {id:x}: {e}");
         }
     }
 
