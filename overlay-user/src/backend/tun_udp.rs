@@ -331,11 +331,7 @@ impl Shared {
 
     fn snapshot(&self) -> (u64, Arc<PeerTable>) {
         let generation = self.generation.load(Ordering::Acquire);
-        let table = self
-            .peers
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let table = self.peers.read().unwrap_or_else(PoisonError::into_inner).clone();
         (generation, table)
     }
 }
@@ -486,17 +482,10 @@ fn net_unreachable(offender: &[u8], out: &mut [u8; ICMP_UNREACHABLE_MAX]) -> Opt
     if frag_offset != 0 {
         return None;
     }
-    if ip.protocol == IPPROTO_ICMP
-        && offender
-            .get(ip.header_len)
-            .is_none_or(|&t| is_icmp_error(t))
-    {
+    if ip.protocol == IPPROTO_ICMP && offender.get(ip.header_len).is_none_or(|&t| is_icmp_error(t)) {
         return None;
     }
-    let bad_source = ip.src.is_unspecified()
-        || ip.src.is_broadcast()
-        || ip.src.is_multicast()
-        || ip.src.is_loopback();
+    let bad_source = ip.src.is_unspecified() || ip.src.is_broadcast() || ip.src.is_multicast() || ip.src.is_loopback();
     if bad_source || ip.dst.is_multicast() || ip.dst.is_broadcast() {
         return None;
     }
@@ -550,10 +539,7 @@ impl TunUdp {
             source,
         })?;
         let local = SocketAddrV4::new(spec.public_ip, spec.port);
-        let socket = UdpSocket::bind(local).map_err(|source| TunUdpError::Bind {
-            addr: local,
-            source,
-        })?;
+        let socket = UdpSocket::bind(local).map_err(|source| TunUdpError::Bind { addr: local, source })?;
         socket
             .set_write_timeout(Some(POLL_INTERVAL))
             .map_err(|source| TunUdpError::Socket {
@@ -600,11 +586,7 @@ impl TunUdp {
         Ok(forwarder)
     }
 
-    fn spawn(
-        &mut self,
-        name: &'static str,
-        f: impl FnOnce() + Send + 'static,
-    ) -> Result<(), TunUdpError> {
+    fn spawn(&mut self, name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), TunUdpError> {
         let handle = std::thread::Builder::new()
             .name(name.into())
             .spawn(f)
@@ -634,11 +616,7 @@ impl TunUdp {
     /// The peer table, longest prefix first.
     pub fn peers(&self) -> Vec<(Ipv4Network, Ipv4Addr)> {
         let (_, table) = self.shared.snapshot();
-        table
-            .routes
-            .iter()
-            .map(|r| (r.subnet, r.public_ip))
-            .collect()
+        table.routes.iter().map(|r| (r.subnet, r.public_ip)).collect()
     }
 
     pub fn counters(&self) -> TunUdpCounters {
@@ -702,12 +680,8 @@ fn validate(spec: &TunUdpSpec) -> Result<(), TunUdpError> {
     if spec.port == 0 {
         return bad("port 0: peers need a fixed port to send to".into());
     }
-    if spec.subnet.prefix() < spec.network.prefix() || !spec.network.contains(spec.subnet.network())
-    {
-        return bad(format!(
-            "subnet {} is not inside network {}",
-            spec.subnet, spec.network
-        ));
+    if spec.subnet.prefix() < spec.network.prefix() || !spec.network.contains(spec.subnet.network()) {
+        return bad(format!("subnet {} is not inside network {}", spec.subnet, spec.network));
     }
     if !(68..=65535 - ENCAP_OVERHEAD).contains(&spec.mtu) {
         return bad(format!(
@@ -743,12 +717,8 @@ fn open_tun(name: &str) -> Result<(OwnedFd, String), TunUdpError> {
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF as _, &mut req) } < 0 {
         let source = io::Error::last_os_error();
         let hint = match source.raw_os_error() {
-            Some(libc::EBUSY) => {
-                " (a TUN device of that name is in use: is another flanneld or overlay running?)"
-            }
-            Some(libc::EINVAL) => {
-                " (a device of that name exists and is not a TUN device: remove it)"
-            }
+            Some(libc::EBUSY) => " (a TUN device of that name is in use: is another flanneld or overlay running?)",
+            Some(libc::EINVAL) => " (a device of that name exists and is not a TUN device: remove it)",
             Some(libc::EPERM) => " (needs CAP_NET_ADMIN)",
             _ => "",
         };
@@ -758,12 +728,7 @@ fn open_tun(name: &str) -> Result<(OwnedFd, String), TunUdpError> {
             source,
         });
     }
-    let actual: Vec<u8> = req
-        .ifr_name
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let actual: Vec<u8> = req.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     Ok((fd, String::from_utf8_lossy(&actual).into_owned()))
 }
 
@@ -810,11 +775,7 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 
 /// Wait up to `timeout` for `events` on `fd`; false on timeout or interruption.
 fn wait_for(fd: RawFd, events: libc::c_short, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
+    let mut p = libc::pollfd { fd, events, revents: 0 };
     // SAFETY: one pollfd, valid for the call.
     unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) > 0 }
 }
@@ -876,10 +837,7 @@ fn recv_from(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Ipv4Addr)> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((
-        n as usize,
-        Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)),
-    ))
+    Ok((n as usize, Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr))))
 }
 
 /// Log a failure that repeats per packet only on its first few occurrences.
@@ -1058,11 +1016,7 @@ mod tests {
             ("10.243.255.255", None),
         ];
         for (dst, want) in cases {
-            assert_eq!(
-                t.lookup(ip(dst)).map(|p| p.public_ip),
-                want.map(ip),
-                "lookup {dst}"
-            );
+            assert_eq!(t.lookup(ip(dst)).map(|p| p.public_ip), want.map(ip), "lookup {dst}");
         }
         let prefixes: Vec<u8> = t.routes.iter().map(|r| r.subnet.prefix()).collect();
         assert_eq!(prefixes, vec![25, 24, 24, 16]);
@@ -1071,19 +1025,10 @@ mod tests {
     #[test]
     fn upsert_repoints_and_remove_forgets() {
         let mut t = table(&[("10.244.1.0/24", "192.0.2.1")]);
-        assert!(
-            !t.upsert(net("10.244.1.0/24"), ip("192.0.2.1")),
-            "no change"
-        );
-        assert!(
-            t.upsert(net("10.244.1.7/24"), ip("192.0.2.2")),
-            "host bits ignored"
-        );
+        assert!(!t.upsert(net("10.244.1.0/24"), ip("192.0.2.1")), "no change");
+        assert!(t.upsert(net("10.244.1.7/24"), ip("192.0.2.2")), "host bits ignored");
         assert_eq!(t.routes.len(), 1);
-        assert_eq!(
-            t.lookup(ip("10.244.1.9")).unwrap().public_ip,
-            ip("192.0.2.2")
-        );
+        assert_eq!(t.lookup(ip("10.244.1.9")).unwrap().public_ip, ip("192.0.2.2"));
         assert!(t.is_peer_address(ip("192.0.2.2")));
         assert!(!t.is_peer_address(ip("192.0.2.1")));
         assert!(!t.remove(net("10.244.2.0/24")));
@@ -1112,11 +1057,7 @@ mod tests {
         assert_eq!(parse_ipv4(&good).unwrap().total_len, 60);
         let mut padded = good.clone();
         padded.extend_from_slice(&[0; 6]);
-        assert_eq!(
-            parse_ipv4(&padded).unwrap().total_len,
-            60,
-            "padding is not forwarded"
-        );
+        assert_eq!(parse_ipv4(&padded).unwrap().total_len, 60, "padding is not forwarded");
 
         assert_eq!(parse_ipv4(&[]), Err(DropReason::Truncated));
         let mut v6 = vec![0u8; 40];
@@ -1158,10 +1099,7 @@ mod tests {
 
     #[test]
     fn outgoing_goes_to_the_owner_of_the_destination() {
-        let t = table(&[
-            ("10.244.2.0/24", "192.0.2.2"),
-            ("10.244.3.0/24", "192.0.2.3"),
-        ]);
+        let t = table(&[("10.244.2.0/24", "192.0.2.2"), ("10.244.3.0/24", "192.0.2.3")]);
         let mut p = packet("10.244.1.2", "10.244.3.9", 6, 64, 100);
         p.extend_from_slice(&[0xee; 4]);
         assert_eq!(route_outgoing(&mut p, &t), Ok((120, ip("192.0.2.3"))));
@@ -1169,10 +1107,7 @@ mod tests {
 
         let mut p = packet("10.244.1.2", "10.244.99.9", 6, 64, 100);
         assert_eq!(route_outgoing(&mut p, &t), Err(DropReason::NoPeer));
-        assert_eq!(
-            p[8], 64,
-            "a dropped packet is left as it was, for the ICMP quote"
-        );
+        assert_eq!(p[8], 64, "a dropped packet is left as it was, for the ICMP quote");
         let mut p = packet("10.244.1.2", "10.244.2.9", 6, 1, 100);
         assert_eq!(route_outgoing(&mut p, &t), Err(DropReason::TtlExpired));
         let mut p = vec![0x60; 48];
@@ -1181,19 +1116,12 @@ mod tests {
 
     #[test]
     fn incoming_must_come_from_the_peer_that_owns_its_source() {
-        let t = table(&[
-            ("10.244.2.0/24", "192.0.2.2"),
-            ("10.244.3.0/24", "192.0.2.3"),
-        ]);
+        let t = table(&[("10.244.2.0/24", "192.0.2.2"), ("10.244.3.0/24", "192.0.2.3")]);
         let ours = net("10.244.1.0/24");
         let peer2 = ip("192.0.2.2");
-        let cases: [(&str, Ipv4Addr, Vec<u8>, Result<usize, DropReason>); 7] = [
-            (
-                "good",
-                peer2,
-                packet("10.244.2.5", "10.244.1.7", 6, 64, 30),
-                Ok(50),
-            ),
+        type Case = (&'static str, Ipv4Addr, Vec<u8>, Result<usize, DropReason>);
+        let cases: [Case; 7] = [
+            ("good", peer2, packet("10.244.2.5", "10.244.1.7", 6, 64, 30), Ok(50)),
             (
                 "to our device address",
                 peer2,
@@ -1241,10 +1169,7 @@ mod tests {
             Err(DropReason::Truncated)
         );
         let mut junk = b"hello, is this flannel?".to_vec();
-        assert_eq!(
-            accept_incoming(&mut junk, peer2, ours, &t),
-            Err(DropReason::NotIpv4)
-        );
+        assert_eq!(accept_incoming(&mut junk, peer2, ours, &t), Err(DropReason::NotIpv4));
     }
 
     #[test]
@@ -1257,10 +1182,7 @@ mod tests {
         let ip_hdr = parse_ipv4(reply).unwrap();
         assert_eq!(ip_hdr.total_len, len);
         assert_eq!(ip_hdr.protocol, IPPROTO_ICMP);
-        assert_eq!(
-            (ip_hdr.src, ip_hdr.dst),
-            (ip("10.244.99.9"), ip("10.244.1.2"))
-        );
+        assert_eq!((ip_hdr.src, ip_hdr.dst), (ip("10.244.99.9"), ip("10.244.1.2")));
         assert_eq!(internet_checksum(&reply[..20]), 0, "IPv4 header checksum");
         assert_eq!((reply[20], reply[21]), (3, 0), "type 3 code 0");
         assert_eq!(internet_checksum(&reply[20..]), 0, "ICMP checksum");
