@@ -8,11 +8,13 @@
 //! remote container comes out of it.
 //!
 //! Where we follow flannel's proxy (pkg/backend/udp/proxy_amd64.c) and where not:
-//! - Like flannel: the address is the lease's network address as a /32 plus a route to the whole
-//!   network (flannel stopped giving the device the network's prefix length so the kernel would
-//!   not add broadcast routes for it); the inner TTL is decremented on each side; a packet for
-//!   a subnet no peer owns is dropped and its sender told "net unreachable" (not for ICMP errors
-//!   or non-first fragments, as RFC 1122 asks).
+//! - Like flannel (udp_network_amd64.go): the address is the lease's network address as a /32
+//!   plus a route to the whole network, rather than the address with the network's prefix
+//!   length, so the kernel adds no broadcast routes for it; the routing is the same. The inner
+//!   TTL is decremented on each side; a packet for a subnet no peer owns is dropped and its
+//!   sender told "net unreachable" (not for ICMP errors or non-first fragments, RFC 1122).
+//!   The socket keeps the kernel's default buffer sizes, as flannel's does: under bulk TCP the
+//!   receiving socket overflows and drops (UDP RcvbufErrors), which TCP then paces around.
 //! - Unlike flannel, whose ICMP comes from the device's own address: an incoming packet with a
 //!   local source address is a martian to the kernel, so flannel's reply never reaches the
 //!   sender. Ours comes from the unreachable destination, which routes back through the TUN
