@@ -40,10 +40,7 @@ fn main() -> anyhow::Result<()> {
         let dir = tools_dir().context("neither HOME nor OVERLAY_TOOLS_DIR is set")?;
         let bin = dir.join("bin");
         if !bin.join("bpf-linker").exists() {
-            bail!(
-                "bpf-linker not found on PATH nor in {}; {SETUP_HINT}",
-                bin.display()
-            );
+            bail!("bpf-linker not found on PATH nor in {}; {SETUP_HINT}", bin.display());
         }
         let path = env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![bin];
@@ -57,7 +54,6 @@ fn main() -> anyhow::Result<()> {
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../overlay-ebpf"),
         ..Default::default()
     };
-    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain)).with_context(|| {
-        format!("building overlay-ebpf failed; if a tool is missing, {SETUP_HINT}")
-    })
+    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain))
+        .with_context(|| format!("building overlay-ebpf failed; if a tool is missing, {SETUP_HINT}"))
 }

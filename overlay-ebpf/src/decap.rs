@@ -72,8 +72,7 @@ pub fn decap(ctx: &XdpContext) -> Result<u32, CounterIndex> {
         if vni != Some(cfg.vni & 0x00ff_ffff) {
             return Err(CounterIndex::DropWrongVni);
         }
-        let inner_eth = ptr_at::<EthHdr>(ctx, inner_off + VXLAN_LEN as usize)
-            .ok_or(CounterIndex::DropMalformed)?;
+        let inner_eth = ptr_at::<EthHdr>(ctx, inner_off + VXLAN_LEN as usize).ok_or(CounterIndex::DropMalformed)?;
         if u16::from_be(unsafe { (*inner_eth).ether_type }) != ETH_P_IP {
             return Err(CounterIndex::DropMalformed);
         }

@@ -3,12 +3,11 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_store_bytes,
+        bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_store_bytes,
     },
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -33,19 +32,13 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
     if u16::from_be_bytes(proto) != ETH_P_IP {
         return Err(CounterIndex::DropNotIpv4);
     }
-    let vihl: u8 = ctx
-        .load(ETH_LEN as usize)
-        .map_err(|_| CounterIndex::DropNotIpv4)?;
-    let dst: [u8; 4] = ctx
-        .load(ETH_LEN as usize + 16)
-        .map_err(|_| CounterIndex::DropNotIpv4)?;
+    let vihl: u8 = ctx.load(ETH_LEN as usize).map_err(|_| CounterIndex::DropNotIpv4)?;
+    let dst: [u8; 4] = ctx.load(ETH_LEN as usize + 16).map_err(|_| CounterIndex::DropNotIpv4)?;
     if vihl >> 4 != 4 || vihl & 0x0f < 5 {
         return Err(CounterIndex::DropNotIpv4);
     }
 
-    let peer = PEERS
-        .get(Key::new(32, dst))
-        .ok_or(CounterIndex::DropNoPeer)?;
+    let peer = PEERS.get(Key::new(32, dst)).ok_or(CounterIndex::DropNoPeer)?;
     let peer_ip = peer.public_ip;
     let peer_mac = peer.vtep_mac;
 
@@ -57,12 +50,9 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
     // The encap flags keep GSO working: the kernel segments the inner TCP stream and
     // replicates our outer headers per segment. FIXED_GSO keeps the MSS: the overlay MTU
     // already leaves room for these headers.
-    let mut flags = (BPF_F_ADJ_ROOM_FIXED_GSO
-        | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
+    let mut flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
     if format == Format::Vxlan {
-        flags |=
-            BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64 | aya_ebpf::bpf_f_adj_room_encap_l2(ETH_LEN as u64);
+        flags |= BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64 | aya_ebpf::bpf_f_adj_room_encap_l2(ETH_LEN as u64);
     }
     ctx.adjust_room(format.overhead() as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| CounterIndex::DropEncapFailed)?;
@@ -97,12 +87,7 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
 /// Route the outer packet: the fib lookup gives next hop and MACs when the neighbour is known
 /// (the common case); otherwise the kernel resolves it (`bpf_redirect_neigh`), so peers behind
 /// a gateway and cold neighbour caches both work.
-fn redirect_to_peer(
-    ctx: &TcContext,
-    ifindex: u32,
-    src: [u8; 4],
-    dst: [u8; 4],
-) -> Result<i32, CounterIndex> {
+fn redirect_to_peer(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> Result<i32, CounterIndex> {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.ifindex = ifindex;
@@ -122,8 +107,7 @@ fn redirect_to_peer(
         eth[0..6].copy_from_slice(&p.dmac);
         eth[6..12].copy_from_slice(&p.smac);
         eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        ctx.store(0, &eth, 0)
-            .map_err(|_| CounterIndex::DropEncapFailed)?;
+        ctx.store(0, &eth, 0).map_err(|_| CounterIndex::DropEncapFailed)?;
         return Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32);
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {

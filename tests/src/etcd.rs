@@ -32,21 +32,16 @@ impl TlsFiles {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "overlay test CA");
+        ca.distinguished_name.push(DnType::CommonName, "overlay test CA");
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca, ca_key);
 
         let leaf = |name: &str| {
             let key = KeyPair::generate().unwrap();
             let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-            p.subject_alt_names
-                .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+            p.subject_alt_names.push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
             p.distinguished_name.push(DnType::CommonName, name);
-            (
-                p.signed_by(&key, &issuer).unwrap().pem(),
-                key.serialize_pem(),
-            )
+            (p.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
         };
         let (server_cert, server_key) = leaf("etcd server");
         let (client_cert, client_key) = leaf("overlay client");
@@ -68,6 +63,9 @@ impl TlsFiles {
 
 pub struct Etcd {
     child: Option<Child>,
+    /// Network namespace etcd runs in (None: ours) and the address it listens on there.
+    netns: Option<String>,
+    host: Ipv4Addr,
     data: TempDir,
     client_port: u16,
     peer_port: u16,
@@ -104,11 +102,7 @@ impl Etcd {
 
     /// Start an etcd that requires client certificates signed by `tls.ca`.
     pub fn start_tls(tls: &TlsFiles) -> Self {
-        Self::start_with(Some((
-            tls.ca.clone(),
-            tls.server_cert.clone(),
-            tls.server_key.clone(),
-        )))
+        Self::start_with(Some((tls.ca.clone(), tls.server_cert.clone(), tls.server_key.clone())))
     }
 
     fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Self {
@@ -121,6 +115,8 @@ impl Etcd {
         for _ in 0..5 {
             let mut e = Etcd {
                 child: None,
+                netns: None,
+                host: Ipv4Addr::LOCALHOST,
                 data: temp_dir(),
                 client_port: free_port(),
                 peer_port: free_port(),
@@ -135,9 +131,29 @@ impl Etcd {
         panic!("etcd did not start:\n{last}");
     }
 
+    /// Start a plain-HTTP etcd inside network namespace `netns`, listening on `host` there
+    /// (the lab's agents reach it over the underlay; the ports are the standard ones, as the
+    /// namespace is ours alone).
+    pub fn start_in_netns(netns: &str, host: Ipv4Addr) -> Self {
+        let mut e = Etcd {
+            child: None,
+            netns: Some(netns.to_string()),
+            host,
+            data: temp_dir(),
+            client_port: 2379,
+            peer_port: 2380,
+            tls: None,
+            starts: 0,
+        };
+        if let Err(log) = e.spawn() {
+            panic!("etcd did not start in {netns}:\n{log}");
+        }
+        e
+    }
+
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     pub fn port(&self) -> u16 {
@@ -149,13 +165,17 @@ impl Etcd {
         let log_path = self.data.path().join(format!("etcd-{}.log", self.starts));
         let log = std::fs::File::create(&log_path).unwrap();
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut cmd = Command::new(ETCD_BIN);
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, ETCD_BIN]);
+                c
+            }
+            None => Command::new(ETCD_BIN),
+        };
         cmd.arg("--name=test")
-            .arg(format!(
-                "--data-dir={}",
-                self.data.path().join("data").display()
-            ))
+            .arg(format!("--data-dir={}", self.data.path().join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -179,17 +199,16 @@ impl Etcd {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("spawning {ETCD_BIN}: {e}"))?;
+        let mut child = cmd.spawn().map_err(|e| format!("spawning {ETCD_BIN}: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!("etcd exited with {status}:\n{text}"));
             }
+            // From another namespace we cannot connect; etcd's own word must do there.
             if text.contains("serving client traffic")
-                && TcpStream::connect((Ipv4Addr::LOCALHOST, self.client_port)).is_ok()
+                && (self.netns.is_some() || TcpStream::connect((Ipv4Addr::LOCALHOST, self.client_port)).is_ok())
             {
                 self.child = Some(child);
                 return Ok(());
@@ -245,9 +264,7 @@ impl Relay {
     /// Start relaying 127.0.0.1:<new port> to `target_port`. Needs a tokio runtime.
     pub async fn start(target_port: u16) -> Self {
         use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering};
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .unwrap();
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
         let (gen_tx, _) = tokio::sync::watch::channel(0u64);
@@ -263,8 +280,7 @@ impl Relay {
                 }
                 let mut stop = gen2.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) =
-                        tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, target_port)).await
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, target_port)).await
                     else {
                         return;
                     };

@@ -41,22 +41,11 @@ impl Host {
 
     /// Create `docker0` with the subnet's first address (docker's `--bip`) and `count`
     /// containers behind it with MTU `mtu` (docker's `--mtu`), as the seeds' docker does.
-    pub fn add_containers(
-        &mut self,
-        subnet: Ipv4Network,
-        mtu: u32,
-        count: usize,
-    ) -> anyhow::Result<()> {
+    pub fn add_containers(&mut self, subnet: Ipv4Network, mtu: u32, count: usize) -> anyhow::Result<()> {
         let bip = Ipv4Addr::from(u32::from(subnet.network()) + 1);
         let ns = &self.ns;
         ns.ip(&["link", "add", "docker0", "type", "bridge"])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{bip}/{}", subnet.prefix()),
-            "dev",
-            "docker0",
-        ])?;
+        ns.ip(&["addr", "add", &format!("{bip}/{}", subnet.prefix()), "dev", "docker0"])?;
         ns.ip(&["link", "set", "docker0", "mtu", &mtu.to_string(), "up"])?;
         for i in 0..count {
             let c = Netns::new(&format!("c{}{}", self.index, i))?;
@@ -77,13 +66,7 @@ impl Host {
                 c.name(),
             ])?;
             ns.ip(&["link", "set", &veth, "master", "docker0", "up"])?;
-            c.ip(&[
-                "addr",
-                "add",
-                &format!("{ip}/{}", subnet.prefix()),
-                "dev",
-                "eth0",
-            ])?;
+            c.ip(&["addr", "add", &format!("{ip}/{}", subnet.prefix()), "dev", "eth0"])?;
             c.ip(&["link", "set", "eth0", "mtu", &mtu.to_string(), "up"])?;
             c.ip(&["route", "add", "default", "via", &bip.to_string()])?;
             self.containers.push(Container { ns: c, ip });
@@ -95,32 +78,28 @@ impl Host {
 
 pub struct Lab {
     pub hosts: Vec<Host>,
-    /// Holds the underlay bridge when there are more than two hosts.
-    _switch: Option<Netns>,
+    /// The underlay bridge's namespace, when the hosts hang off a switch. The bridge itself
+    /// has [`SWITCH_IP`], where lab services such as etcd listen.
+    pub switch: Option<Netns>,
+    underlay_mtu: u32,
 }
+
+/// The switch's own address on the underlay: etcd runs there in agent labs.
+pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 250, 254);
 
 impl Lab {
     /// `n` hosts on an underlay with the given MTU: a direct veth link for two hosts (the
     /// benchmark topology), a bridge ("switch") for more.
     pub fn new(n: usize, underlay_mtu: u32) -> anyhow::Result<Self> {
-        let mut hosts = Vec::new();
-        for i in 1..=n {
-            let ns = Netns::new(&format!("h{i}"))?;
-            // Docker sets the FORWARD policy to DROP; our hosts route like the seeds' do.
-            ns.sysctl("net.ipv4.ip_forward", "1")?;
-            hosts.push(Host {
-                index: i,
-                ns,
-                iface: "eth0".into(),
-                public_ip: underlay_ip(i),
-                subnet: None,
-                containers: Vec::new(),
-            });
-        }
-        let mtu = underlay_mtu.to_string();
-        let switch = if n == 2 {
-            let (a, b) = (&hosts[0], &hosts[1]);
-            a.ns.ip(&[
+        if n == 2 {
+            let mut lab = Lab {
+                hosts: Vec::new(),
+                switch: None,
+                underlay_mtu,
+            };
+            let (a, b) = (lab.new_host(1)?, lab.new_host(2)?);
+            let mtu = underlay_mtu.to_string();
+            let link = [
                 "link",
                 "add",
                 "eth0",
@@ -133,40 +112,83 @@ impl Lab {
                 "eth0",
                 "netns",
                 b.ns.name(),
-            ])?;
-            None
-        } else {
-            let sw = Netns::new("sw")?;
-            sw.ip(&["link", "add", "sw0", "type", "bridge"])?;
-            sw.ip(&["link", "set", "sw0", "up"])?;
-            for h in &hosts {
-                let port = format!("p{}", h.index);
-                sw.ip(&[
-                    "link",
-                    "add",
-                    &port,
-                    "mtu",
-                    &mtu,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    h.ns.name(),
-                ])?;
-                sw.ip(&["link", "set", &port, "master", "sw0", "up"])?;
+            ];
+            a.ns.ip(&link)?;
+            for h in [&a, &b] {
+                h.ns.ip(&["addr", "add", &format!("{}/24", h.public_ip), "dev", "eth0"])?;
+                h.ns.ip(&["link", "set", "eth0", "up"])?;
             }
-            Some(sw)
-        };
-        for h in &hosts {
-            h.ns.ip(&["addr", "add", &format!("{}/24", h.public_ip), "dev", "eth0"])?;
-            h.ns.ip(&["link", "set", "eth0", "up"])?;
+            lab.hosts = vec![a, b];
+            return Ok(lab);
         }
-        Ok(Lab {
-            hosts,
-            _switch: switch,
+        Self::with_switch(n, underlay_mtu)
+    }
+
+    /// `n` hosts on an underlay bridge, which answers at [`SWITCH_IP`].
+    pub fn with_switch(n: usize, underlay_mtu: u32) -> anyhow::Result<Self> {
+        let sw = Netns::new("sw")?;
+        sw.ip(&["link", "add", "sw0", "mtu", &underlay_mtu.to_string(), "type", "bridge"])?;
+        sw.ip(&["addr", "add", &format!("{SWITCH_IP}/24"), "dev", "sw0"])?;
+        sw.ip(&["link", "set", "sw0", "up"])?;
+        let mut lab = Lab {
+            hosts: Vec::new(),
+            switch: Some(sw),
+            underlay_mtu,
+        };
+        for _ in 0..n {
+            lab.add_host()?;
+        }
+        Ok(lab)
+    }
+
+    /// Plug one more host into the switch; returns its index.
+    pub fn add_host(&mut self) -> anyhow::Result<usize> {
+        let index = self.hosts.len() + 1;
+        let host = self.new_host(index)?;
+        let sw = self
+            .switch
+            .as_ref()
+            .context("hosts can be added only to a lab with a switch")?;
+        let port = format!("p{index}");
+        let mtu = self.underlay_mtu.to_string();
+        sw.ip(&[
+            "link",
+            "add",
+            &port,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            host.ns.name(),
+        ])?;
+        sw.ip(&["link", "set", &port, "master", "sw0", "up"])?;
+        host.ns
+            .ip(&["addr", "add", &format!("{}/24", host.public_ip), "dev", "eth0"])?;
+        host.ns.ip(&["link", "set", "eth0", "up"])?;
+        self.hosts.push(host);
+        Ok(index)
+    }
+
+    fn new_host(&self, index: usize) -> anyhow::Result<Host> {
+        let ns = Netns::new(&format!("h{index}"))?;
+        // Docker sets the FORWARD policy to DROP; our hosts route like the seeds' do.
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        Ok(Host {
+            index,
+            ns,
+            iface: "eth0".into(),
+            public_ip: underlay_ip(index),
+            subnet: None,
+            containers: Vec::new(),
         })
+    }
+
+    pub fn host(&self, index: usize) -> &Host {
+        &self.hosts[index - 1]
     }
 }
 
@@ -200,10 +222,20 @@ impl OverlayProcess {
         Self::start_opts(ns, args, timeout, true)
     }
 
+    /// As [`Self::start`], with extra environment variables (e.g. `FLANNELD_*`).
+    pub fn start_env(ns: &Netns, args: &[String], env: &[(&str, &str)], timeout: Duration) -> anyhow::Result<Self> {
+        Self::spawn(ns, args, env, timeout, true)
+    }
+
     /// As [`Self::start`]; with `die_with_parent` false the process outlives us (demo `--keep`).
-    pub fn start_opts(
+    pub fn start_opts(ns: &Netns, args: &[String], timeout: Duration, die_with_parent: bool) -> anyhow::Result<Self> {
+        Self::spawn(ns, args, &[], timeout, die_with_parent)
+    }
+
+    fn spawn(
         ns: &Netns,
         args: &[String],
+        env: &[(&str, &str)],
         timeout: Duration,
         die_with_parent: bool,
     ) -> anyhow::Result<Self> {
@@ -215,14 +247,13 @@ impl OverlayProcess {
             );
         }
         let mut cmd = ns.command(bin.to_str().expect("utf-8 path"));
-        cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
         // Quiet unless asked: OVERLAY_LOG=info (or debug) shows what the agents do.
         cmd.env(
             "RUST_LOG",
             std::env::var("OVERLAY_LOG").unwrap_or_else(|_| "warn".into()),
         );
+        cmd.envs(env.iter().copied());
         // The child dies with the thread that started it, even if the test is killed.
         if die_with_parent {
             unsafe {
@@ -248,27 +279,25 @@ impl OverlayProcess {
             Ok(Ok(line)) if !line.is_empty() => line,
             Ok(_) => {
                 let status = child.wait()?;
-                bail!(
-                    "overlay {args:?} in {} exited before ready: {status}",
-                    ns.name()
-                );
+                bail!("overlay {args:?} in {} exited before ready: {status}", ns.name());
             }
             Err(_) => {
                 let _ = child.kill();
-                bail!(
-                    "overlay {args:?} in {} not ready after {timeout:?}",
-                    ns.name()
-                );
+                bail!("overlay {args:?} in {} not ready after {timeout:?}", ns.name());
             }
         };
         let stdout = reader.join().expect("reader thread");
-        let ready = serde_json::from_str(line.trim())
-            .with_context(|| format!("ready line is not JSON: {line:?}"))?;
-        Ok(OverlayProcess {
-            child,
-            stdout,
-            ready,
-        })
+        let ready = serde_json::from_str(line.trim()).with_context(|| format!("ready line is not JSON: {line:?}"))?;
+        Ok(OverlayProcess { child, stdout, ready })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited, with its status.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// SIGTERM, then read what the process prints on its way out (its final counters).
@@ -422,22 +451,8 @@ pub fn flannel_vxlan_host(
 ) -> anyhow::Result<()> {
     let local = public_ip.to_string();
     ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "address",
-        vtep_mac,
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &local,
-        "dev",
-        iface,
-        "dstport",
-        "8472",
-        "nolearning",
+        "link", "add", "flannel.1", "address", vtep_mac, "type", "vxlan", "id", "1", "local", &local, "dev", iface,
+        "dstport", "8472", "nolearning",
     ])?;
     ns.ip(&[
         "link",
@@ -447,13 +462,7 @@ pub fn flannel_vxlan_host(
         &(underlay_mtu - 50).to_string(),
         "up",
     ])?;
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/32", subnet.network()),
-        "dev",
-        "flannel.1",
-    ])?;
+    ns.ip(&["addr", "add", &format!("{}/32", subnet.network()), "dev", "flannel.1"])?;
     Ok(())
 }
 
@@ -466,15 +475,7 @@ pub fn flannel_vxlan_add_peer(
 ) -> anyhow::Result<()> {
     let gw = subnet.network().to_string();
     ns.ip(&[
-        "neigh",
-        "replace",
-        &gw,
-        "lladdr",
-        vtep_mac,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
+        "neigh", "replace", &gw, "lladdr", vtep_mac, "dev", "flannel.1", "nud", "permanent",
     ])?;
     crate::netns::run(ns.command("bridge").args([
         "fdb",

@@ -57,8 +57,7 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
-            .map(|_| ())
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
     }
 
     /// Run `f` on a fresh thread that has entered this namespace: sockets it opens live here.
@@ -69,8 +68,7 @@ impl Netns {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let fd = File::open(&path).with_context(|| format!("opening {path}"))?;
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("entering {path}"))?;
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))?;
             Ok(f())
         })
     }
@@ -79,23 +77,14 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace removes its interfaces; veth peers elsewhere go with them.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let Output { status, stdout, stderr } = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
-        bail!(
-            "{cmd:?} failed ({status}): {}",
-            String::from_utf8_lossy(&stderr).trim()
-        );
+        bail!("{cmd:?} failed ({status}): {}", String::from_utf8_lossy(&stderr).trim());
     }
     Ok(String::from_utf8_lossy(&stdout).into_owned())
 }

@@ -56,16 +56,9 @@ pub fn ping(
         cmd.args(["-M", "do"]);
     }
     cmd.arg(dst.to_string());
-    let out = cmd
-        .output()
-        .context("running ping (install iputils-ping)")?;
+    let out = cmd.output().context("running ping (install iputils-ping)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    parse_ping(&text).with_context(|| {
-        format!(
-            "unreadable ping output: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    parse_ping(&text).with_context(|| format!("unreadable ping output: {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 pub fn parse_ping(text: &str) -> anyhow::Result<PingResult> {
@@ -126,10 +119,7 @@ pub fn tcp_transfer_verified(
             for (k, b) in buf[..n].iter().enumerate() {
                 let i = pos + k as u64;
                 if *b != pattern(i) {
-                    bail!(
-                        "byte {i} corrupted: got {b:#04x}, expected {:#04x}",
-                        pattern(i)
-                    );
+                    bail!("byte {i} corrupted: got {b:#04x}, expected {:#04x}", pattern(i));
                 }
             }
             pos += n as u64;

@@ -11,10 +11,7 @@ const TRANSFER: u64 = 50 * 1024 * 1024;
 
 fn counter(v: &serde_json::Value, name: &str) -> (u64, u64) {
     let c = &v["counters"][name];
-    (
-        c["packets"].as_u64().unwrap_or(0),
-        c["bytes"].as_u64().unwrap_or(0),
-    )
+    (c["packets"].as_u64().unwrap_or(0), c["bytes"].as_u64().unwrap_or(0))
 }
 
 fn two_hosts_both_ways(backend: Backend) -> anyhow::Result<()> {
@@ -35,11 +32,7 @@ fn two_hosts_both_ways(backend: Backend) -> anyhow::Result<()> {
     // Container to container, both ways.
     for (from, to) in [(c1, c2), (c2, c1)] {
         let r = ping(&from.ns, to.ip, 5, 56, false, "0.05")?;
-        assert_eq!(
-            r.received, 5,
-            "{backend:?}: ping {} -> {}: {r:?}",
-            from.ip, to.ip
-        );
+        assert_eq!(r.received, 5, "{backend:?}: ping {} -> {}: {r:?}", from.ip, to.ip);
     }
     // Host-originated traffic to a remote container takes the overlay too.
     let r = ping(&h1.ns, c2.ip, 3, 56, false, "0.05")?;
@@ -48,10 +41,7 @@ fn two_hosts_both_ways(backend: Backend) -> anyhow::Result<()> {
     // Largest packet that fits the overlay MTU, DF set: must arrive whole.
     let max_payload = mtu - 28;
     let r = ping(&c1.ns, c2.ip, 3, max_payload, true, "0.05")?;
-    assert_eq!(
-        r.received, 3,
-        "{backend:?}: {max_payload}-byte DF ping: {r:?}"
-    );
+    assert_eq!(r.received, 3, "{backend:?}: {max_payload}-byte DF ping: {r:?}");
 
     // A container with a too-large MTU sends a DF packet bigger than the overlay MTU: the host
     // must answer "fragmentation needed" (ping sees it as an error, not silence).
@@ -74,20 +64,15 @@ fn two_hosts_both_ways(backend: Backend) -> anyhow::Result<()> {
         ])
         .arg(c2.ip.to_string())
         .output()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         text.contains(&format!("mtu = {mtu}")) || text.contains(&format!("mtu={mtu}")),
         "{backend:?}: oversize DF ping should get fragmentation-needed with mtu {mtu}, got: {text}"
     );
-    c1.ns
-        .ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
+    c1.ns.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
 
     // Bulk TCP with every byte checked at the receiver, both directions.
-    assert_eq!(
-        tcp_transfer_verified(&c1.ns, &c2.ns, c2.ip, 5201, TRANSFER)?,
-        TRANSFER
-    );
+    assert_eq!(tcp_transfer_verified(&c1.ns, &c2.ns, c2.ip, 5201, TRANSFER)?, TRANSFER);
     assert_eq!(
         tcp_transfer_verified(&c2.ns, &c1.ns, c1.ip, 5202, TRANSFER / 5)?,
         TRANSFER / 5
@@ -100,10 +85,7 @@ fn two_hosts_both_ways(backend: Backend) -> anyhow::Result<()> {
     let mut procs = procs.into_iter();
     let s1 = procs.next().unwrap().stop()?;
     let s2 = procs.next().unwrap().stop()?;
-    let (encap, decap) = (
-        format!("encap_{}", backend.name()),
-        format!("decap_{}", backend.name()),
-    );
+    let (encap, decap) = (format!("encap_{}", backend.name()), format!("decap_{}", backend.name()));
     let (p, b) = counter(&s1, &encap);
     assert!(
         p > 0 && b >= TRANSFER,
@@ -122,16 +104,9 @@ fn two_hosts_both_ways(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(counter(&s1, "drop_no_peer").0, 2, "{backend:?}: {s1}");
     for s in [&s1, &s2] {
         for reason in [
-            "drop_unknown_peer",
-            "drop_spoofed_source",
-            "drop_malformed",
-            "drop_wrong_vni",
+            "drop_unknown_peer", "drop_spoofed_source", "drop_malformed", "drop_wrong_vni",
         ] {
-            assert_eq!(
-                counter(s, reason).0,
-                0,
-                "{backend:?}: unexpected {reason}: {s}"
-            );
+            assert_eq!(counter(s, reason).0, 0, "{backend:?}: unexpected {reason}: {s}");
         }
     }
     // Both programs are gone with the processes: nothing left attached.
@@ -142,11 +117,7 @@ fn two_hosts_both_ways(backend: Backend) -> anyhow::Result<()> {
             h.name()
         );
         let link = h.ns.ip(&["-d", "link", "show", "eth0"])?;
-        assert!(
-            !link.contains("xdp"),
-            "XDP left attached on {}: {link}",
-            h.name()
-        );
+        assert!(!link.contains("xdp"), "XDP left attached on {}: {link}", h.name());
     }
     Ok(())
 }
@@ -183,20 +154,10 @@ fn vxlan_interoperates_with_flannel_kernel_device() -> anyhow::Result<()> {
         let r = ping(&from.ns, to.ip, 5, 56, false, "0.05")?;
         assert_eq!(r.received, 5, "ping {} -> {}: {r:?}", from.ip, to.ip);
         let r = ping(&from.ns, to.ip, 2, 1450 - 28, true, "0.05")?;
-        assert_eq!(
-            r.received, 2,
-            "MTU-sized DF ping {} -> {}: {r:?}",
-            from.ip, to.ip
-        );
+        assert_eq!(r.received, 2, "MTU-sized DF ping {} -> {}: {r:?}", from.ip, to.ip);
     }
-    assert_eq!(
-        tcp_transfer_verified(&c1.ns, &c2.ns, c2.ip, 5301, 20 << 20)?,
-        20 << 20
-    );
-    assert_eq!(
-        tcp_transfer_verified(&c2.ns, &c1.ns, c1.ip, 5302, 20 << 20)?,
-        20 << 20
-    );
+    assert_eq!(tcp_transfer_verified(&c1.ns, &c2.ns, c2.ip, 5301, 20 << 20)?, 20 << 20);
+    assert_eq!(tcp_transfer_verified(&c2.ns, &c1.ns, c1.ip, 5302, 20 << 20)?, 20 << 20);
 
     let s = ours.stop()?;
     assert!(counter(&s, "encap_vxlan").1 >= 20 << 20, "{s}");

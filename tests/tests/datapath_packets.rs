@@ -126,13 +126,7 @@ fn inner_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
 }
 
 /// A tunnel frame as a peer would send it to us.
-fn tunnel_frame(
-    format: Format,
-    outer_src: [u8; 4],
-    outer: &Ip,
-    vni_hdr: &[u8],
-    inner: &[u8],
-) -> Vec<u8> {
+fn tunnel_frame(format: Format, outer_src: [u8; 4], outer: &Ip, vni_hdr: &[u8], inner: &[u8]) -> Vec<u8> {
     let mut payload = vec![];
     let port = match format {
         Format::Udp => 8285,
@@ -155,13 +149,7 @@ fn tunnel_frame(
 }
 
 fn good_tunnel_frame(format: Format, inner: &[u8]) -> Vec<u8> {
-    tunnel_frame(
-        format,
-        PEER_IP,
-        &Ip::new(PEER_IP, LOCAL_IP, 17),
-        &vxlan(0x08, 1),
-        inner,
-    )
+    tunnel_frame(format, PEER_IP, &Ip::new(PEER_IP, LOCAL_IP, 17), &vxlan(0x08, 1), inner)
 }
 
 /// What our XDP program must hand to the stack after decapsulation.
@@ -173,13 +161,7 @@ fn decapsulated(inner: &[u8]) -> Vec<u8> {
 
 /// What our TC program must produce for `inner` towards PEER_IP, with the outer source port
 /// left to the caller (it is a hash of the inner flow).
-fn encapsulated(
-    format: Format,
-    outer_eth: Vec<u8>,
-    peer_ip: [u8; 4],
-    inner: &[u8],
-    sport: u16,
-) -> Vec<u8> {
+fn encapsulated(format: Format, outer_eth: Vec<u8>, peer_ip: [u8; 4], inner: &[u8], sport: u16) -> Vec<u8> {
     let mut payload = vec![];
     let port = match format {
         Format::Udp => 8285,
@@ -227,31 +209,17 @@ fn config(format: Format, ifindex: u32) -> DatapathConfig {
 fn setup(ns: &Netns) -> anyhow::Result<(u32, [u8; 6])> {
     // bpf_fib_lookup answers only on interfaces that forward; the loader enables forwarding.
     ns.sysctl("net.ipv4.ip_forward", "1")?;
-    ns.ip(&[
-        "link", "add", "nic0", "type", "veth", "peer", "name", "nic1",
-    ])?;
+    ns.ip(&["link", "add", "nic0", "type", "veth", "peer", "name", "nic1"])?;
     ns.ip(&["link", "set", "nic0", "up"])?;
     ns.ip(&["link", "set", "nic1", "up"])?;
     ns.ip(&["addr", "add", "192.168.250.1/24", "dev", "nic0"])?;
     ns.ip(&[
-        "neigh",
-        "replace",
-        "192.168.250.2",
-        "lladdr",
-        "02:aa:00:00:00:02",
-        "dev",
-        "nic0",
-        "nud",
-        "permanent",
+        "neigh", "replace", "192.168.250.2", "lladdr", "02:aa:00:00:00:02", "dev", "nic0", "nud", "permanent",
     ])?;
     let out = ns.ip(&["-j", "link", "show", "nic0"])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let ifindex = v[0]["ifindex"].as_u64().unwrap() as u32;
-    let mac: MacAddr = v[0]["address"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let mac: MacAddr = v[0]["address"].as_str().unwrap().parse().map_err(anyhow::Error::msg)?;
     Ok((ifindex, mac.0))
 }
 
@@ -347,12 +315,7 @@ fn check_decap(b: &mut Bench, format: Format, desc: &str, frame: &[u8], expect: 
         }
         Expect::Drop(c) => {
             assert_eq!(verdict, XDP_DROP, "{format:?} {desc}: verdict");
-            assert_eq!(
-                b.counter(*c),
-                before + 1,
-                "{format:?} {desc}: counter {}",
-                c.name()
-            );
+            assert_eq!(b.counter(*c), before + 1, "{format:?} {desc}: counter {}", c.name());
         }
     }
 }
@@ -552,9 +515,7 @@ fn decapsulation_table() {
     in_test_namespace(|ifindex, mac| {
         for format in [Format::Udp, Format::Vxlan] {
             let mut b = Bench::new(format, ifindex, mac).unwrap();
-            let cases = decap_cases(format)
-                .into_iter()
-                .chain(truncation_cases(format));
+            let cases = decap_cases(format).into_iter().chain(truncation_cases(format));
             let mut n = 0;
             for (desc, frame, expect) in cases {
                 check_decap(&mut b, format, &desc, &frame, &expect);
@@ -620,10 +581,7 @@ fn encapsulation_table() {
                     "{format:?} {desc}: verdict; counters {:?}",
                     b.programs.counters().unwrap().nonzero()
                 );
-                assert!(
-                    out.len() > 36,
-                    "{format:?} {desc}: output too short: {out:?}"
-                );
+                assert!(out.len() > 36, "{format:?} {desc}: output too short: {out:?}");
                 let sport = sport_of(&out);
                 assert!(
                     (32768..61000).contains(&sport),
@@ -640,16 +598,14 @@ fn encapsulation_table() {
 
             // The source port follows the inner flow: stable for one flow, spread over flows.
             let flow = |port: u16| {
-                let inner =
-                    Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17).build(&udp(port, 80, &[0u8; 16]));
+                let inner = Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17).build(&udp(port, 80, &[0u8; 16]));
                 from_overlay_device(&inner)
             };
             let a1 = sport_of(&b.run_tc(&flow(1000)).1);
             let a2 = sport_of(&b.run_tc(&flow(1000)).1);
             assert_eq!(a1, a2, "{format:?}: same flow, same outer source port");
-            let ports: std::collections::HashSet<u16> = (0..16)
-                .map(|i| sport_of(&b.run_tc(&flow(2000 + i)).1))
-                .collect();
+            let ports: std::collections::HashSet<u16> =
+                (0..16).map(|i| sport_of(&b.run_tc(&flow(2000 + i)).1)).collect();
             assert!(
                 ports.len() >= 8,
                 "{format:?}: 16 flows gave only {} outer source ports",
@@ -740,10 +696,7 @@ fn encapsulation_table() {
                     refused.push(len);
                     continue;
                 };
-                assert_eq!(
-                    verdict, TC_ACT_SHOT,
-                    "{format:?}: inner header cut to {len}"
-                );
+                assert_eq!(verdict, TC_ACT_SHOT, "{format:?}: inner header cut to {len}");
                 assert_eq!(
                     b.counter(CounterIndex::DropNotIpv4),
                     before + 1,
@@ -773,18 +726,8 @@ fn unconfigured_datapath_is_safe() {
             })
             .unwrap();
         assert_eq!(r.return_value, TC_ACT_SHOT);
-        assert_eq!(
-            programs
-                .counters()
-                .unwrap()
-                .get(CounterIndex::DropNoConfig)
-                .packets,
-            1
-        );
-        let tunnel = good_tunnel_frame(
-            Format::Vxlan,
-            &inner_packet(PEER_CONTAINER, LOCAL_CONTAINER),
-        );
+        assert_eq!(programs.counters().unwrap().get(CounterIndex::DropNoConfig).packets, 1);
+        let tunnel = good_tunnel_frame(Format::Vxlan, &inner_packet(PEER_CONTAINER, LOCAL_CONTAINER));
         let r = programs
             .decap_program()
             .unwrap()

@@ -23,7 +23,8 @@ struct Cmd {
     args: Args,
 }
 
-const SUBNET_ENV: &str = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+const SUBNET_ENV: &str =
+    "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
 
 const BIP: &str = "DOCKER_OPT_BIP=\"--bip=10.1.7.1/24\"\n";
 const MASQ: &str = "DOCKER_OPT_IPMASQ=\"--ip-masq=false\"\n";
@@ -46,10 +47,7 @@ fn run(subnet_env: Option<&str>, flags: &[&str], env: &[(&str, &str)]) -> Result
     ];
     argv.extend(flags.iter().map(|s| s.to_string()));
     let cmd = Cmd::try_parse_from(&argv).map_err(|e| e.to_string())?;
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     generate(&cmd.args, env).map_err(|e| e.to_string())?;
     Ok(std::fs::read_to_string(out).unwrap())
 }
@@ -62,53 +60,34 @@ fn every_flag_combination_matches_the_script() {
     };
     // (flags, expected file)
     let table: Vec<(&[&str], String)> = vec![
-        (
-            &[],
-            format!("{BIP}{MASQ}{MTU}{}", combined("DOCKER_OPTS", true)),
-        ),
+        (&[], format!("{BIP}{MASQ}{MTU}{}", combined("DOCKER_OPTS", true))),
         (&["-i"], format!("{BIP}{MASQ}{MTU}")),
         (&["-c"], combined("DOCKER_OPTS", true)),
         (
             &["-i", "-c"],
             format!("{BIP}{MASQ}{MTU}{}", combined("DOCKER_OPTS", true)),
         ),
-        (
-            &["-m"],
-            format!("{BIP}{MTU}{}", combined("DOCKER_OPTS", false)),
-        ),
+        (&["-m"], format!("{BIP}{MTU}{}", combined("DOCKER_OPTS", false))),
         (&["-i", "-m"], format!("{BIP}{MTU}")),
         (&["-c", "-m"], combined("DOCKER_OPTS", false)),
         (
             &["-i", "-c", "-m"],
             format!("{BIP}{MTU}{}", combined("DOCKER_OPTS", false)),
         ),
-        (
-            &["-k", "OPTS"],
-            format!("{BIP}{MASQ}{MTU}{}", combined("OPTS", true)),
-        ),
+        (&["-k", "OPTS"], format!("{BIP}{MASQ}{MTU}{}", combined("OPTS", true))),
         (&["-i", "-k", "OPTS"], format!("{BIP}{MASQ}{MTU}")),
         (&["-c", "-k", "OPTS"], combined("OPTS", true)),
         (
             &["-i", "-c", "-k", "OPTS"],
             format!("{BIP}{MASQ}{MTU}{}", combined("OPTS", true)),
         ),
-        (
-            &["-m", "-k", "OPTS"],
-            format!("{BIP}{MTU}{}", combined("OPTS", false)),
-        ),
+        (&["-m", "-k", "OPTS"], format!("{BIP}{MTU}{}", combined("OPTS", false))),
         (&["-i", "-m", "-k", "OPTS"], format!("{BIP}{MTU}")),
         (&["-c", "-m", "-k", "OPTS"], combined("OPTS", false)),
-        (
-            &["-icm", "-kOPTS"],
-            format!("{BIP}{MTU}{}", combined("OPTS", false)),
-        ),
+        (&["-icm", "-kOPTS"], format!("{BIP}{MTU}{}", combined("OPTS", false))),
     ];
     for (flags, expected) in table {
-        assert_eq!(
-            run(Some(SUBNET_ENV), flags, &[]).unwrap(),
-            expected,
-            "flags {flags:?}"
-        );
+        assert_eq!(run(Some(SUBNET_ENV), flags, &[]).unwrap(), expected, "flags {flags:?}");
     }
 }
 

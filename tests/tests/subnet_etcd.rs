@@ -58,14 +58,7 @@ async fn fails_over_to_a_live_endpoint() {
         format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
     };
     let joined = format!("{dead},{}", etcd.endpoint());
-    let cmd = Cmd::try_parse_from([
-        "t",
-        "--etcd-endpoints",
-        &joined,
-        "--etcd-prefix",
-        "/failover",
-    ])
-    .unwrap();
+    let cmd = Cmd::try_parse_from(["t", "--etcd-endpoints", &joined, "--etcd-prefix", "/failover"]).unwrap();
     assert_eq!(cmd.etcd.endpoints.len(), 2);
     let reg = EtcdRegistry::connect(&cmd.etcd).await.unwrap();
     for _ in 0..10 {

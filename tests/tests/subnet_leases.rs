@@ -22,9 +22,7 @@ fn vxlan_attrs(host: u8, mac: &str) -> LeaseAttrs {
 }
 
 async fn with_config(reg: &EtcdRegistry, json: &str) -> NetworkConfig {
-    overlay::cli::config::set(reg, json)
-        .await
-        .expect("store config")
+    overlay::cli::config::set(reg, json).await.expect("store config")
 }
 
 fn short(ttl: u64, margin: u64) -> ManagerOptions {
@@ -56,15 +54,10 @@ async fn acquired_lease_has_flannels_key_json_and_24h_ttl() {
     )
     .await;
     let m = LeaseManager::new(reg.clone(), ManagerOptions::default()).unwrap();
-    let lease = m
-        .acquire(&cfg, &vxlan_attrs(1, "c6:d2:32:6f:8f:44"))
-        .await
-        .unwrap();
+    let lease = m.acquire(&cfg, &vxlan_attrs(1, "c6:d2:32:6f:8f:44")).await.unwrap();
 
     let key = format!("{PREFIX}/subnets/{}-24", lease.subnet().network());
-    let (value, lease_id) = raw_get(&reg, &key)
-        .await
-        .expect("lease key as flannel names it");
+    let (value, lease_id) = raw_get(&reg, &key).await.expect("lease key as flannel names it");
     assert_eq!(
         value,
         r#"{"PublicIP":"192.168.50.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#
@@ -88,10 +81,7 @@ async fn renewal_keeps_the_lease_and_it_expires_without_renewal() {
     let reg = registry(&etcd.endpoint(), PREFIX).await;
     let cfg = with_config(&reg, r#"{"Network":"10.1.0.0/16"}"#).await;
     let m = LeaseManager::new(reg.clone(), short(3, 2)).unwrap();
-    let lease = m
-        .acquire(&cfg, &vxlan_attrs(1, "aa:aa:aa:aa:aa:01"))
-        .await
-        .unwrap();
+    let lease = m.acquire(&cfg, &vxlan_attrs(1, "aa:aa:aa:aa:aa:01")).await.unwrap();
     let key = format!("{PREFIX}/subnets/{}", lease.key);
     let (tx, _rx) = mpsc::channel(64);
     let run = tokio::spawn({
@@ -107,10 +97,7 @@ async fn renewal_keeps_the_lease_and_it_expires_without_renewal() {
     run.abort();
     let _ = run.await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(
-        raw_get(&reg, &key).await.is_none(),
-        "without renewal the lease expires"
-    );
+    assert!(raw_get(&reg, &key).await.is_none(), "without renewal the lease expires");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,10 +106,7 @@ async fn renewal_is_retried_while_etcd_is_down() {
     let reg = registry(&etcd.endpoint(), PREFIX).await;
     let cfg = with_config(&reg, r#"{"Network":"10.1.0.0/16"}"#).await;
     let m = LeaseManager::new(reg.clone(), short(4, 3)).unwrap();
-    let lease = m
-        .acquire(&cfg, &vxlan_attrs(1, "aa:aa:aa:aa:aa:01"))
-        .await
-        .unwrap();
+    let lease = m.acquire(&cfg, &vxlan_attrs(1, "aa:aa:aa:aa:aa:01")).await.unwrap();
     let key = format!("{PREFIX}/subnets/{}", lease.key);
     let (tx, _rx) = mpsc::channel(64);
     let run = tokio::spawn({
@@ -138,10 +122,7 @@ async fn renewal_is_retried_while_etcd_is_down() {
     // etcd extends leases when it restarts; well past that extension the key must still be
     // there, which only renewals after the outage can explain.
     tokio::time::sleep(Duration::from_secs(9)).await;
-    assert!(
-        !run.is_finished(),
-        "the manager keeps running through the outage"
-    );
+    assert!(!run.is_finished(), "the manager keeps running through the outage");
     assert!(
         raw_get(&reg, &key).await.is_some(),
         "renewal resumed after etcd came back"
@@ -153,16 +134,9 @@ async fn renewal_is_retried_while_etcd_is_down() {
 async fn restart_reuses_the_lease_of_our_public_ip() {
     let etcd = Etcd::start();
     let reg = registry(&etcd.endpoint(), PREFIX).await;
-    let cfg = with_config(
-        &reg,
-        r#"{"Network":"10.2.0.0/16","Backend":{"Type":"vxlan"}}"#,
-    )
-    .await;
+    let cfg = with_config(&reg, r#"{"Network":"10.2.0.0/16","Backend":{"Type":"vxlan"}}"#).await;
     let first = LeaseManager::new(reg.clone(), ManagerOptions::default()).unwrap();
-    let a = first
-        .acquire(&cfg, &vxlan_attrs(7, "aa:00:00:00:00:01"))
-        .await
-        .unwrap();
+    let a = first.acquire(&cfg, &vxlan_attrs(7, "aa:00:00:00:00:01")).await.unwrap();
     drop(first);
     // A new process: new connection, new VtepMAC.
     let reg2 = registry(&etcd.endpoint(), PREFIX).await;
@@ -188,17 +162,11 @@ async fn restart_reuses_the_subnet_in_the_subnet_file() {
     let reg = registry(&etcd.endpoint(), PREFIX).await;
     let cfg = with_config(&reg, r#"{"Network":"10.3.0.0/16"}"#).await;
     let m = LeaseManager::new(reg.clone(), short(2, 1)).unwrap();
-    let a = m
-        .acquire(&cfg, &vxlan_attrs(1, "aa:00:00:00:00:01"))
-        .await
-        .unwrap();
+    let a = m.acquire(&cfg, &vxlan_attrs(1, "aa:00:00:00:00:01")).await.unwrap();
     write_subnet_file(&file, &cfg, &a.key, 1450, false).unwrap();
     // The host was away longer than the TTL and its public IP changed: only the file remembers.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(
-        reg.list().await.unwrap().leases.is_empty(),
-        "old lease expired"
-    );
+    assert!(reg.list().await.unwrap().leases.is_empty(), "old lease expired");
     let (prev, prev6) = read_previous_subnets(&file);
     let opts = ManagerOptions {
         previous_subnet: prev,
@@ -222,13 +190,9 @@ async fn reservations_are_reused_kept_without_ttl_and_never_taken() {
     let cfg = with_config(&reg, r#"{"Network":"10.9.0.0/28"}"#).await;
     let key = format!("{PREFIX}/subnets/10.9.0.8-30");
     let mut c = reg.client().clone();
-    c.put(
-        key.as_str(),
-        vxlan_attrs(5, "aa:00:00:00:00:05").to_json(),
-        None,
-    )
-    .await
-    .unwrap();
+    c.put(key.as_str(), vxlan_attrs(5, "aa:00:00:00:00:05").to_json(), None)
+        .await
+        .unwrap();
 
     let m = LeaseManager::new(reg.clone(), short(2, 1)).unwrap();
     let mut taken = HashSet::new();
@@ -242,24 +206,16 @@ async fn reservations_are_reused_kept_without_ttl_and_never_taken() {
         );
     }
     assert!(!taken.contains("10.9.0.8-30"), "{taken:?}");
-    let err = m
-        .acquire(&cfg, &vxlan_attrs(3, "aa:00:00:00:00:03"))
-        .await
-        .unwrap_err();
+    let err = m.acquire(&cfg, &vxlan_attrs(3, "aa:00:00:00:00:03")).await.unwrap_err();
     assert!(matches!(err, ManagerError::NetworkFull { .. }), "{err}");
 
-    let mine = m
-        .acquire(&cfg, &vxlan_attrs(5, "aa:00:00:00:00:55"))
-        .await
-        .unwrap();
+    let mine = m.acquire(&cfg, &vxlan_attrs(5, "aa:00:00:00:00:55")).await.unwrap();
     assert_eq!(mine.key.to_string(), "10.9.0.8-30");
     assert!(mine.is_reservation());
     // Past the (short) lease TTL the reservation is still there, still without a lease,
     // with the attributes of its host's new start.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let (value, lease) = raw_get(&reg, &key)
-        .await
-        .expect("reservation never expires");
+    let (value, lease) = raw_get(&reg, &key).await.expect("reservation never expires");
     assert_eq!(lease, 0);
     assert!(value.contains("aa:00:00:00:00:55"), "{value}");
 }
@@ -278,8 +234,7 @@ async fn fifty_agents_at_once_get_distinct_subnets() {
             let reg = registry(&endpoint, PREFIX).await;
             let m = LeaseManager::new(reg, ManagerOptions::default()).unwrap();
             barrier.wait().await;
-            m.acquire(&cfg, &vxlan_attrs(host, "aa:00:00:00:00:01"))
-                .await
+            m.acquire(&cfg, &vxlan_attrs(host, "aa:00:00:00:00:01")).await
         }));
     }
     let mut keys = HashSet::new();
@@ -305,22 +260,11 @@ async fn fifty_agents_at_once_get_distinct_subnets() {
 async fn full_network_is_a_clear_error() {
     let etcd = Etcd::start();
     let reg = registry(&etcd.endpoint(), PREFIX).await;
-    let cfg = with_config(
-        &reg,
-        r#"{"Network":"10.30.0.0/22","SubnetMin":"10.30.2.0"}"#,
-    )
-    .await;
+    let cfg = with_config(&reg, r#"{"Network":"10.30.0.0/22","SubnetMin":"10.30.2.0"}"#).await;
     let m = LeaseManager::new(reg, ManagerOptions::default()).unwrap();
-    m.acquire(&cfg, &vxlan_attrs(1, "aa:00:00:00:00:01"))
-        .await
-        .unwrap();
-    m.acquire(&cfg, &vxlan_attrs(2, "aa:00:00:00:00:02"))
-        .await
-        .unwrap();
-    let err = m
-        .acquire(&cfg, &vxlan_attrs(3, "aa:00:00:00:00:03"))
-        .await
-        .unwrap_err();
+    m.acquire(&cfg, &vxlan_attrs(1, "aa:00:00:00:00:01")).await.unwrap();
+    m.acquire(&cfg, &vxlan_attrs(2, "aa:00:00:00:00:02")).await.unwrap();
+    let err = m.acquire(&cfg, &vxlan_attrs(3, "aa:00:00:00:00:03")).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "no free /24 subnet left between 10.30.2.0 and 10.30.3.0 (2 leases exist)"
@@ -344,11 +288,7 @@ async fn agent_waits_for_the_config_and_config_cli_validates() {
         .await
         .unwrap_err();
     assert!(format!("{err:#}").contains("SubnetLen"), "{err:#}");
-    assert_eq!(
-        reg.get_config().await.unwrap(),
-        None,
-        "invalid config not stored"
-    );
+    assert_eq!(reg.get_config().await.unwrap(), None, "invalid config not stored");
     // Raw JSON as an admin would type it with etcdctl.
     let typed = r#"{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", "VNI": 4}}"#;
     overlay::cli::config::set(&reg, typed).await.unwrap();
@@ -363,10 +303,7 @@ async fn agent_waits_for_the_config_and_config_cli_validates() {
         serde_json::from_str::<serde_json::Value>(typed).unwrap()
     );
     let effective = overlay::cli::config::get(&reg, true).await.unwrap();
-    assert!(
-        effective.contains("\"SubnetMin\": \"10.5.1.0\""),
-        "{effective}"
-    );
+    assert!(effective.contains("\"SubnetMin\": \"10.5.1.0\""), "{effective}");
 }
 
 #[tokio::test]
@@ -375,10 +312,7 @@ async fn leases_listing_shows_hosts_backend_data_and_ttl() {
     let reg = registry(&etcd.endpoint(), PREFIX).await;
     let cfg = with_config(&reg, r#"{"Network":"10.6.0.0/16"}"#).await;
     let m = LeaseManager::new(reg.clone(), ManagerOptions::default()).unwrap();
-    let l = m
-        .acquire(&cfg, &vxlan_attrs(1, "aa:bb:cc:dd:ee:01"))
-        .await
-        .unwrap();
+    let l = m.acquire(&cfg, &vxlan_attrs(1, "aa:bb:cc:dd:ee:01")).await.unwrap();
     let mut c = reg.client().clone();
     c.put(
         format!("{PREFIX}/subnets/10.6.200.0-24"),
@@ -387,9 +321,7 @@ async fn leases_listing_shows_hosts_backend_data_and_ttl() {
     )
     .await
     .unwrap();
-    c.put(format!("{PREFIX}/subnets/bogus"), "x", None)
-        .await
-        .unwrap();
+    c.put(format!("{PREFIX}/subnets/bogus"), "x", None).await.unwrap();
     let rows = overlay::cli::leases::list(&reg).await.unwrap();
     assert_eq!(rows.len(), 2, "the bogus key is skipped");
     let table = overlay::cli::leases::render_table(&rows);
@@ -400,18 +332,10 @@ async fn leases_listing_shows_hosts_backend_data_and_ttl() {
         .find(|r| r.starts_with(&l.subnet().to_string()))
         .expect("our row");
     assert!(
-        mine.contains("192.168.50.1")
-            && mine.contains("vxlan")
-            && mine.contains("aa:bb:cc:dd:ee:01"),
+        mine.contains("192.168.50.1") && mine.contains("vxlan") && mine.contains("aa:bb:cc:dd:ee:01"),
         "{mine}"
     );
     assert!(mine.contains("23h59m") || mine.contains("24h00m"), "{mine}");
-    let resv = lines
-        .iter()
-        .find(|r| r.starts_with("10.6.200.0/24"))
-        .unwrap();
-    assert!(
-        resv.contains("reservation") && resv.contains("udp"),
-        "{resv}"
-    );
+    let resv = lines.iter().find(|r| r.starts_with("10.6.200.0/24")).unwrap();
+    assert!(resv.contains("reservation") && resv.contains("udp"), "{resv}");
 }

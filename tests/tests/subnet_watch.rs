@@ -4,8 +4,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use overlay::subnet::{
-    Lease, LeaseAttrs, LeaseEvent, LeaseManager, ManagerError, ManagerOptions, NetworkConfig,
-    Registry,
+    Lease, LeaseAttrs, LeaseEvent, LeaseManager, ManagerError, ManagerOptions, NetworkConfig, Registry,
     etcd::EtcdRegistry,
     registry::{LeaseWatch, WatchError},
 };
@@ -56,16 +55,12 @@ async fn start_agent(reg: EtcdRegistry, opts: ManagerOptions) -> Agent {
 
 async fn put(reg: &EtcdRegistry, segment: &str, value: &str) {
     let mut c = reg.client().clone();
-    c.put(format!("{PREFIX}/subnets/{segment}"), value, None)
-        .await
-        .unwrap();
+    c.put(format!("{PREFIX}/subnets/{segment}"), value, None).await.unwrap();
 }
 
 async fn delete(reg: &EtcdRegistry, segment: &str) {
     let mut c = reg.client().clone();
-    c.delete(format!("{PREFIX}/subnets/{segment}"), None)
-        .await
-        .unwrap();
+    c.delete(format!("{PREFIX}/subnets/{segment}"), None).await.unwrap();
 }
 
 impl Agent {
@@ -114,10 +109,7 @@ async fn watch_reports_added_changed_removed() {
     )
     .await;
     let mut a = start_agent(reg.clone(), opts()).await;
-    assert_eq!(
-        a.next().await.clone(),
-        a_added(&reg, "10.244.50.0-24").await
-    );
+    assert_eq!(a.next().await.clone(), a_added(&reg, "10.244.50.0-24").await);
     put(
         &reg,
         "10.244.51.0-24",
@@ -126,9 +118,7 @@ async fn watch_reports_added_changed_removed() {
     .await;
     let e = a.next().await;
     assert_eq!(describe(&e), "added 10.244.51.0-24 192.168.9.51");
-    let LeaseEvent::Added(l) = e else {
-        unreachable!()
-    };
+    let LeaseEvent::Added(l) = e else { unreachable!() };
     assert_eq!(
         l.attrs.backend_data,
         Some(serde_json::json!({"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:51"}))
@@ -139,10 +129,7 @@ async fn watch_reports_added_changed_removed() {
         &flannel_value("192.168.9.51", "c6:d2:32:6f:8f:ff"),
     )
     .await;
-    assert_eq!(
-        describe(&a.next().await),
-        "changed 10.244.51.0-24 192.168.9.51"
-    );
+    assert_eq!(describe(&a.next().await), "changed 10.244.51.0-24 192.168.9.51");
     // The same value again (a flannel host renewing by re-putting): no event.
     put(
         &reg,
@@ -151,10 +138,7 @@ async fn watch_reports_added_changed_removed() {
     )
     .await;
     delete(&reg, "10.244.50.0-24").await;
-    assert_eq!(
-        describe(&a.next().await),
-        "removed 10.244.50.0-24 192.168.9.50"
-    );
+    assert_eq!(describe(&a.next().await), "removed 10.244.50.0-24 192.168.9.50");
     a.quiet(Duration::from_millis(500)).await;
     assert!(!a.run.is_finished());
 }
@@ -266,10 +250,7 @@ async fn resync_after_cut_connection_and_compaction_emits_only_the_difference() 
     let mut a = start_agent(registry(&relay.endpoint(), PREFIX).await, opts()).await;
     assert_eq!(
         a.next_n(2).await,
-        [
-            "added 10.244.80.0-24 192.168.9.80",
-            "added 10.244.81.0-24 192.168.9.81"
-        ]
+        ["added 10.244.80.0-24 192.168.9.80", "added 10.244.81.0-24 192.168.9.81"]
     );
 
     relay.cut();
@@ -296,8 +277,7 @@ async fn resync_after_cut_connection_and_compaction_emits_only_the_difference() 
     assert_eq!(
         a.next_n(3).await,
         [
-            "added 10.244.82.0-24 192.168.9.82",
-            "changed 10.244.81.0-24 192.168.9.81",
+            "added 10.244.82.0-24 192.168.9.82", "changed 10.244.81.0-24 192.168.9.81",
             "removed 10.244.80.0-24 192.168.9.80",
         ]
     );
@@ -309,10 +289,7 @@ async fn resync_after_cut_connection_and_compaction_emits_only_the_difference() 
         &flannel_value("192.168.9.83", "aa:aa:aa:aa:aa:83"),
     )
     .await;
-    assert_eq!(
-        describe(&a.next().await),
-        "added 10.244.83.0-24 192.168.9.83"
-    );
+    assert_eq!(describe(&a.next().await), "added 10.244.83.0-24 192.168.9.83");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,10 +303,7 @@ async fn etcd_restart_mid_watch_misses_and_repeats_nothing() {
     )
     .await;
     let mut a = start_agent(reg.clone(), opts()).await;
-    assert_eq!(
-        describe(&a.next().await),
-        "added 10.244.90.0-24 192.168.9.90"
-    );
+    assert_eq!(describe(&a.next().await), "added 10.244.90.0-24 192.168.9.90");
     tokio::task::block_in_place(|| {
         etcd.stop();
         std::thread::sleep(Duration::from_millis(500));
@@ -345,8 +319,7 @@ async fn etcd_restart_mid_watch_misses_and_repeats_nothing() {
     assert_eq!(
         a.next_n(2).await,
         [
-            "added 10.244.91.0-24 192.168.9.91",
-            "removed 10.244.90.0-24 192.168.9.90"
+            "added 10.244.91.0-24 192.168.9.91", "removed 10.244.90.0-24 192.168.9.90"
         ]
     );
     a.quiet(Duration::from_secs(1)).await;

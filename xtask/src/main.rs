@@ -12,27 +12,17 @@ use clap::{Parser, Subcommand};
 
 /// Debian packages the build, the tests, the demo and the benchmarks use.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    (
-        "rustc-web",
-        "Rust 1.96 with LLVM 22, builds the eBPF programs",
-    ),
+    ("rustc-web", "Rust 1.96 with LLVM 22, builds the eBPF programs"),
     ("cargo-web", "its cargo"),
-    (
-        "libstd-rust-web-dev-bpf",
-        "prebuilt core library for the BPF targets",
-    ),
+    ("libstd-rust-web-dev-bpf", "prebuilt core library for the BPF targets"),
     ("llvm-22-dev", "LLVM that bpf-linker links against"),
-    (
-        "protobuf-compiler",
-        "protoc, for etcd-client's generated code",
-    ),
-    (
-        "libprotobuf-dev",
-        "protobuf's well-known types, for etcd-client",
-    ),
+    ("protobuf-compiler", "protoc, for etcd-client's generated code"),
+    ("libprotobuf-dev", "protobuf's well-known types, for etcd-client"),
     ("iproute2", "ip and bridge: namespaces, links, routes"),
     ("iputils-ping", "ping, in tests and the demo"),
     ("procps", "sysctl, in the test lab"),
+    ("iptables", "masquerading and FORWARD rules of the agent"),
+    ("ethtool", "offload settings in the test lab"),
     ("iperf3", "traffic for the benchmarks"),
     ("etcd-server", "etcd, started by the tests and the demo"),
     ("etcd-client", "etcdctl, for poking at the demo's etcd"),
@@ -118,8 +108,7 @@ fn target_bin(name: &str) -> PathBuf {
 
 fn cargo() -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root())
-        .env("PATH", path_with_tools());
+    cmd.current_dir(workspace_root()).env("PATH", path_with_tools());
     cmd
 }
 
@@ -129,9 +118,7 @@ fn build() -> anyhow::Result<()> {
 
 fn require_root(what: &str) -> anyhow::Result<()> {
     if !nix_is_root() {
-        bail!(
-            "{what} need root (BPF programs, network namespaces): run as root, e.g. `sudo -E cargo xtask ...`"
-        );
+        bail!("{what} need root (BPF programs, network namespaces): run as root, e.g. `sudo -E cargo xtask ...`");
     }
     Ok(())
 }
@@ -144,12 +131,9 @@ fn nix_is_root() -> bool {
 /// Where bpf-linker is installed: `$OVERLAY_TOOLS_DIR` or `~/.cache/overlay-tools`
 /// (overlay-user's build.rs looks in the same place).
 fn tools_dir() -> PathBuf {
-    env::var_os("OVERLAY_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/overlay-tools")
-        })
+    env::var_os("OVERLAY_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/overlay-tools")
+    })
 }
 
 fn path_with_tools() -> std::ffi::OsString {
@@ -159,10 +143,7 @@ fn path_with_tools() -> std::ffi::OsString {
 }
 
 fn setup() -> anyhow::Result<()> {
-    let missing: Vec<&(&str, &str)> = APT_PACKAGES
-        .iter()
-        .filter(|(p, _)| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&(&str, &str)> = APT_PACKAGES.iter().filter(|(p, _)| !dpkg_installed(p)).collect();
     if !missing.is_empty() {
         let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
         eprintln!("setup: installing Debian packages: {}", names.join(" "));
@@ -182,29 +163,25 @@ fn setup() -> anyhow::Result<()> {
     let have_linker = Command::new(&linker)
         .arg("--version")
         .output()
-        .map(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
         .unwrap_or(false);
     if !have_linker {
         eprintln!(
             "setup: installing bpf-linker {BPF_LINKER_VERSION} (built against LLVM 22) into {}",
             tools_dir().display()
         );
-        run(
-            Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args([
-                    "install",
-                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                    "--locked",
-                    "--no-default-features",
-                    "--features",
-                    "llvm-22",
-                    "--root",
-                ])
-                .arg(tools_dir())
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
-        )
+        run(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--root",
+            ])
+            .arg(tools_dir())
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
         .context("building bpf-linker")?;
     }
     Ok(())

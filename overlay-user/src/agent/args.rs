@@ -26,11 +26,7 @@ pub struct AgentArgs {
     #[arg(long = "iface", env = "FLANNELD_IFACE", value_delimiter = ',')]
     pub iface: Vec<String>,
     /// Regex matched against interface names and addresses when --iface gives none.
-    #[arg(
-        long = "iface-regex",
-        env = "FLANNELD_IFACE_REGEX",
-        value_delimiter = ','
-    )]
+    #[arg(long = "iface-regex", env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
     pub iface_regex: Vec<String>,
     /// The address other hosts send tunnel traffic to [default: the interface's address].
     #[arg(long = "public-ip", env = "FLANNELD_PUBLIC_IP")]
@@ -56,18 +52,10 @@ pub struct AgentArgs {
     #[arg(long = "iptables-forward-rules", env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
     pub iptables_forward_rules: bool,
     /// Address for /healthz, /readyz, /metrics.
-    #[arg(
-        long = "healthz-ip",
-        env = "FLANNELD_HEALTHZ_IP",
-        default_value = "0.0.0.0"
-    )]
+    #[arg(long = "healthz-ip", env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: Ipv4Addr,
     /// Port for /healthz, /readyz, /metrics; 0 disables them.
-    #[arg(
-        long = "healthz-port",
-        env = "FLANNELD_HEALTHZ_PORT",
-        default_value_t = 0
-    )]
+    #[arg(long = "healthz-port", env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
     /// Log verbosity as flanneld's glog -v: 0 info, 1+ debug, 3+ trace. RUST_LOG overrides.
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
@@ -121,33 +109,14 @@ mod tests {
     #[test]
     fn go_style_flags_become_long_flags() {
         let args = [
-            "overlay",
-            "agent",
-            "-etcd-endpoints=http://a:2379",
-            "-iface",
-            "eth1",
-            "-v=2",
-            "-v",
-            "3",
-            "--ip-masq",
+            "overlay", "agent", "-etcd-endpoints=http://a:2379", "-iface", "eth1", "-v=2", "-v", "3", "--ip-masq",
             "-ip-masq",
         ]
         .map(String::from);
         let expected = [
-            "overlay",
-            "agent",
-            "--etcd-endpoints=http://a:2379",
-            "--iface",
-            "eth1",
-            "-v=2",
-            "-v",
-            "3",
-            "--ip-masq",
+            "overlay", "agent", "--etcd-endpoints=http://a:2379", "--iface", "eth1", "-v=2", "-v", "3", "--ip-masq",
             "--ip-masq",
         ];
-        assert_eq!(
-            normalize_go_flags(args),
-            expected.map(String::from).to_vec()
-        );
+        assert_eq!(normalize_go_flags(args), expected.map(String::from).to_vec());
     }
 }

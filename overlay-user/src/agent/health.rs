@@ -100,18 +100,11 @@ impl Status {
                 ),
             ] {
                 for unit in ["packets", "bytes"] {
-                    let _ = writeln!(
-                        m,
-                        "# HELP {metric}_{unit}_total {unit} {help}, by wire format."
-                    );
+                    let _ = writeln!(m, "# HELP {metric}_{unit}_total {unit} {help}, by wire format.");
                     let _ = writeln!(m, "# TYPE {metric}_{unit}_total counter");
                     for (idx, format) in which.iter().zip(["udp", "vxlan"]) {
                         let v = c.get(*idx);
-                        let n = if unit == "packets" {
-                            v.packets
-                        } else {
-                            v.bytes
-                        };
+                        let n = if unit == "packets" { v.packets } else { v.bytes };
                         let _ = writeln!(m, "{metric}_{unit}_total{{format=\"{format}\"}} {n}");
                     }
                 }
@@ -121,10 +114,7 @@ impl Status {
                 "# HELP overlay_dropped_packets_total Packets the datapath dropped, by reason."
             );
             let _ = writeln!(m, "# TYPE overlay_dropped_packets_total counter");
-            for idx in CounterIndex::ALL
-                .iter()
-                .filter(|i| i.name().starts_with("drop_"))
-            {
+            for idx in CounterIndex::ALL.iter().filter(|i| i.name().starts_with("drop_")) {
                 let _ = writeln!(
                     m,
                     "overlay_dropped_packets_total{{reason=\"{}\"}} {}",
@@ -140,10 +130,7 @@ impl Status {
 pub type SharedStatus = Arc<Mutex<Status>>;
 
 /// Serve until the task is dropped. Binding errors are returned at once.
-pub async fn serve(
-    addr: SocketAddr,
-    status: SharedStatus,
-) -> std::io::Result<impl std::future::Future<Output = ()>> {
+pub async fn serve(addr: SocketAddr, status: SharedStatus) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz, /readyz, /metrics, /status");
     Ok(async move {
@@ -153,20 +140,28 @@ pub async fn serve(
             };
             let status = status.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
+                // Read the whole request head (up to 4 KiB) before answering: closing on unread
+                // bytes would reset the connection under the client.
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                let head_read = async {
+                    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => return false,
+                            Ok(k) => n += k,
+                        }
+                    }
+                    true
                 };
+                if !matches!(
+                    tokio::time::timeout(std::time::Duration::from_secs(5), head_read).await,
+                    Ok(true)
+                ) {
+                    return;
+                }
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (code, ctype, body) =
-                    respond(path, &status.lock().expect("status lock").clone());
+                let (code, ctype, body) = respond(path, &status.lock().expect("status lock").clone());
                 let head = format!(
                     "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
@@ -183,11 +178,7 @@ fn respond(path: &str, status: &Status) -> (&'static str, &'static str, String) 
         "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
         "/readyz" => match status.ready() {
             Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
-            Err(why) => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("not ready: {why}\n"),
-            ),
+            Err(why) => ("503 Service Unavailable", "text/plain", format!("not ready: {why}\n")),
         },
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", status.metrics()),
         "/status" => ("200 OK", "application/json", status.to_json().to_string()),
@@ -218,14 +209,8 @@ mod tests {
     #[test]
     fn metrics_carry_counters_by_format_and_reason() {
         let mut c = vec![overlay_common::Counter::default(); CounterIndex::COUNT as usize];
-        c[CounterIndex::EncapVxlan as usize] = overlay_common::Counter {
-            packets: 7,
-            bytes: 700,
-        };
-        c[CounterIndex::DropNoPeer as usize] = overlay_common::Counter {
-            packets: 3,
-            bytes: 300,
-        };
+        c[CounterIndex::EncapVxlan as usize] = overlay_common::Counter { packets: 7, bytes: 700 };
+        c[CounterIndex::DropNoPeer as usize] = overlay_common::Counter { packets: 3, bytes: 300 };
         let s = Status {
             counters: Some(Counters(c)),
             ..Default::default()
@@ -239,9 +224,6 @@ mod tests {
             m.contains("overlay_encapsulated_bytes_total{format=\"vxlan\"} 700"),
             "{m}"
         );
-        assert!(
-            m.contains("overlay_dropped_packets_total{reason=\"no_peer\"} 3"),
-            "{m}"
-        );
+        assert!(m.contains("overlay_dropped_packets_total{reason=\"no_peer\"} 3"), "{m}");
     }
 }

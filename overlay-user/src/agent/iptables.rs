@@ -33,12 +33,7 @@ fn iptables(args: &[&str]) -> Result<(), IptablesError> {
 }
 
 /// Create (or empty) `chain` in `table`, fill it with `rules`, and jump to it from `from`.
-fn install_chain(
-    table: &str,
-    chain: &str,
-    from: &str,
-    rules: &[Vec<String>],
-) -> Result<(), IptablesError> {
+fn install_chain(table: &str, chain: &str, from: &str, rules: &[Vec<String>]) -> Result<(), IptablesError> {
     if iptables(&["-t", table, "-N", chain]).is_err() {
         iptables(&["-t", table, "-F", chain])?;
     }
@@ -71,55 +66,17 @@ pub fn install_masquerade(network: Ipv4Network, subnet: Ipv4Network) -> Result<(
     let (n, s) = (network.to_string(), subnet.to_string());
     let rules = [
         rule(&[
-            "-s",
-            &n,
-            "-d",
-            &n,
-            "-m",
-            "comment",
-            "--comment",
-            "overlay: within the network",
-            "-j",
-            "RETURN",
+            "-s", &n, "-d", &n, "-m", "comment", "--comment", "overlay: within the network", "-j", "RETURN",
         ]),
         rule(&[
-            "-s",
-            &n,
-            "!",
-            "-d",
-            "224.0.0.0/4",
-            "-m",
-            "comment",
-            "--comment",
-            "overlay: leaving the network",
-            "-j",
+            "-s", &n, "!", "-d", "224.0.0.0/4", "-m", "comment", "--comment", "overlay: leaving the network", "-j",
             "MASQUERADE",
         ]),
         rule(&[
-            "!",
-            "-s",
-            &n,
-            "-d",
-            &s,
-            "-m",
-            "comment",
-            "--comment",
-            "overlay: to our subnet",
-            "-j",
-            "RETURN",
+            "!", "-s", &n, "-d", &s, "-m", "comment", "--comment", "overlay: to our subnet", "-j", "RETURN",
         ]),
         rule(&[
-            "!",
-            "-s",
-            &n,
-            "-d",
-            &n,
-            "-m",
-            "comment",
-            "--comment",
-            "overlay: to remote subnets",
-            "-j",
-            "MASQUERADE",
+            "!", "-s", &n, "-d", &n, "-m", "comment", "--comment", "overlay: to remote subnets", "-j", "MASQUERADE",
         ]),
     ];
     install_chain("nat", NAT_CHAIN, "POSTROUTING", &rules)?;
@@ -132,24 +89,10 @@ pub fn install_forward(network: Ipv4Network) -> Result<(), IptablesError> {
     let n = network.to_string();
     let rules = [
         rule(&[
-            "-s",
-            &n,
-            "-m",
-            "comment",
-            "--comment",
-            "overlay: from the network",
-            "-j",
-            "ACCEPT",
+            "-s", &n, "-m", "comment", "--comment", "overlay: from the network", "-j", "ACCEPT",
         ]),
         rule(&[
-            "-d",
-            &n,
-            "-m",
-            "comment",
-            "--comment",
-            "overlay: to the network",
-            "-j",
-            "ACCEPT",
+            "-d", &n, "-m", "comment", "--comment", "overlay: to the network", "-j", "ACCEPT",
         ]),
     ];
     install_chain("filter", FWD_CHAIN, "FORWARD", &rules)?;

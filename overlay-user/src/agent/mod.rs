@@ -27,11 +27,12 @@ use crate::{
         ebpf::{EbpfBackend, EbpfOptions},
         host_gw::HostGw,
         kernel_vxlan::KernelVxlan,
+        userspace_udp::UserspaceUdp,
     },
     datapath::{Datapath, Format, netdev},
     subnet::{
-        self, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig,
-        config::Backend as BackendConfig, etcd::EtcdRegistry,
+        self, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig, config::Backend as BackendConfig,
+        etcd::EtcdRegistry,
     },
 };
 
@@ -70,20 +71,19 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         tokio::spawn(server);
     }
 
-    let registry = EtcdRegistry::connect(&args.etcd)
-        .await
-        .context("connecting to etcd")?;
-    let (previous_subnet, previous_ipv6_subnet) =
-        subnet::file::read_previous_subnets(&args.subnet_file);
+    let registry = EtcdRegistry::connect(&args.etcd).await.context("connecting to etcd")?;
+    let (previous_subnet, previous_ipv6_subnet) = subnet::file::read_previous_subnets(&args.subnet_file);
     let lease_ttl = Duration::from_secs(args.lease_ttl_secs);
     let mut renew_margin = Duration::from_secs(args.renew_margin_minutes * 60);
     if renew_margin >= lease_ttl {
         // Only with the test-only short TTLs: keep flannel's proportions.
         renew_margin = lease_ttl / 3;
     }
+    let reconnects = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let manager = Arc::new(LeaseManager::new(
         registry,
         ManagerOptions {
+            reconnects: reconnects.clone(),
             lease_ttl,
             renew_margin,
             previous_subnet,
@@ -107,10 +107,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(backend = %backend.describe(), %network, "network config read");
 
     let attrs = backend.lease_attrs();
-    let lease = manager
-        .acquire(&config, &attrs)
-        .await
-        .context("leasing a subnet")?;
+    let lease = manager.acquire(&config, &attrs).await.context("leasing a subnet")?;
     let mut own_subnet = lease.subnet();
     tracing::info!(subnet = %own_subnet, "subnet leased");
     {
@@ -192,6 +189,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                 publish(&mut *backend, &desired, &status);
             }
             _ = tick.tick() => {
+                status.lock().expect("status").etcd_reconnects = reconnects.load(std::sync::atomic::Ordering::Relaxed);
                 if dirty {
                     dirty = !reconcile(&mut *backend, &desired);
                 }
@@ -210,9 +208,10 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     };
     lease_task.abort();
     notify::notify("STOPPING=1");
-    tracing::info!(
-        "stopping; the datapath stays for the next start (`overlay agent --cleanup` removes it)"
-    );
+    tracing::info!("stopping; the datapath stays for the next start (`overlay agent --cleanup` removes it)");
+    if let Some(c) = backend.counters() {
+        println!("{}", serde_json::json!({ "counters": c.to_json() }));
+    }
     drop(backend);
     result
 }
@@ -237,14 +236,8 @@ fn activate(
     if args.ip_masq {
         iptables::install_masquerade(network, subnet)?;
     }
-    subnet::file::write_subnet_file(
-        &args.subnet_file,
-        config,
-        &lease.key,
-        backend.mtu(),
-        args.ip_masq,
-    )
-    .with_context(|| format!("writing {}", args.subnet_file.display()))?;
+    subnet::file::write_subnet_file(&args.subnet_file, config, &lease.key, backend.mtu(), args.ip_masq)
+        .with_context(|| format!("writing {}", args.subnet_file.display()))?;
     tracing::info!(file = %args.subnet_file.display(), mtu = backend.mtu(), "subnet file written");
     let mut s = status.lock().expect("status");
     s.subnet_file_written = true;
@@ -276,11 +269,7 @@ fn reconcile(backend: &mut dyn Backend, desired: &BTreeMap<Ipv4Network, PeerLeas
     clean
 }
 
-fn publish(
-    backend: &mut dyn Backend,
-    desired: &BTreeMap<Ipv4Network, PeerLease>,
-    status: &health::SharedStatus,
-) {
+fn publish(backend: &mut dyn Backend, desired: &BTreeMap<Ipv4Network, PeerLease>, status: &health::SharedStatus) {
     let counters = backend.counters();
     let programmed = backend.peers();
     let mut s = status.lock().expect("status");
@@ -327,12 +316,7 @@ fn make_backend(
             };
             let kernel = || -> anyhow::Result<Box<dyn Backend>> {
                 Ok(Box::new(KernelVxlan::new(
-                    KERNEL_VXLAN_DEVICE,
-                    iface,
-                    public_ip,
-                    *vni,
-                    port,
-                    *mtu,
+                    KERNEL_VXLAN_DEVICE, iface, public_ip, *vni, port, *mtu,
                 )?))
             };
             match args.datapath {
@@ -349,11 +333,7 @@ fn make_backend(
             }
         }
         BackendConfig::Udp { port } => {
-            let port = if *port == 0 {
-                Format::Udp.default_port()
-            } else {
-                *port
-            };
+            let port = if *port == 0 { Format::Udp.default_port() } else { *port };
             match args.datapath {
                 DatapathChoice::Kernel => udp_fallback(iface, public_ip, port),
                 DatapathChoice::Ebpf => Ok(Box::new(ebpf(Format::Udp, port, 0, 0)?)),
@@ -370,12 +350,13 @@ fn make_backend(
     }
 }
 
-fn udp_fallback(
-    _iface: &str,
-    _public_ip: Ipv4Addr,
-    _port: u16,
-) -> anyhow::Result<Box<dyn Backend>> {
-    bail!("the userspace udp forwarder is not available in this build")
+fn udp_fallback(iface: &str, public_ip: Ipv4Addr, port: u16) -> anyhow::Result<Box<dyn Backend>> {
+    let bind_ip = interface_addresses()?
+        .into_iter()
+        .find(|(n, _)| n == iface)
+        .map(|(_, a)| a)
+        .unwrap_or(public_ip);
+    Ok(Box::new(UserspaceUdp::new(iface, public_ip, bind_ip, port)?))
 }
 
 /// `--iface` (names or addresses, first that exists), else `--iface-regex`, else the
@@ -413,20 +394,18 @@ fn pick_interface(args: &AgentArgs) -> anyhow::Result<(String, Ipv4Addr)> {
             }
         }
         if chosen.is_none() {
-            bail!(
-                "no interface matches --iface-regex {}",
-                args.iface_regex.join(",")
-            );
+            bail!("no interface matches --iface-regex {}", args.iface_regex.join(","));
         }
     } else {
         let out = netdev::ip(&["-j", "-4", "route", "show", "default"])?;
-        let routes: serde_json::Value =
-            serde_json::from_str(&out).context("reading the default route")?;
+        let routes: serde_json::Value = serde_json::from_str(&out).context("reading the default route")?;
         let dev = routes
             .as_array()
             .and_then(|r| r.first())
             .and_then(|r| r["dev"].as_str())
-            .context("no default route: pass --iface (or --iface-regex) to name the interface for inter-host traffic")?;
+            .context(
+                "no default route: pass --iface (or --iface-regex) to name the interface for inter-host traffic",
+            )?;
         chosen = addrs.iter().find(|(n, _)| n == dev).cloned();
         if chosen.is_none() {
             bail!("the default route's interface {dev} has no IPv4 address: pass --iface");
@@ -439,8 +418,7 @@ fn pick_interface(args: &AgentArgs) -> anyhow::Result<(String, Ipv4Addr)> {
 /// (interface, first IPv4 address) for every interface that has one.
 fn interface_addresses() -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
     let out = netdev::ip(&["-j", "-4", "addr", "show"])?;
-    let links: serde_json::Value =
-        serde_json::from_str(&out).context("reading interface addresses")?;
+    let links: serde_json::Value = serde_json::from_str(&out).context("reading interface addresses")?;
     let mut v = Vec::new();
     for link in links.as_array().into_iter().flatten() {
         let Some(name) = link["ifname"].as_str() else {
@@ -467,15 +445,16 @@ fn cleanup(args: &AgentArgs) -> anyhow::Result<()> {
     } else if netdev::link_exists(&args.overlay_device) {
         netdev::delete_link(&args.overlay_device)?;
     }
-    if netdev::link_exists(KERNEL_VXLAN_DEVICE) {
-        netdev::delete_link(KERNEL_VXLAN_DEVICE)?;
+    for device in [KERNEL_VXLAN_DEVICE, crate::backend::userspace_udp::DEVICE] {
+        if netdev::link_exists(device) {
+            netdev::delete_link(device)?;
+        }
     }
     let _ = netdev::ip(&["route", "flush", "proto", crate::backend::ROUTE_PROTO]);
     iptables::remove_masquerade();
     iptables::remove_forward();
     if args.subnet_file.exists() {
-        std::fs::remove_file(&args.subnet_file)
-            .with_context(|| format!("removing {}", args.subnet_file.display()))?;
+        std::fs::remove_file(&args.subnet_file).with_context(|| format!("removing {}", args.subnet_file.display()))?;
     }
     tracing::info!("removed everything the agent installed");
     Ok(())

@@ -6,9 +6,7 @@ use serde_json::json;
 
 use super::{Backend, BackendError, PeerLease};
 use crate::{
-    datapath::{
-        Counters, Datapath, DatapathSpec, Format, MacAddr, PeerEntry, Programs, XdpAttach, netdev,
-    },
+    datapath::{Counters, Datapath, DatapathSpec, Format, MacAddr, PeerEntry, Programs, XdpAttach, netdev},
     subnet::LeaseAttrs,
 };
 
@@ -36,8 +34,7 @@ impl EbpfBackend {
     /// Check that the programs load here (so the agent can fall back before it leases), and
     /// create the overlay device, whose MAC our lease publishes.
     pub fn new(opts: EbpfOptions) -> Result<Self, BackendError> {
-        Programs::load()
-            .map_err(|e| BackendError::Unavailable(format!("eBPF programs do not load: {e}")))?;
+        Programs::load().map_err(|e| BackendError::Unavailable(format!("eBPF programs do not load: {e}")))?;
         let underlay = netdev::link_info(&opts.underlay)?;
         let device = netdev::create_overlay_device(&opts.device, None)?;
         let vtep_mac = device.mac.unwrap_or_default();

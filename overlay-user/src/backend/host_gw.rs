@@ -35,11 +35,7 @@ impl Backend for HostGw {
         self.mtu
     }
 
-    fn activate(
-        &mut self,
-        _subnet: Ipv4Network,
-        _network: Ipv4Network,
-    ) -> Result<(), BackendError> {
+    fn activate(&mut self, _subnet: Ipv4Network, _network: Ipv4Network) -> Result<(), BackendError> {
         netdev::sysctl_set("net/ipv4/ip_forward", "1")?;
         Ok(())
     }

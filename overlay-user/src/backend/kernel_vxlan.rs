@@ -30,11 +30,7 @@ impl KernelVxlan {
         mtu: u32,
     ) -> Result<Self, BackendError> {
         let link = netdev::link_info(underlay)?;
-        let mtu = if mtu > 0 {
-            mtu
-        } else {
-            link.mtu.saturating_sub(50)
-        };
+        let mtu = if mtu > 0 { mtu } else { link.mtu.saturating_sub(50) };
         if !netdev::link_exists(device) {
             netdev::ip(&[
                 "link",
@@ -104,15 +100,7 @@ impl Backend for KernelVxlan {
             remove_fdb(&self.device, &old);
         }
         netdev::ip(&[
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            &mac,
-            "dev",
-            &self.device,
-            "nud",
-            "permanent",
+            "neigh", "replace", &gw, "lladdr", &mac, "dev", &self.device, "nud", "permanent",
         ])?;
         netdev::bridge(&[
             "fdb",
@@ -144,13 +132,7 @@ impl Backend for KernelVxlan {
     fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
         if let Some(old) = self.peers.remove(&subnet) {
             let _ = netdev::ip(&["route", "del", &subnet.to_string(), "dev", &self.device]);
-            let _ = netdev::ip(&[
-                "neigh",
-                "del",
-                &subnet.network().to_string(),
-                "dev",
-                &self.device,
-            ]);
+            let _ = netdev::ip(&["neigh", "del", &subnet.network().to_string(), "dev", &self.device]);
             remove_fdb(&self.device, &old);
         }
         Ok(())

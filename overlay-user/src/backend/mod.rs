@@ -3,14 +3,15 @@
 //!
 //! - [`ebpf`]: our eBPF datapath, vxlan or udp wire format (the default).
 //! - [`kernel_vxlan`]: the kernel vxlan device as flannel programs it (fallback, baseline).
-//! - [`tun_udp`]: flannel's udp design, a TUN device and a userspace forwarder (fallback,
-//!   baseline).
+//! - [`tun_udp`] + [`userspace_udp`]: flannel's udp design, a TUN device and a userspace
+//!   forwarder (fallback, baseline).
 //! - [`host_gw`]: plain routes via each peer's PublicIP.
 
 pub mod ebpf;
 pub mod host_gw;
 pub mod kernel_vxlan;
 pub mod tun_udp;
+pub mod userspace_udp;
 
 use std::net::Ipv4Addr;
 
@@ -58,9 +59,7 @@ impl PeerLease {
             attrs.backend_type.as_str()
         };
         if lease_type != backend_type {
-            return Err(format!(
-                "its backend is {lease_type:?}, ours is {backend_type:?}"
-            ));
+            return Err(format!("its backend is {lease_type:?}, ours is {backend_type:?}"));
         }
         let vtep_mac = match (&attrs.backend_data, backend_type) {
             (Some(data), "vxlan") => {

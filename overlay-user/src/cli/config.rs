@@ -40,16 +40,11 @@ pub enum ConfigCommand {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         match args.command {
             ConfigCommand::Get { etcd, effective } => {
-                print!(
-                    "{}",
-                    get(&EtcdRegistry::connect(&etcd).await?, effective).await?
-                );
+                print!("{}", get(&EtcdRegistry::connect(&etcd).await?, effective).await?);
                 Ok(())
             }
             ConfigCommand::Set { etcd, json, file } => {
@@ -62,8 +57,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                             .context("reading the config from standard input")?;
                         s
                     }
-                    (None, Some(p)) => std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading {}", p.display()))?,
+                    (None, Some(p)) => {
+                        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?
+                    }
                     (None, None) => bail!("give the config JSON or --file"),
                 };
                 let reg = EtcdRegistry::connect(&etcd).await?;
@@ -84,8 +80,7 @@ pub async fn get(reg: &impl Registry, effective: bool) -> anyhow::Result<String>
         .await?
         .with_context(|| format!("no network config at {key}"))?;
     if effective {
-        let cfg =
-            NetworkConfig::parse(&raw).with_context(|| format!("config at {key} is invalid"))?;
+        let cfg = NetworkConfig::parse(&raw).with_context(|| format!("config at {key} is invalid"))?;
         return Ok(format!("{:#}\n", cfg.to_effective_json()));
     }
     Ok(match serde_json::from_str::<serde_json::Value>(&raw) {

@@ -66,10 +66,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let format = Format::from(args.backend);
     if args.vni > 0x00ff_ffff {
-        anyhow::bail!(
-            "--vni {} is out of range: a VNI has 24 bits (max 16777215)",
-            args.vni
-        );
+        anyhow::bail!("--vni {} is out of range: a VNI has 24 bits (max 16777215)", args.vni);
     }
     let network = match args.network {
         Some(n) => n,

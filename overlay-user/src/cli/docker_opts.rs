@@ -17,11 +17,7 @@ pub struct Args {
     #[arg(short = 'f', value_name = "FLANNEL-ENV-FILE", default_value = DEFAULT_SUBNET_FILE)]
     pub flannel_env: PathBuf,
     /// Path of the Docker env file to write.
-    #[arg(
-        short = 'd',
-        value_name = "DOCKER-ENV-FILE",
-        default_value = "/run/docker_opts.env"
-    )]
+    #[arg(short = 'd', value_name = "DOCKER-ENV-FILE", default_value = "/run/docker_opts.env")]
     pub docker_env: PathBuf,
     /// Output each Docker option as an individual variable, e.g. DOCKER_OPT_MTU=1500.
     #[arg(short = 'i')]
@@ -33,11 +29,7 @@ pub struct Args {
     #[arg(short = 'm')]
     pub no_ip_masq: bool,
     /// Name of the combined options variable.
-    #[arg(
-        short = 'k',
-        value_name = "COMBINED-KEY",
-        default_value = "DOCKER_OPTS"
-    )]
+    #[arg(short = 'k', value_name = "COMBINED-KEY", default_value = "DOCKER_OPTS")]
     pub combined_key: String,
 }
 
@@ -58,9 +50,7 @@ pub fn generate(
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let mut vars: BTreeMap<String, String> = env
         .into_iter()
-        .filter(|(k, _)| {
-            k.starts_with("FLANNEL_") || k.starts_with("DOCKER_OPT_") || *k == args.combined_key
-        })
+        .filter(|(k, _)| k.starts_with("FLANNEL_") || k.starts_with("DOCKER_OPT_") || *k == args.combined_key)
         .collect();
     // A missing subnet file is not an error for the script either.
     if args.flannel_env.is_file() {
@@ -95,22 +85,15 @@ fn check_routes(flannel_subnet: &str) -> anyhow::Result<()> {
 
 fn gateway_route_to(table: &str, net: Ipv4Network) -> Option<String> {
     const RTF_GATEWAY: u32 = 0x2;
-    let hex = |s: &str| {
-        u32::from_str_radix(s, 16)
-            .ok()
-            .map(|v| Ipv4Addr::from(v.swap_bytes()))
-    };
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok().map(|v| Ipv4Addr::from(v.swap_bytes()));
     for line in table.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 8 {
             continue;
         }
-        let (Some(dst), Some(gw), Ok(flags), Some(mask)) = (
-            hex(f[1]),
-            hex(f[2]),
-            u32::from_str_radix(f[3], 16),
-            hex(f[7]),
-        ) else {
+        let (Some(dst), Some(gw), Ok(flags), Some(mask)) =
+            (hex(f[1]), hex(f[2]), u32::from_str_radix(f[3], 16), hex(f[7]))
+        else {
             continue;
         };
         if flags & RTF_GATEWAY != 0 && dst == net.network() && mask == net.mask() {
@@ -137,9 +120,6 @@ mod tests {
             None,
             "no gateway"
         );
-        assert_eq!(
-            gateway_route_to(table, "10.1.9.0/24".parse().unwrap()),
-            None
-        );
+        assert_eq!(gateway_route_to(table, "10.1.9.0/24".parse().unwrap()), None);
     }
 }

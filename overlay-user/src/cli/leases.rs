@@ -17,9 +17,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let reg = EtcdRegistry::connect(&args.etcd).await?;
         let leases = list(&reg).await?;
@@ -82,22 +80,11 @@ pub fn render_table(leases: &[(Lease, Ttl)]) -> String {
                     l.attrs.backend_type.clone()
                 },
                 ttl_text(*ttl),
-                l.attrs
-                    .backend_data
-                    .as_ref()
-                    .map_or("-".into(), |d| d.to_string()),
+                l.attrs.backend_data.as_ref().map_or("-".into(), |d| d.to_string()),
             ]
         })
         .collect();
-    let header = [
-        "SUBNET",
-        "IPV6 SUBNET",
-        "PUBLIC IP",
-        "BACKEND",
-        "TTL",
-        "BACKEND DATA",
-    ]
-    .map(String::from);
+    let header = ["SUBNET", "IPV6 SUBNET", "PUBLIC IP", "BACKEND", "TTL", "BACKEND DATA"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -106,11 +93,7 @@ pub fn render_table(leases: &[(Lease, Ttl)]) -> String {
     }
     let mut out = String::new();
     for r in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out += line.join("  ").trim_end();
         out.push('\n');
     }

@@ -10,11 +10,7 @@ use anyhow::{Context as _, bail};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The agent's --healthz-ip (0.0.0.0 means ask on loopback).
-    #[arg(
-        long = "healthz-ip",
-        env = "FLANNELD_HEALTHZ_IP",
-        default_value = "127.0.0.1"
-    )]
+    #[arg(long = "healthz-ip", env = "FLANNELD_HEALTHZ_IP", default_value = "127.0.0.1")]
     pub healthz_ip: Ipv4Addr,
     /// The agent's --healthz-port.
     #[arg(long = "healthz-port", env = "FLANNELD_HEALTHZ_PORT")]
@@ -31,11 +27,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.healthz_ip
     };
     let addr = SocketAddr::from((ip, args.healthz_port));
-    let body = http_get(addr, "/status").with_context(|| {
-        format!("asking the agent at {addr} (is it running with --healthz-port?)")
-    })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&body).context("the agent's /status is not JSON")?;
+    let body = http_get(addr, "/status")
+        .with_context(|| format!("asking the agent at {addr} (is it running with --healthz-port?)"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("the agent's /status is not JSON")?;
     if args.json {
         println!("{v}");
         return Ok(());
@@ -65,14 +59,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(c) = v["counters"].as_object() {
         println!("counters:");
-        for (name, c) in c
-            .iter()
-            .filter(|(_, c)| c["packets"].as_u64().unwrap_or(0) > 0)
-        {
-            println!(
-                "  {name:<22} {:>12} packets {:>15} bytes",
-                c["packets"], c["bytes"]
-            );
+        for (name, c) in c.iter().filter(|(_, c)| c["packets"].as_u64().unwrap_or(0) > 0) {
+            println!("  {name:<22} {:>12} packets {:>15} bytes", c["packets"], c["bytes"]);
         }
     }
     Ok(())
@@ -82,15 +70,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    // One write: a request split over segments could be answered (and closed) half-read.
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP answer")?;
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
     let code = head.split_whitespace().nth(1).unwrap_or("");
     if code != "200" {
         bail!("{path} answered {}", head.lines().next().unwrap_or(""));

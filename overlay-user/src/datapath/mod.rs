@@ -28,8 +28,8 @@ use aya::{
 use ipnetwork::Ipv4Network;
 pub use overlay_common::Format;
 use overlay_common::{
-    Counter, CounterIndex, DatapathConfig, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP,
-    PROG_DECAP, PROG_ENCAP, Peer, PeerSubnet,
+    Counter, CounterIndex, DatapathConfig, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_DECAP,
+    PROG_ENCAP, Peer, PeerSubnet,
 };
 
 /// The compiled programs, embedded at build time (see build.rs).
@@ -246,8 +246,7 @@ impl Programs {
                 name: MAP_PEERS,
                 source,
             })?;
-        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> =
-            typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
+        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> = typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
         ips.insert(peer.public_ip.octets(), by_ip, 0)
             .map_err(|source| DatapathError::Map {
                 name: MAP_PEERS_BY_IP,
@@ -267,8 +266,7 @@ impl Programs {
                 });
             }
         }
-        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> =
-            typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
+        let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> = typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
         match ips.remove(&peer.public_ip.octets()) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(DatapathError::Map {
@@ -287,8 +285,7 @@ impl Programs {
                 name: MAP_PEERS,
                 source,
             })?;
-            let Ok(subnet) = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
-            else {
+            let Ok(subnet) = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
                 continue;
             };
             let mac = MacAddr(peer.vtep_mac);
@@ -333,8 +330,7 @@ where
         name,
         source: ProgramError::NotLoaded,
     })?;
-    p.try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+    p.try_into().map_err(|source| DatapathError::Program { name, source })
 }
 
 fn typed_map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -384,8 +380,7 @@ pub struct DatapathSpec {
 impl DatapathSpec {
     /// The MTU the overlay device gets: `mtu`, or the underlay's minus the format's overhead.
     pub fn effective_mtu(&self, underlay_mtu: u32) -> u32 {
-        self.mtu
-            .unwrap_or(underlay_mtu.saturating_sub(self.format.overhead()))
+        self.mtu.unwrap_or(underlay_mtu.saturating_sub(self.format.overhead()))
     }
 }
 
@@ -417,9 +412,7 @@ impl Datapath {
     /// their peers and counters and the links get the new programs atomically, so traffic
     /// never stops.
     pub fn attach(spec: DatapathSpec) -> Result<Self, DatapathError> {
-        if !spec.network.contains(spec.subnet.network())
-            || spec.subnet.prefix() < spec.network.prefix()
-        {
+        if !spec.network.contains(spec.subnet.network()) || spec.subnet.prefix() < spec.network.prefix() {
             return Err(DatapathError::Config(format!(
                 "subnet {} is not inside network {}",
                 spec.subnet, spec.network
@@ -707,9 +700,8 @@ impl Datapath {
         for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
             let path = pin_dir.join(name);
             if path.exists() {
-                std::fs::remove_file(&path).map_err(|e| {
-                    DatapathError::Config(format!("removing {}: {e}", path.display()))
-                })?;
+                std::fs::remove_file(&path)
+                    .map_err(|e| DatapathError::Config(format!("removing {}: {e}", path.display())))?;
             }
         }
         if netdev::link_exists(overlay_device) {
@@ -753,8 +745,7 @@ fn adopt_link(path: &Path, update: impl FnOnce(FdLink) -> Result<(), String>) ->
 }
 
 fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), DatapathError> {
-    let link =
-        link.map_err(|e| DatapathError::Config(format!("link for {}: {e}", path.display())))?;
+    let link = link.map_err(|e| DatapathError::Config(format!("link for {}: {e}", path.display())))?;
     link.pin(path)
         .map(drop)
         .map_err(|e| DatapathError::Config(format!("pinning {}: {e}", path.display())))
@@ -766,21 +757,15 @@ mod tests {
 
     #[test]
     fn peer_flag_parses_and_rejects() {
-        let p: PeerEntry = "10.244.2.0/24=192.168.1.2,aa:bb:cc:dd:ee:0f"
-            .parse()
-            .unwrap();
+        let p: PeerEntry = "10.244.2.0/24=192.168.1.2,aa:bb:cc:dd:ee:0f".parse().unwrap();
         assert_eq!(p.subnet.to_string(), "10.244.2.0/24");
         assert_eq!(p.public_ip, Ipv4Addr::new(192, 168, 1, 2));
         assert_eq!(p.vtep_mac.unwrap().to_string(), "aa:bb:cc:dd:ee:0f");
         let p: PeerEntry = "10.244.2.0/24=192.168.1.2".parse().unwrap();
         assert_eq!(p.vtep_mac, None);
         for bad in [
-            "10.244.2.0/24",
-            "10.244.2.1/24=1.2.3.4",
-            "10.244.2.0/33=1.2.3.4",
-            "10.244.2.0/24=1.2.3",
-            "10.244.2.0/24=1.2.3.4,aa:bb",
-            "10.244.2.0/24=1.2.3.4,aa:bb:cc:dd:ee:zz",
+            "10.244.2.0/24", "10.244.2.1/24=1.2.3.4", "10.244.2.0/33=1.2.3.4", "10.244.2.0/24=1.2.3",
+            "10.244.2.0/24=1.2.3.4,aa:bb", "10.244.2.0/24=1.2.3.4,aa:bb:cc:dd:ee:zz",
         ] {
             let err = bad.parse::<PeerEntry>().unwrap_err();
             assert!(err.contains(bad), "{bad}: {err}");

@@ -68,13 +68,10 @@ pub fn link_info(name: &str) -> Result<LinkInfo, DatapathError> {
         name: name.to_string(),
         reason: format!("unreadable `ip -j link` output: {e}"),
     })?;
-    let l = links
-        .into_iter()
-        .next()
-        .ok_or_else(|| DatapathError::Interface {
-            name: name.to_string(),
-            reason: "no such interface".into(),
-        })?;
+    let l = links.into_iter().next().ok_or_else(|| DatapathError::Interface {
+        name: name.to_string(),
+        reason: "no such interface".into(),
+    })?;
     Ok(LinkInfo {
         name: l.ifname,
         ifindex: l.ifindex,
@@ -119,11 +116,7 @@ pub fn create_overlay_device(name: &str, mac: Option<MacAddr>) -> Result<LinkInf
 }
 
 /// MTU, address and state of the overlay device.
-pub fn configure_overlay_device(
-    name: &str,
-    mtu: u32,
-    addr: Ipv4Addr,
-) -> Result<LinkInfo, DatapathError> {
+pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<LinkInfo, DatapathError> {
     // No neighbour resolution on this device: every packet goes to our program, which resolves
     // the outer next hop itself.
     ip(&["link", "set", "dev", name, "arp", "off"])?;
@@ -138,9 +131,8 @@ pub fn configure_overlay_device(
 /// namespace started with `ip netns exec` sees a fresh /sys without /sys/fs/bpf mounted.
 pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), DatapathError> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    std::fs::create_dir_all(dir).map_err(|e| {
-        DatapathError::Config(format!("creating pin directory {}: {e}", dir.display()))
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DatapathError::Config(format!("creating pin directory {}: {e}", dir.display())))?;
     let is_bpffs = nix::sys::statfs::statfs(dir)
         .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
         .unwrap_or(false);

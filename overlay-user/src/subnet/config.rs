@@ -64,17 +64,13 @@ pub struct Ipv6Pool {
 impl Ipv4Pool {
     /// flannel's `isSubnetConfigCompat`: a lease may be kept if it has our length and lies in range.
     pub fn fits(&self, subnet: Ipv4Network) -> bool {
-        subnet.prefix() == self.subnet_len
-            && subnet.network() >= self.subnet_min
-            && subnet.network() <= self.subnet_max
+        subnet.prefix() == self.subnet_len && subnet.network() >= self.subnet_min && subnet.network() <= self.subnet_max
     }
 }
 
 impl Ipv6Pool {
     pub fn fits(&self, subnet: Ipv6Network) -> bool {
-        subnet.prefix() == self.subnet_len
-            && subnet.network() >= self.subnet_min
-            && subnet.network() <= self.subnet_max
+        subnet.prefix() == self.subnet_len && subnet.network() >= self.subnet_min && subnet.network() <= self.subnet_max
     }
 }
 
@@ -195,48 +191,23 @@ impl<'a> Fields<'a> {
 
 fn is_canonical(key: &str) -> bool {
     const KNOWN: &[&str] = &[
-        "EnableIPv4",
-        "EnableIPv6",
-        "EnableNFTables",
-        "Network",
-        "IPv6Network",
-        "SubnetLen",
-        "SubnetMin",
-        "SubnetMax",
-        "IPv6SubnetLen",
-        "IPv6SubnetMin",
-        "IPv6SubnetMax",
-        "Backend",
-        "Type",
-        "VNI",
-        "Port",
-        "GBP",
-        "Learning",
-        "DirectRouting",
-        "MTU",
+        "EnableIPv4", "EnableIPv6", "EnableNFTables", "Network", "IPv6Network", "SubnetLen", "SubnetMin", "SubnetMax",
+        "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "Backend", "Type", "VNI", "Port", "GBP", "Learning",
+        "DirectRouting", "MTU",
     ];
     KNOWN.contains(&key)
 }
 
 fn parse_v4_net(field: &str, s: &str) -> Result<Ipv4Network, ConfigError> {
     // Go's net.ParseCIDR: a prefix length is required and host bits are masked off.
-    let (_, len) = s.split_once('/').ok_or_else(|| {
-        ConfigError::field(
-            field,
-            format!("{s:?} is not an IPv4 CIDR (like 10.244.0.0/16)"),
-        )
-    })?;
-    let net: Ipv4Network = s.parse().map_err(|_| {
-        ConfigError::field(
-            field,
-            format!("{s:?} is not an IPv4 CIDR (like 10.244.0.0/16)"),
-        )
-    })?;
+    let (_, len) = s
+        .split_once('/')
+        .ok_or_else(|| ConfigError::field(field, format!("{s:?} is not an IPv4 CIDR (like 10.244.0.0/16)")))?;
+    let net: Ipv4Network = s
+        .parse()
+        .map_err(|_| ConfigError::field(field, format!("{s:?} is not an IPv4 CIDR (like 10.244.0.0/16)")))?;
     if len.is_empty() {
-        return Err(ConfigError::field(
-            field,
-            format!("{s:?} has no prefix length"),
-        ));
+        return Err(ConfigError::field(field, format!("{s:?} has no prefix length")));
     }
     Ok(Ipv4Network::new(net.network(), net.prefix()).expect("prefix already checked"))
 }
@@ -254,9 +225,9 @@ fn parse_v4_addr(fields: &Fields, field: &str) -> Result<Option<Ipv4Addr>, Confi
     let Some(s) = fields.string(field)? else {
         return Ok(None);
     };
-    let addr: Ipv4Addr = s.parse().map_err(|_| {
-        ConfigError::field(&fields.name(field), format!("{s:?} is not an IPv4 address"))
-    })?;
+    let addr: Ipv4Addr = s
+        .parse()
+        .map_err(|_| ConfigError::field(&fields.name(field), format!("{s:?} is not an IPv4 address")))?;
     // flannel treats 0.0.0.0 as "not set".
     Ok((!addr.is_unspecified()).then_some(addr))
 }
@@ -265,17 +236,16 @@ fn parse_v6_addr(fields: &Fields, field: &str) -> Result<Option<Ipv6Addr>, Confi
     let Some(s) = fields.string(field)? else {
         return Ok(None);
     };
-    let addr: Ipv6Addr = s.parse().map_err(|_| {
-        ConfigError::field(&fields.name(field), format!("{s:?} is not an IPv6 address"))
-    })?;
+    let addr: Ipv6Addr = s
+        .parse()
+        .map_err(|_| ConfigError::field(&fields.name(field), format!("{s:?} is not an IPv6 address")))?;
     Ok((!addr.is_unspecified()).then_some(addr))
 }
 
 impl NetworkConfig {
     /// Parse the JSON stored at `<prefix>/config`, fill defaults and validate.
     pub fn parse(json: &str) -> Result<Self, ConfigError> {
-        let value: Value =
-            serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let value: Value = serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
         let map = match &value {
             Value::Object(m) => m,
             Value::Null => return Err(ConfigError::NotAnObject("null")),
@@ -290,22 +260,11 @@ impl NetworkConfig {
         let enable_ipv6 = f.bool("EnableIPv6", false)?;
         let enable_nftables = f.bool("EnableNFTables", false)?;
         if !enable_ipv4 && !enable_ipv6 {
-            return Err(ConfigError::field(
-                "EnableIPv4",
-                "neither IPv4 nor IPv6 is enabled",
-            ));
+            return Err(ConfigError::field("EnableIPv4", "neither IPv4 nor IPv6 is enabled"));
         }
 
-        let ipv4 = if enable_ipv4 {
-            Some(v4_pool(&f)?)
-        } else {
-            None
-        };
-        let ipv6 = if enable_ipv6 {
-            Some(v6_pool(&f)?)
-        } else {
-            None
-        };
+        let ipv4 = if enable_ipv4 { Some(v4_pool(&f)?) } else { None };
+        let ipv6 = if enable_ipv6 { Some(v6_pool(&f)?) } else { None };
         let backend = parse_backend(f.get("Backend"))?;
         Ok(NetworkConfig {
             ipv4,
@@ -361,8 +320,7 @@ fn v4_pool(f: &Fields) -> Result<Ipv4Pool, ConfigError> {
         Some(s) => parse_v4_net("Network", s)?,
         None => {
             return Err(ConfigError::field(
-                "Network",
-                "missing; an IPv4 CIDR such as 10.244.0.0/16 is required",
+                "Network", "missing; an IPv4 CIDR such as 10.244.0.0/16 is required",
             ));
         }
     };
@@ -400,10 +358,7 @@ fn v4_pool(f: &Fields) -> Result<Ipv4Pool, ConfigError> {
     let mask = u32::MAX << (32 - subnet_len);
     let check = |field: &str, addr: Ipv4Addr| -> Result<Ipv4Addr, ConfigError> {
         if !network.contains(addr) {
-            return Err(ConfigError::field(
-                field,
-                format!("{addr} is not in Network {network}"),
-            ));
+            return Err(ConfigError::field(field, format!("{addr} is not in Network {network}")));
         }
         if u32::from(addr) & mask != u32::from(addr) {
             return Err(ConfigError::field(
@@ -441,8 +396,7 @@ fn v6_pool(f: &Fields) -> Result<Ipv6Pool, ConfigError> {
         Some(s) => parse_v6_net("IPv6Network", s)?,
         None => {
             return Err(ConfigError::field(
-                "IPv6Network",
-                "missing; EnableIPv6 needs an IPv6 CIDR such as fc00::/48",
+                "IPv6Network", "missing; EnableIPv6 needs an IPv6 CIDR such as fc00::/48",
             ));
         }
     };
@@ -522,9 +476,7 @@ fn v6_pool(f: &Fields) -> Result<Ipv6Pool, ConfigError> {
 fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
     // flannel's parseBackendType: no Backend at all means udp.
     let Some(value) = value else {
-        return Ok(Backend::Udp {
-            port: UDP_DEFAULT_PORT,
-        });
+        return Ok(Backend::Udp { port: UDP_DEFAULT_PORT });
     };
     let Value::Object(map) = value else {
         return Err(ConfigError::field(
@@ -534,13 +486,11 @@ fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
     };
     let f = Fields::new("Backend.", map);
     let port = |default: u16| -> Result<u16, ConfigError> {
-        Ok(f.uint("Port", u64::from(u16::MAX))?
-            .map_or(default, |p| p as u16))
+        Ok(f.uint("Port", u64::from(u16::MAX))?.map_or(default, |p| p as u16))
     };
     match f.string("Type")? {
         None => Err(ConfigError::field(
-            "Backend.Type",
-            "missing; one of vxlan, host-gw, udp",
+            "Backend.Type", "missing; one of vxlan, host-gw, udp",
         )),
         Some("vxlan") => Ok(Backend::Vxlan {
             vni: f.uint("VNI", VNI_MAX)?.map_or(1, |v| v as u32),
@@ -616,12 +566,7 @@ mod tests {
     #[test]
     fn missing_backend_is_udp_and_vxlan_options_are_read() {
         let c = NetworkConfig::parse(r#"{"Network":"10.1.0.0/16"}"#).unwrap();
-        assert_eq!(
-            c.backend,
-            Backend::Udp {
-                port: UDP_DEFAULT_PORT
-            }
-        );
+        assert_eq!(c.backend, Backend::Udp { port: UDP_DEFAULT_PORT });
         let c = NetworkConfig::parse(
             r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":42,"Port":4789,"DirectRouting":true,"MTU":1400}}"#,
         )
@@ -637,27 +582,16 @@ mod tests {
                 mtu: 1400
             }
         );
-        let c = NetworkConfig::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#)
-            .unwrap();
-        assert!(matches!(
-            c.backend,
-            Backend::Vxlan {
-                vni: 1,
-                port: 0,
-                ..
-            }
-        ));
-        let c = NetworkConfig::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#)
-            .unwrap();
+        let c = NetworkConfig::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert!(matches!(c.backend, Backend::Vxlan { vni: 1, port: 0, .. }));
+        let c = NetworkConfig::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
         assert_eq!(c.backend, Backend::HostGw);
     }
 
     #[test]
     fn field_names_match_case_insensitively_like_go() {
-        let c = NetworkConfig::parse(
-            r#"{"network":"10.1.0.0/16","subnetlen":26,"backend":{"type":"vxlan","vni":7}}"#,
-        )
-        .unwrap();
+        let c = NetworkConfig::parse(r#"{"network":"10.1.0.0/16","subnetlen":26,"backend":{"type":"vxlan","vni":7}}"#)
+            .unwrap();
         assert_eq!(c.ipv4.unwrap().subnet_len, 26);
         assert!(matches!(c.backend, Backend::Vxlan { vni: 7, .. }));
     }
@@ -676,18 +610,9 @@ mod tests {
         .unwrap();
         let p = c.ipv6.unwrap();
         assert_eq!(p.subnet_len, 64);
-        assert_eq!(
-            p.subnet_min,
-            "2001:cafe:42:1::".parse::<Ipv6Addr>().unwrap()
-        );
-        assert_eq!(
-            p.subnet_max,
-            "2001:cafe:42:ff::".parse::<Ipv6Addr>().unwrap()
-        );
-        let c = NetworkConfig::parse(
-            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/120"}"#,
-        )
-        .unwrap();
+        assert_eq!(p.subnet_min, "2001:cafe:42:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(p.subnet_max, "2001:cafe:42:ff::".parse::<Ipv6Addr>().unwrap());
+        let c = NetworkConfig::parse(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/120"}"#).unwrap();
         assert!(c.ipv4.is_none());
         assert_eq!(c.ipv6.unwrap().subnet_len, 122);
     }
@@ -700,35 +625,21 @@ mod tests {
             (r#"{"Network":"banana/8"}"#, "Network", "not an IPv4 CIDR"),
             (r#"{"Network":10}"#, "Network", "expected a string"),
             (r#"{"Network":"10.1.0.0/29"}"#, "Network", "too small"),
+            (r#"{"Network":"10.1.0.0/16","SubnetLen":31}"#, "SubnetLen", "too long"),
             (
-                r#"{"Network":"10.1.0.0/16","SubnetLen":31}"#,
-                "SubnetLen",
-                "too long",
+                r#"{"Network":"10.1.0.0/16","SubnetLen":17}"#, "SubnetLen", "at least four subnets",
             ),
             (
-                r#"{"Network":"10.1.0.0/16","SubnetLen":17}"#,
-                "SubnetLen",
-                "at least four subnets",
+                r#"{"Network":"10.1.0.0/16","SubnetLen":-1}"#, "SubnetLen", "non-negative integer",
             ),
             (
-                r#"{"Network":"10.1.0.0/16","SubnetLen":-1}"#,
-                "SubnetLen",
-                "non-negative integer",
+                r#"{"Network":"10.1.0.0/16","SubnetMin":"10.2.0.0"}"#, "SubnetMin", "not in Network",
             ),
             (
-                r#"{"Network":"10.1.0.0/16","SubnetMin":"10.2.0.0"}"#,
-                "SubnetMin",
-                "not in Network",
+                r#"{"Network":"10.1.0.0/16","SubnetMax":"10.1.3.5"}"#, "SubnetMax", "boundary",
             ),
             (
-                r#"{"Network":"10.1.0.0/16","SubnetMax":"10.1.3.5"}"#,
-                "SubnetMax",
-                "boundary",
-            ),
-            (
-                r#"{"Network":"10.1.0.0/16","SubnetMin":"x"}"#,
-                "SubnetMin",
-                "not an IPv4 address",
+                r#"{"Network":"10.1.0.0/16","SubnetMin":"x"}"#, "SubnetMin", "not an IPv4 address",
             ),
             (
                 r#"{"Network":"10.1.0.0/16","SubnetMin":"10.1.9.0","SubnetMax":"10.1.3.0"}"#,
@@ -736,9 +647,7 @@ mod tests {
                 "above",
             ),
             (
-                r#"{"Network":"10.1.0.0/16","EnableIPv6":true}"#,
-                "IPv6Network",
-                "missing",
+                r#"{"Network":"10.1.0.0/16","EnableIPv6":true}"#, "IPv6Network", "missing",
             ),
             (
                 r#"{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/125"}"#,
@@ -756,21 +665,13 @@ mod tests {
                 "not in IPv6Network",
             ),
             (
-                r#"{"Network":"10.1.0.0/16","EnableIPv4":"yes"}"#,
-                "EnableIPv4",
-                "true or false",
+                r#"{"Network":"10.1.0.0/16","EnableIPv4":"yes"}"#, "EnableIPv4", "true or false",
             ),
             (r#"{"EnableIPv4":false}"#, "EnableIPv4", "neither"),
             (
-                r#"{"Network":"10.1.0.0/16","Backend":"vxlan"}"#,
-                "Backend",
-                "expected an object",
+                r#"{"Network":"10.1.0.0/16","Backend":"vxlan"}"#, "Backend", "expected an object",
             ),
-            (
-                r#"{"Network":"10.1.0.0/16","Backend":{}}"#,
-                "Backend.Type",
-                "missing",
-            ),
+            (r#"{"Network":"10.1.0.0/16","Backend":{}}"#, "Backend.Type", "missing"),
             (
                 r#"{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard"}}"#,
                 "Backend.Type",
@@ -803,14 +704,8 @@ mod tests {
             let msg = err.to_string();
             assert!(msg.contains(field) && msg.contains(why), "{json}: {msg}");
         }
-        assert!(matches!(
-            NetworkConfig::parse("{"),
-            Err(ConfigError::Json(_))
-        ));
-        assert!(matches!(
-            NetworkConfig::parse("[]"),
-            Err(ConfigError::NotAnObject(_))
-        ));
+        assert!(matches!(NetworkConfig::parse("{"), Err(ConfigError::Json(_))));
+        assert!(matches!(NetworkConfig::parse("[]"), Err(ConfigError::NotAnObject(_))));
     }
 
     #[test]

@@ -36,10 +36,7 @@ impl Default for DockerOptsFlags {
 /// `vars` is what the script sees after sourcing the subnet file: the caller's environment
 /// (only `FLANNEL_*`, `DOCKER_OPT_*` and the combined key matter) overlaid with the file.
 /// Returns the docker env file's contents.
-pub fn docker_opts(
-    vars: &BTreeMap<String, String>,
-    flags: &DockerOptsFlags,
-) -> Result<String, DockerOptsError> {
+pub fn docker_opts(vars: &BTreeMap<String, String>, flags: &DockerOptsFlags) -> Result<String, DockerOptsError> {
     // Neither -i nor -c means both.
     let (individual, combined) = match (flags.individual, flags.combined) {
         (false, false) => (true, true),
@@ -54,16 +51,10 @@ pub fn docker_opts(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if !get("FLANNEL_SUBNET").is_empty() {
-        opts.insert(
-            "DOCKER_OPT_BIP".into(),
-            format!("--bip={}", get("FLANNEL_SUBNET")),
-        );
+        opts.insert("DOCKER_OPT_BIP".into(), format!("--bip={}", get("FLANNEL_SUBNET")));
     }
     if !get("FLANNEL_MTU").is_empty() {
-        opts.insert(
-            "DOCKER_OPT_MTU".into(),
-            format!("--mtu={}", get("FLANNEL_MTU")),
-        );
+        opts.insert("DOCKER_OPT_MTU".into(), format!("--mtu={}", get("FLANNEL_MTU")));
     }
     let masq = get("FLANNEL_IPMASQ");
     if !masq.is_empty() && !flags.no_ip_masq {

@@ -8,8 +8,8 @@ use std::{
 };
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    Txn, TxnOp, WatchOptions, WatchStream,
 };
 use tracing::warn;
 
@@ -44,11 +44,7 @@ pub struct EtcdArgs {
     #[arg(long = "etcd-username", env = "FLANNELD_ETCD_USERNAME")]
     pub username: Option<String>,
     /// Password for etcd authentication.
-    #[arg(
-        long = "etcd-password",
-        env = "FLANNELD_ETCD_PASSWORD",
-        hide_env_values = true
-    )]
+    #[arg(long = "etcd-password", env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
 }
 
@@ -238,12 +234,7 @@ impl EtcdRegistry {
 
     /// Run one request, on the endpoint in use and then on each other one while the
     /// endpoint is unreachable. Errors name the endpoint and key.
-    async fn call<T, F, Fut>(
-        &self,
-        op: &'static str,
-        key: &str,
-        mut request: F,
-    ) -> Result<T, RegistryError>
+    async fn call<T, F, Fut>(&self, op: &'static str, key: &str, mut request: F) -> Result<T, RegistryError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -334,11 +325,9 @@ impl EtcdRegistry {
         let full = self.subnet_key(&key);
         let id = self.grant(&full, ttl).await?;
         let put_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
-        let txn = Txn::new().when([guard]).and_then([TxnOp::put(
-            full.clone(),
-            attrs.to_json(),
-            put_opts,
-        )]);
+        let txn = Txn::new()
+            .when([guard])
+            .and_then([TxnOp::put(full.clone(), attrs.to_json(), put_opts)]);
         let resp = match self
             .call(op, &full, |mut c| {
                 let txn = txn.clone();
@@ -435,14 +424,8 @@ impl Registry for EtcdRegistry {
         attrs: &LeaseAttrs,
         ttl: Option<Duration>,
     ) -> Result<Option<Lease>, RegistryError> {
-        let guard = Compare::mod_revision(
-            self.subnet_key(&existing.key),
-            CompareOp::Equal,
-            existing.mod_revision,
-        );
-        let out = self
-            .put_if("update", existing.key, guard, attrs, ttl)
-            .await?;
+        let guard = Compare::mod_revision(self.subnet_key(&existing.key), CompareOp::Equal, existing.mod_revision);
+        let out = self.put_if("update", existing.key, guard, attrs, ttl).await?;
         if out.is_some() && existing.lease_id != 0 {
             // The key moved to the new lease; the old one would only linger until it expires.
             self.revoke_quietly(existing.lease_id).await;
@@ -471,34 +454,25 @@ impl Registry for EtcdRegistry {
     async fn keep_alive(&self, lease_id: i64) -> Result<Option<SystemTime>, RegistryError> {
         // etcd-client reports an unknown (expired) lease as a keep-alive error.
         let alive = self
-            .call(
-                "keepalive",
-                &format!("lease {lease_id:x}"),
-                |mut c| async move {
-                    match c.lease_keep_alive(lease_id).await {
-                        Ok(_) => Ok(true),
-                        Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
-                        Err(e) => Err(e),
-                    }
-                },
-            )
+            .call("keepalive", &format!("lease {lease_id:x}"), |mut c| async move {
+                match c.lease_keep_alive(lease_id).await {
+                    Ok(_) => Ok(true),
+                    Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
             .await?;
         if !alive {
             return Ok(None);
         }
-        Ok(self
-            .time_to_live(lease_id)
-            .await?
-            .map(|left| SystemTime::now() + left))
+        Ok(self.time_to_live(lease_id).await?.map(|left| SystemTime::now() + left))
     }
 
     async fn time_to_live(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
         let resp = self
-            .call(
-                "timetolive",
-                &format!("lease {lease_id:x}"),
-                |mut c| async move { c.lease_time_to_live(lease_id, None).await },
-            )
+            .call("timetolive", &format!("lease {lease_id:x}"), |mut c| async move {
+                c.lease_time_to_live(lease_id, None).await
+            })
             .await?;
         Ok((resp.ttl() > 0).then(|| Duration::from_secs(resp.ttl() as u64)))
     }
@@ -508,9 +482,7 @@ impl Registry for EtcdRegistry {
         let stream = self
             .call("watch", &prefix, |mut c| {
                 let prefix = prefix.clone();
-                let opts = WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(from_revision);
+                let opts = WatchOptions::new().with_prefix().with_start_revision(from_revision);
                 async move { c.watch(prefix, Some(opts)).await }
             })
             .await?;
@@ -527,10 +499,9 @@ impl Registry for EtcdRegistry {
 fn unreachable(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => matches!(
-            format!("{:?}", s.code()).as_str(),
-            "Unavailable" | "DeadlineExceeded"
-        ),
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(format!("{:?}", s.code()).as_str(), "Unavailable" | "DeadlineExceeded")
+        }
         _ => false,
     }
 }
@@ -560,10 +531,7 @@ impl LeaseWatch for EtcdWatch {
                 });
             }
             if resp.canceled() {
-                return Err(broken(format!(
-                    "canceled by etcd: {}",
-                    resp.cancel_reason()
-                )));
+                return Err(broken(format!("canceled by etcd: {}", resp.cancel_reason())));
             }
             if resp.events().is_empty() {
                 continue; // created notice or progress report
@@ -580,9 +548,7 @@ impl LeaseWatch for EtcdWatch {
                     },
                     EventType::Delete => {
                         let full = String::from_utf8_lossy(kv.key()).into_owned();
-                        let segment = full
-                            .strip_prefix(&self.registry.subnets_prefix())
-                            .unwrap_or(&full);
+                        let segment = full.strip_prefix(&self.registry.subnets_prefix()).unwrap_or(&full);
                         match SubnetKey::parse(segment) {
                             Ok(k) => batch.events.push(RegistryEvent::Deleted(k)),
                             Err(_) => batch.skipped.push(LeaseError::BadKey { key: full.clone() }),

@@ -19,15 +19,9 @@ pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     #[error("writing subnet file {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
 }
 
 /// The file's text, line for line as flannel's `WriteSubnetFile`: the first usable address of
@@ -36,20 +30,13 @@ pub fn render(config: &NetworkConfig, key: &SubnetKey, mtu: u32, ip_masq: bool) 
     let mut out = String::new();
     if let Some(pool) = &config.ipv4 {
         let first = Ipv4Addr::from(u32::from(key.ipv4.network()) + 1);
-        let subnet =
-            Ipv4Network::new(first, key.ipv4.prefix()).expect("prefix from a valid network");
-        out += &format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={subnet}\n",
-            pool.network
-        );
+        let subnet = Ipv4Network::new(first, key.ipv4.prefix()).expect("prefix from a valid network");
+        out += &format!("FLANNEL_NETWORK={}\nFLANNEL_SUBNET={subnet}\n", pool.network);
     }
     if let (Some(pool), Some(v6)) = (&config.ipv6, key.ipv6) {
         let first = Ipv6Addr::from(u128::from(v6.network()) + 1);
         let subnet = Ipv6Network::new(first, v6.prefix()).expect("prefix from a valid network");
-        out += &format!(
-            "FLANNEL_IPV6_NETWORK={}\nFLANNEL_IPV6_SUBNET={subnet}\n",
-            pool.network
-        );
+        out += &format!("FLANNEL_IPV6_NETWORK={}\nFLANNEL_IPV6_SUBNET={subnet}\n", pool.network);
     }
     out += &format!("FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n");
     out
@@ -141,26 +128,20 @@ pub fn read_previous_subnets(path: &Path) -> (Option<Ipv4Network>, Option<Ipv6Ne
             return (None, None);
         }
     };
-    let v4 = vars
-        .get("FLANNEL_SUBNET")
-        .and_then(|s| match s.parse::<Ipv4Network>() {
-            Ok(n) if s.contains('/') => {
-                Some(Ipv4Network::new(n.network(), n.prefix()).expect("valid prefix"))
-            }
-            _ => {
-                warn!(
-                    "FLANNEL_SUBNET={s:?} in {} is not an IPv4 CIDR; ignoring it",
-                    path.display()
-                );
-                None
-            }
-        });
+    let v4 = vars.get("FLANNEL_SUBNET").and_then(|s| match s.parse::<Ipv4Network>() {
+        Ok(n) if s.contains('/') => Some(Ipv4Network::new(n.network(), n.prefix()).expect("valid prefix")),
+        _ => {
+            warn!(
+                "FLANNEL_SUBNET={s:?} in {} is not an IPv4 CIDR; ignoring it",
+                path.display()
+            );
+            None
+        }
+    });
     let v6 = vars
         .get("FLANNEL_IPV6_SUBNET")
         .and_then(|s| match s.parse::<Ipv6Network>() {
-            Ok(n) if s.contains('/') => {
-                Some(Ipv6Network::new(n.network(), n.prefix()).expect("valid prefix"))
-            }
+            Ok(n) if s.contains('/') => Some(Ipv6Network::new(n.network(), n.prefix()).expect("valid prefix")),
             _ => {
                 warn!(
                     "FLANNEL_IPV6_SUBNET={s:?} in {} is not an IPv6 CIDR; ignoring it",
@@ -179,8 +160,7 @@ mod tests {
     #[test]
     fn renders_like_flannel_docs() {
         // Documentation/reservations.md shows this file for lease 10.5.52.0/24.
-        let cfg = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#)
-            .unwrap();
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         let key = SubnetKey::parse("10.5.52.0-24").unwrap();
         assert_eq!(
             render(&cfg, &key, 1450, false),
@@ -208,22 +188,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/flannel/subnet.env");
         let cfg = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap();
-        write_subnet_file(
-            &path,
-            &cfg,
-            &SubnetKey::parse("10.5.7.0-24").unwrap(),
-            1472,
-            true,
-        )
-        .unwrap();
-        write_subnet_file(
-            &path,
-            &cfg,
-            &SubnetKey::parse("10.5.8.0-24").unwrap(),
-            1472,
-            true,
-        )
-        .unwrap();
+        write_subnet_file(&path, &cfg, &SubnetKey::parse("10.5.7.0-24").unwrap(), 1472, true).unwrap();
+        write_subnet_file(&path, &cfg, &SubnetKey::parse("10.5.8.0-24").unwrap(), 1472, true).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
@@ -231,10 +197,7 @@ mod tests {
         let (v4, v6) = read_previous_subnets(&path);
         assert_eq!(v4, Some("10.5.8.0/24".parse().unwrap()));
         assert_eq!(v6, None);
-        assert_eq!(
-            read_previous_subnets(&dir.path().join("absent")),
-            (None, None)
-        );
+        assert_eq!(read_previous_subnets(&dir.path().join("absent")), (None, None));
         std::fs::write(&path, "FLANNEL_SUBNET=banana\n").unwrap();
         assert_eq!(read_previous_subnets(&path), (None, None));
     }

@@ -91,23 +91,11 @@ pub struct LeaseAttrs {
     #[serde(rename = "PublicIPv6", default)]
     pub public_ipv6: Option<Ipv6Addr>,
     /// Empty for flannel's udp backend, which omits the field.
-    #[serde(
-        rename = "BackendType",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
     pub backend_type: String,
-    #[serde(
-        rename = "BackendData",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
     pub backend_data: Option<Value>,
-    #[serde(
-        rename = "BackendV6Data",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
     pub backend_v6_data: Option<Value>,
 }
 
@@ -268,9 +256,7 @@ impl LeaseSet {
         for (key, was) in &old {
             match self.known.get(key) {
                 None => events.push(LeaseEvent::Removed(was.clone())),
-                Some(now) if now.attrs != was.attrs => {
-                    events.push(LeaseEvent::Changed(now.clone()))
-                }
+                Some(now) if now.attrs != was.attrs => events.push(LeaseEvent::Changed(now.clone())),
                 Some(_) => {}
             }
         }
@@ -300,13 +286,7 @@ mod tests {
     #[test]
     fn bad_keys_are_refused_with_the_key_named() {
         for bad in [
-            "config",
-            "10.244.7.0",
-            "10.244.7.0-33",
-            "10.244.7.5-24",
-            "10.244.7.0-2x",
-            "x-24",
-            "10.244.7.0-24&zz-64",
+            "config", "10.244.7.0", "10.244.7.0-33", "10.244.7.5-24", "10.244.7.0-2x", "x-24", "10.244.7.0-24&zz-64",
             "",
         ] {
             let err = SubnetKey::parse(bad).expect_err(bad);
@@ -321,8 +301,7 @@ mod tests {
         let a = LeaseAttrs::from_json("k", doc.as_bytes()).unwrap();
         assert_eq!(a.public_ip, Ipv4Addr::new(192, 168, 64, 3));
         assert_eq!(a.backend_type, "vxlan");
-        let data: VxlanBackendData =
-            serde_json::from_value(a.backend_data.clone().unwrap()).unwrap();
+        let data: VxlanBackendData = serde_json::from_value(a.backend_data.clone().unwrap()).unwrap();
         assert_eq!(
             data,
             VxlanBackendData {
@@ -344,14 +323,9 @@ mod tests {
     #[test]
     fn bad_lease_json_names_the_key() {
         for bad in [
-            "{",
-            r#"{"PublicIP":"nope"}"#,
-            "[]",
-            r#"{"PublicIP":"10.0.0.1","PublicIPv6":"x"}"#,
+            "{", r#"{"PublicIP":"nope"}"#, "[]", r#"{"PublicIP":"10.0.0.1","PublicIPv6":"x"}"#,
         ] {
-            let err =
-                LeaseAttrs::from_json("/coreos.com/network/subnets/10.1.2.0-24", bad.as_bytes())
-                    .unwrap_err();
+            let err = LeaseAttrs::from_json("/coreos.com/network/subnets/10.1.2.0-24", bad.as_bytes()).unwrap_err();
             assert!(err.to_string().contains("10.1.2.0-24"), "{err}");
         }
     }
@@ -374,21 +348,14 @@ mod tests {
             s.apply(RegistryEvent::Put(a.clone())),
             Some(LeaseEvent::Added(a.clone()))
         );
-        assert_eq!(
-            s.apply(RegistryEvent::Put(a.clone())),
-            None,
-            "repeat is silent"
-        );
+        assert_eq!(s.apply(RegistryEvent::Put(a.clone())), None, "repeat is silent");
         let mut a2 = a.clone();
         a2.attrs.public_ip = [2, 2, 2, 2].into();
         assert_eq!(
             s.apply(RegistryEvent::Put(a2.clone())),
             Some(LeaseEvent::Changed(a2.clone()))
         );
-        assert_eq!(
-            s.apply(RegistryEvent::Deleted(a.key)),
-            Some(LeaseEvent::Removed(a2))
-        );
+        assert_eq!(s.apply(RegistryEvent::Deleted(a.key)), Some(LeaseEvent::Removed(a2)));
         assert_eq!(s.apply(RegistryEvent::Deleted(a.key)), None);
     }
 

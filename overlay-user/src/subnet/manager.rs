@@ -3,6 +3,10 @@
 
 use std::{
     net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -69,6 +73,9 @@ pub struct ManagerOptions {
     /// First and longest wait before re-listing after a broken watch.
     pub resync_backoff_min: Duration,
     pub resync_backoff_max: Duration,
+    /// Counts watches re-established after one broke (etcd restarted, connection lost,
+    /// compaction): the agent's `overlay_etcd_reconnects_total`.
+    pub reconnects: Arc<AtomicU64>,
 }
 
 impl Default for ManagerOptions {
@@ -84,6 +91,7 @@ impl Default for ManagerOptions {
             config_retry: Duration::from_secs(1),
             resync_backoff_min: Duration::from_millis(100),
             resync_backoff_max: Duration::from_secs(5),
+            reconnects: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -103,9 +111,7 @@ impl ManagerOptions {
             )));
         }
         if self.race_retries == 0 {
-            return Err(ManagerError::Options(
-                "race retries must be at least 1".into(),
-            ));
+            return Err(ManagerError::Options("race retries must be at least 1".into()));
         }
         Ok(())
     }
@@ -157,11 +163,7 @@ impl<R: Registry> LeaseManager<R> {
 
     /// Get a subnet lease for `attrs.public_ip`: reuse ours, else the previous subnet, else a
     /// random free one; a lost creation race is retried up to `race_retries` times.
-    pub async fn acquire(
-        &self,
-        config: &NetworkConfig,
-        attrs: &LeaseAttrs,
-    ) -> Result<Lease, ManagerError> {
+    pub async fn acquire(&self, config: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Lease, ManagerError> {
         if config.ipv4.is_none() {
             return Err(ManagerError::Ipv6Only);
         }
@@ -181,19 +183,12 @@ impl<R: Registry> LeaseManager<R> {
         })
     }
 
-    async fn try_acquire(
-        &self,
-        config: &NetworkConfig,
-        attrs: &LeaseAttrs,
-    ) -> Result<Attempt, ManagerError> {
+    async fn try_acquire(&self, config: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Attempt, ManagerError> {
         let listing = self.registry.list().await?;
         warn_skipped(&listing.skipped);
         let leases = listing.leases;
 
-        for l in leases
-            .iter()
-            .filter(|l| l.attrs.public_ip == attrs.public_ip)
-        {
+        for l in leases.iter().filter(|l| l.attrs.public_ip == attrs.public_ip) {
             if fits(config, &l.key) {
                 // A reservation stays one: no TTL (flannel gives it one on etcd v3, issue #1329).
                 let ttl = (!l.is_reservation()).then_some(self.opts.lease_ttl);
@@ -228,11 +223,7 @@ impl<R: Registry> LeaseManager<R> {
             }
         };
         Ok(
-            match self
-                .registry
-                .create(key, attrs, Some(self.opts.lease_ttl))
-                .await?
-            {
+            match self.registry.create(key, attrs, Some(self.opts.lease_ttl)).await? {
                 Some(l) => {
                     info!(subnet = %l.key, "acquired lease");
                     Attempt::Got(l)
@@ -273,6 +264,7 @@ impl<R: Registry> LeaseManager<R> {
         let mut watch: Option<R::Watch> = None;
         let mut backoff = self.opts.resync_backoff_min;
         let mut resync_at = Instant::now();
+        let mut watched_before = false;
         let mut renew_at = self.renew_deadline(&own);
 
         loop {
@@ -322,10 +314,7 @@ impl<R: Registry> LeaseManager<R> {
                             }
                         }
                         for e in peers.reset(snapshot) {
-                            events
-                                .send(e)
-                                .await
-                                .map_err(|_| ManagerError::ReceiverGone)?;
+                            events.send(e).await.map_err(|_| ManagerError::ReceiverGone)?;
                         }
                         match own_now {
                             Some(l) if l.attrs.public_ip == own.attrs.public_ip => {
@@ -340,11 +329,7 @@ impl<R: Registry> LeaseManager<R> {
                             Some(_) => {
                                 own = self
                                     .lost(
-                                        config,
-                                        own,
-                                        "another host's lease now holds the key",
-                                        &mut peers,
-                                        &events,
+                                        config, own, "another host's lease now holds the key", &mut peers, &events,
                                     )
                                     .await?;
                                 renew_at = self.renew_deadline(&own);
@@ -358,6 +343,10 @@ impl<R: Registry> LeaseManager<R> {
                         }
                         match self.registry.watch(listing.revision + 1).await {
                             Ok(w) => {
+                                if watched_before {
+                                    self.opts.reconnects.fetch_add(1, Ordering::Relaxed);
+                                }
+                                watched_before = true;
                                 watch = Some(w);
                                 backoff = self.opts.resync_backoff_min;
                             }
@@ -393,9 +382,7 @@ impl<R: Registry> LeaseManager<R> {
                         };
                         if key == own.key {
                             match ev {
-                                RegistryEvent::Put(l)
-                                    if l.attrs.public_ip == own.attrs.public_ip =>
-                                {
+                                RegistryEvent::Put(l) if l.attrs.public_ip == own.attrs.public_ip => {
                                     if l.lease_id != own.lease_id {
                                         renew_at = Instant::now();
                                     }
@@ -407,24 +394,14 @@ impl<R: Registry> LeaseManager<R> {
                                 RegistryEvent::Put(_) => {
                                     own = self
                                         .lost(
-                                            config,
-                                            own,
-                                            "another host's lease now holds the key",
-                                            &mut peers,
-                                            &events,
+                                            config, own, "another host's lease now holds the key", &mut peers, &events,
                                         )
                                         .await?;
                                     renew_at = self.renew_deadline(&own);
                                 }
                                 RegistryEvent::Deleted(_) => {
                                     own = self
-                                        .lost(
-                                            config,
-                                            own,
-                                            "the key was deleted",
-                                            &mut peers,
-                                            &events,
-                                        )
+                                        .lost(config, own, "the key was deleted", &mut peers, &events)
                                         .await?;
                                     renew_at = self.renew_deadline(&own);
                                 }
@@ -437,10 +414,7 @@ impl<R: Registry> LeaseManager<R> {
                             continue;
                         }
                         if let Some(e) = peers.apply(ev) {
-                            events
-                                .send(e)
-                                .await
-                                .map_err(|_| ManagerError::ReceiverGone)?;
+                            events.send(e).await.map_err(|_| ManagerError::ReceiverGone)?;
                         }
                     }
                     debug!(revision, "lease watch batch applied");
@@ -476,10 +450,7 @@ impl<R: Registry> LeaseManager<R> {
                 reason: reason.into(),
             });
         }
-        warn!(
-            "our lease {} was lost ({reason}); acquiring a new one",
-            own.key
-        );
+        warn!("our lease {} was lost ({reason}); acquiring a new one", own.key);
         let mut backoff = self.opts.resync_backoff_min;
         let fresh = loop {
             match self.acquire(config, &own.attrs).await {
@@ -494,10 +465,7 @@ impl<R: Registry> LeaseManager<R> {
         };
         // If the new subnet was known as a peer's (it was not: it was free), forget it.
         if let Some(e) = peers.apply(RegistryEvent::Deleted(fresh.key)) {
-            events
-                .send(e)
-                .await
-                .map_err(|_| ManagerError::ReceiverGone)?;
+            events.send(e).await.map_err(|_| ManagerError::ReceiverGone)?;
         }
         events
             .send(LeaseEvent::Reacquired(fresh.clone()))
@@ -518,13 +486,9 @@ fn in_network(config: &NetworkConfig, l: &Lease) -> bool {
     let Some(pool) = &config.ipv4 else {
         return true;
     };
-    let ok =
-        pool.network.contains(l.key.ipv4.network()) && l.key.ipv4.prefix() >= pool.network.prefix();
+    let ok = pool.network.contains(l.key.ipv4.network()) && l.key.ipv4.prefix() >= pool.network.prefix();
     if !ok {
-        warn!(
-            "skipping lease {} outside the network {}",
-            l.key, pool.network
-        );
+        warn!("skipping lease {} outside the network {}", l.key, pool.network);
     }
     ok
 }
@@ -622,10 +586,7 @@ fn allocate(config: &NetworkConfig, taken: &[&Lease]) -> Result<SubnetKey, Manag
                 u128::from(p6.subnet_min),
                 u128::from(p6.subnet_max),
                 1u128 << (128 - p6.subnet_len),
-                taken
-                    .iter()
-                    .filter_map(|l| l.key.ipv6.map(v6_range))
-                    .collect(),
+                taken.iter().filter_map(|l| l.key.ipv6.map(v6_range)).collect(),
             )
             .ok_or_else(|| ManagerError::NetworkFull {
                 subnet_len: p6.subnet_len,
@@ -686,10 +647,7 @@ mod tests {
             previous_subnet: Some("10.5.77.0/24".parse().unwrap()),
             ..Default::default()
         };
-        let l = manager(&reg, opts.clone())
-            .acquire(&cfg, &attrs(1))
-            .await
-            .unwrap();
+        let l = manager(&reg, opts.clone()).acquire(&cfg, &attrs(1)).await.unwrap();
         assert_eq!(l.key.to_string(), "10.5.77.0-24");
         // Taken by host 1 now: host 2 with the same previous subnet gets another one.
         let l2 = manager(&reg, opts).acquire(&cfg, &attrs(2)).await.unwrap();
@@ -738,10 +696,7 @@ mod tests {
         ));
         let mine = m.acquire(&cfg, &attrs(1)).await.unwrap();
         assert_eq!(mine.key.to_string(), "10.9.0.4-30");
-        assert!(
-            mine.is_reservation(),
-            "reuse must not attach a TTL to a reservation"
-        );
+        assert!(mine.is_reservation(), "reuse must not attach a TTL to a reservation");
         let mut mine2 = mine.clone();
         m.renew(&mut mine2).await.unwrap();
         assert!(
@@ -774,10 +729,7 @@ mod tests {
             !keys.contains(&"10.5.8.0-25".to_string()),
             "wrong-length lease deleted: {keys:?}"
         );
-        assert!(
-            keys.contains(&"10.5.0.0-24".to_string()),
-            "reservation kept: {keys:?}"
-        );
+        assert!(keys.contains(&"10.5.0.0-24".to_string()), "reservation kept: {keys:?}");
     }
 
     #[tokio::test]
@@ -810,10 +762,7 @@ mod tests {
     async fn missing_and_invalid_config_are_named() {
         let reg = MemRegistry::new();
         let m = manager(&reg, ManagerOptions::default());
-        assert!(matches!(
-            m.get_config().await,
-            Err(ManagerError::ConfigMissing { .. })
-        ));
+        assert!(matches!(m.get_config().await, Err(ManagerError::ConfigMissing { .. })));
         reg.put_config(r#"{"Network":"10.0.0.0/16","SubnetLen":40}"#)
             .await
             .unwrap();
@@ -840,17 +789,11 @@ mod tests {
         let own = m.acquire(&cfg, &attrs(1)).await.unwrap();
         let (tx, mut rx) = mpsc::channel(16);
         let run = tokio::spawn(async move { m.run(&cfg, own, tx).await });
-        assert!(
-            matches!(next(&mut rx).await, LeaseEvent::Added(l) if l.key.to_string() == "10.5.3.0-24")
-        );
+        assert!(matches!(next(&mut rx).await, LeaseEvent::Added(l) if l.key.to_string() == "10.5.3.0-24"));
         reg.put_raw("10.5.4.0-24", attrs(4).to_json().as_bytes(), 0);
-        assert!(
-            matches!(next(&mut rx).await, LeaseEvent::Added(l) if l.key.to_string() == "10.5.4.0-24")
-        );
+        assert!(matches!(next(&mut rx).await, LeaseEvent::Added(l) if l.key.to_string() == "10.5.4.0-24"));
         reg.put_raw("10.5.4.0-24", attrs(5).to_json().as_bytes(), 0);
-        assert!(
-            matches!(next(&mut rx).await, LeaseEvent::Changed(l) if l.attrs.public_ip == attrs(5).public_ip)
-        );
+        assert!(matches!(next(&mut rx).await, LeaseEvent::Changed(l) if l.attrs.public_ip == attrs(5).public_ip));
         // Malformed and outside-network values are skipped, the loop goes on.
         reg.put_raw("10.5.9.0-24", b"{not json", 0);
         reg.put_raw("garbage", b"{}", 0);
@@ -915,9 +858,7 @@ mod tests {
         let run = tokio::spawn(async move { m.run(&cfg, own, tx).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         reg.expire(expired_id);
-        assert!(
-            matches!(next(&mut rx).await, LeaseEvent::Reacquired(l) if l.lease_id != expired_id)
-        );
+        assert!(matches!(next(&mut rx).await, LeaseEvent::Reacquired(l) if l.lease_id != expired_id));
         run.abort();
     }
 

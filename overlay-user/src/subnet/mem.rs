@@ -160,13 +160,7 @@ impl MemRegistry {
         }
     }
 
-    fn write(
-        &self,
-        segment: String,
-        attrs: &LeaseAttrs,
-        lease_id: i64,
-        ttl: Option<Duration>,
-    ) -> Lease {
+    fn write(&self, segment: String, attrs: &LeaseAttrs, lease_id: i64, ttl: Option<Duration>) -> Lease {
         let mut s = self.lock();
         s.revision += 1;
         let e = Entry {
@@ -176,8 +170,7 @@ impl MemRegistry {
         };
         let rev = s.revision;
         s.kvs.insert(segment.clone(), e.clone());
-        s.history
-            .push((rev, Change::Put(segment.clone(), e.clone())));
+        s.history.push((rev, Change::Put(segment.clone(), e.clone())));
         drop(s);
         self.changed.notify_waiters();
         let mut l = Self::to_lease(&segment, &e).expect("we wrote a valid lease");
@@ -269,11 +262,7 @@ impl Registry for MemRegistry {
 
     async fn keep_alive(&self, lease_id: i64) -> Result<Option<SystemTime>, RegistryError> {
         self.check("keepalive", &lease_id.to_string())?;
-        Ok(self
-            .lock()
-            .leases
-            .get(&lease_id)
-            .map(|ttl| SystemTime::now() + *ttl))
+        Ok(self.lock().leases.get(&lease_id).map(|ttl| SystemTime::now() + *ttl))
     }
 
     async fn time_to_live(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {

@@ -89,20 +89,11 @@ pub trait Registry: Send + Sync {
     fn delete(&self, existing: &Lease) -> impl Future<Output = Result<bool, RegistryError>> + Send;
 
     /// Renew an etcd lease; `None` if it no longer exists (expired or revoked).
-    fn keep_alive(
-        &self,
-        lease_id: i64,
-    ) -> impl Future<Output = Result<Option<SystemTime>, RegistryError>> + Send;
+    fn keep_alive(&self, lease_id: i64) -> impl Future<Output = Result<Option<SystemTime>, RegistryError>> + Send;
 
     /// Remaining time of an etcd lease; `None` if it no longer exists.
-    fn time_to_live(
-        &self,
-        lease_id: i64,
-    ) -> impl Future<Output = Result<Option<Duration>, RegistryError>> + Send;
+    fn time_to_live(&self, lease_id: i64) -> impl Future<Output = Result<Option<Duration>, RegistryError>> + Send;
 
     /// Watch every lease key from `from_revision` on (inclusive).
-    fn watch(
-        &self,
-        from_revision: i64,
-    ) -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
+    fn watch(&self, from_revision: i64) -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
 }

@@ -84,16 +84,10 @@ impl BenchBackend {
     }
 
     fn parse(s: &str) -> anyhow::Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|b| b.name() == s)
-            .with_context(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|b| b.name()).collect();
-                format!(
-                    "unknown backend {s:?}: expected one of {}",
-                    names.join(", ")
-                )
-            })
+        Self::ALL.into_iter().find(|b| b.name() == s).with_context(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|b| b.name()).collect();
+            format!("unknown backend {s:?}: expected one of {}", names.join(", "))
+        })
     }
 
     /// Our datapath's format and the extra flags it runs with, for the eBPF variants.
@@ -208,17 +202,10 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |flag: &str| {
-            args.next()
-                .with_context(|| format!("{flag} needs a value\n\n{USAGE}"))
-        };
+        let mut value = |flag: &str| args.next().with_context(|| format!("{flag} needs a value\n\n{USAGE}"));
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--rounds" => {
-                o.rounds = value("--rounds")?
-                    .parse()
-                    .context("--rounds: not a number")?
-            }
+            "--rounds" => o.rounds = value("--rounds")?.parse().context("--rounds: not a number")?,
             "--duration" => {
                 o.duration = value("--duration")?
                     .parse()
@@ -268,9 +255,7 @@ fn main() -> anyhow::Result<()> {
         opts.rounds,
         opts.duration,
         read_trimmed("/proc/sys/kernel/osrelease"),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         read_trimmed("/proc/loadavg"),
     );
     let mut runs: Vec<Vec<Value>> = vec![Vec::new(); opts.backends.len()];
@@ -347,10 +332,7 @@ fn preflight(opts: &Options) -> anyhow::Result<()> {
     if opts.backends.iter().any(|b| b.ebpf().is_some()) {
         let bin = lab::workspace_bin("overlay");
         if !bin.exists() {
-            bail!(
-                "{} not found: build it first (cargo build --release)",
-                bin.display()
-            );
+            bail!("{} not found: build it first (cargo build --release)", bin.display());
         }
     }
     if opts.bpf_stats
@@ -371,15 +353,10 @@ fn install_stop_handler() -> anyhow::Result<()> {
         STOP.store(true, Ordering::Relaxed);
     }
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(sig, &action) }
-            .with_context(|| format!("installing a {sig} handler"))?;
+        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing a {sig} handler"))?;
     }
     Ok(())
 }
@@ -440,13 +417,8 @@ impl Topology {
                 for h in &lab.hosts {
                     for peer in lab.hosts.iter().filter(|p| p.index != h.index) {
                         let mac = lab::static_vtep_mac(peer.index);
-                        lab::flannel_vxlan_add_peer(
-                            &h.ns,
-                            lab::static_subnet(peer.index),
-                            peer.public_ip,
-                            &mac,
-                        )
-                        .with_context(|| format!("flannel.1 peer entries on {}", h.name()))?;
+                        lab::flannel_vxlan_add_peer(&h.ns, lab::static_subnet(peer.index), peer.public_ip, &mac)
+                            .with_context(|| format!("flannel.1 peer entries on {}", h.name()))?;
                     }
                 }
             }
@@ -574,12 +546,7 @@ fn measure_rtt(c1: &lab::Container, c2: &lab::Container, run: &mut Value) -> any
     Ok(())
 }
 
-fn measure_tcp(
-    topo: &Topology,
-    opts: &Options,
-    streams: u32,
-    run: &mut Value,
-) -> anyhow::Result<()> {
+fn measure_tcp(topo: &Topology, opts: &Options, streams: u32, run: &mut Value) -> anyhow::Result<()> {
     let (c1, c2) = (topo.client(), topo.server());
     let key = if streams == 1 { "tcp1" } else { "tcp4" };
     let (h1, h2) = (&topo.lab.hosts[0], &topo.lab.hosts[1]);
@@ -622,12 +589,7 @@ fn measure_tcp(
     Ok(())
 }
 
-fn measure_udp(
-    c1: &lab::Container,
-    c2: &lab::Container,
-    opts: &Options,
-    run: &mut Value,
-) -> anyhow::Result<()> {
+fn measure_udp(c1: &lab::Container, c2: &lab::Container, opts: &Options, run: &mut Value) -> anyhow::Result<()> {
     let args = [
         "-u",
         "-l",
@@ -654,16 +616,8 @@ fn measure_udp(
     run["udp64_rx_pps"] = json!(received / seconds);
     let sent = f64_at(&client, "/end/sum_sent/packets")?;
     let sent_seconds = f64_at(&client, "/end/sum_sent/seconds")?;
-    run["udp64_tx_pps"] = json!(if sent_seconds > 0.0 {
-        sent / sent_seconds
-    } else {
-        0.0
-    });
-    run["udp64_lost_percent"] = json!(if packets > 0.0 {
-        100.0 * lost / packets
-    } else {
-        0.0
-    });
+    run["udp64_tx_pps"] = json!(if sent_seconds > 0.0 { sent / sent_seconds } else { 0.0 });
+    run["udp64_lost_percent"] = json!(if packets > 0.0 { 100.0 * lost / packets } else { 0.0 });
     run["udp64_cpu"] = client
         .pointer("/end/cpu_utilization_percent")
         .cloned()
@@ -683,9 +637,7 @@ struct KillOnDrop(Child);
 
 impl KillOnDrop {
     fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe.
         unsafe {
             use std::os::unix::process::CommandExt as _;
@@ -725,11 +677,7 @@ impl KillOnDrop {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        Ok((
-            status,
-            out.join().unwrap_or_default(),
-            err.join().unwrap_or_default(),
-        ))
+        Ok((status, out.join().unwrap_or_default(), err.join().unwrap_or_default()))
     }
 }
 
@@ -744,33 +692,17 @@ impl Drop for KillOnDrop {
 
 /// One iperf3 test from c1 to a one-shot server in c2; returns the client's and the server's
 /// JSON reports.
-fn iperf3(
-    c1: &lab::Container,
-    c2: &lab::Container,
-    duration: u64,
-    extra: &[&str],
-) -> anyhow::Result<(Value, Value)> {
+fn iperf3(c1: &lab::Container, c2: &lab::Container, duration: u64, extra: &[&str]) -> anyhow::Result<(Value, Value)> {
     let port = IPERF_PORT.to_string();
     let mut server = c2.ns.command("iperf3");
     server.args(["-s", "-1", "-J", "-p", &port]);
-    let mut server =
-        KillOnDrop::spawn(server).context("starting the iperf3 server (apt-get install iperf3)")?;
+    let mut server = KillOnDrop::spawn(server).context("starting the iperf3 server (apt-get install iperf3)")?;
     wait_listening(&c2.ns, IPERF_PORT, &mut server)?;
 
     let mut client = c1.ns.command("iperf3");
     let (dst, secs) = (c2.ip.to_string(), duration.to_string());
     client
-        .args([
-            "-c",
-            &dst,
-            "-p",
-            &port,
-            "-t",
-            &secs,
-            "-J",
-            "--connect-timeout",
-            "3000",
-        ])
+        .args(["-c", &dst, "-p", &port, "-t", &secs, "-J", "--connect-timeout", "3000"])
         .args(extra);
     let what = format!("iperf3 -c {dst} {}", extra.join(" "));
     let client = KillOnDrop::spawn(client).with_context(|| format!("starting {what}"))?;
@@ -778,16 +710,14 @@ fn iperf3(
     let (status, out, err) = client.wait(limit).with_context(|| what.clone())?;
     let client_json = iperf3_json(&out, &err, status).with_context(|| what.clone())?;
     // The one-shot server prints its report and exits once the client is done.
-    let (status, out, err) = server
-        .wait(Duration::from_secs(10))
-        .context("iperf3 server")?;
+    let (status, out, err) = server.wait(Duration::from_secs(10)).context("iperf3 server")?;
     let server_json = iperf3_json(&out, &err, status).context("iperf3 server")?;
     Ok((client_json, server_json))
 }
 
 fn iperf3_json(out: &str, err: &str, status: ExitStatus) -> anyhow::Result<Value> {
-    let v: Value = serde_json::from_str(out)
-        .with_context(|| format!("exited {status} without a JSON report: {}", err.trim()))?;
+    let v: Value =
+        serde_json::from_str(out).with_context(|| format!("exited {status} without a JSON report: {}", err.trim()))?;
     if let Some(e) = v.get("error").and_then(Value::as_str) {
         bail!("iperf3 error: {e}");
     }
@@ -806,10 +736,7 @@ fn wait_listening(ns: &Netns, port: u16, server: &mut KillOnDrop) -> anyhow::Res
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "iperf3 server in {} not listening on port {port} after 5 s",
-                ns.name()
-            );
+            bail!("iperf3 server in {} not listening on port {port} after 5 s", ns.name());
         }
         if let Some(status) = server.0.try_wait()? {
             bail!("iperf3 server exited early: {status}");
@@ -821,8 +748,8 @@ fn wait_listening(ns: &Netns, port: u16, server: &mut KillOnDrop) -> anyhow::Res
 /// (packets, bytes, dropped) of an interface's `side` ("rx" or "tx"), from its kernel counters.
 fn link_stats(ns: &Netns, iface: &str, side: &str) -> anyhow::Result<(u64, u64, u64)> {
     let out = ns.ip(&["-j", "-s", "link", "show", "dev", iface])?;
-    let v: Value = serde_json::from_str(&out)
-        .with_context(|| format!("unreadable `ip -j -s link` output for {iface}"))?;
+    let v: Value =
+        serde_json::from_str(&out).with_context(|| format!("unreadable `ip -j -s link` output for {iface}"))?;
     let s = &v[0]["stats64"][side];
     let get = |k: &str| s[k].as_u64().unwrap_or(0);
     Ok((get("packets"), get("bytes"), get("dropped")))
@@ -837,8 +764,7 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStatsEnabled {
     fn enable() -> anyhow::Result<Self> {
-        let old =
-            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        let old = std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
         std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
         Ok(BpfStatsEnabled {
             old: old.trim().to_string(),
@@ -856,8 +782,7 @@ impl Drop for BpfStatsEnabled {
 /// are not per namespace: another run loading ours at the same time would be counted too.
 fn bpf_prog_stats() -> anyhow::Result<Vec<(u64, String, u64, u64)>> {
     let out = overlay_tests::netns::run(Command::new("bpftool").args(["-j", "prog", "show"]))?;
-    let v: Value =
-        serde_json::from_str(&out).context("unreadable `bpftool -j prog show` output")?;
+    let v: Value = serde_json::from_str(&out).context("unreadable `bpftool -j prog show` output")?;
     Ok(v.as_array()
         .into_iter()
         .flatten()
@@ -909,11 +834,7 @@ fn summary_line(run: &Value) -> String {
     if let Some(modes) = run["xdp_mode"].as_array() {
         parts.push(format!(
             "xdp {}",
-            modes
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join("/")
+            modes.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("/")
         ));
     }
     if let (Some(tx), Some(rx)) = (
@@ -961,14 +882,8 @@ fn spread(values: &[f64]) -> Option<Spread> {
 }
 
 fn report_json(opts: &Options, runs: &[Vec<Value>]) -> Value {
-    let stats = |runs: &[Value], m: Metric| {
-        spread(
-            &runs
-                .iter()
-                .filter_map(|r| r[m.key()].as_f64())
-                .collect::<Vec<_>>(),
-        )
-    };
+    let stats =
+        |runs: &[Value], m: Metric| spread(&runs.iter().filter_map(|r| r[m.key()].as_f64()).collect::<Vec<_>>());
     let host_gw = opts
         .backends
         .iter()
@@ -988,7 +903,10 @@ fn report_json(opts: &Options, runs: &[Vec<Value>]) -> Value {
                     json!({"median": s.median, "min": s.min, "max": s.max, "ratio_to_host_gw": ratio}),
                 );
             }
-            let xdp = runs.iter().find_map(|r| r.get("xdp_mode").cloned()).unwrap_or(Value::Null);
+            let xdp = runs
+                .iter()
+                .find_map(|r| r.get("xdp_mode").cloned())
+                .unwrap_or(Value::Null);
             json!({
                 "backend": b.name(),
                 "container_mtu": b.container_mtu(),
@@ -1084,11 +1002,7 @@ fn print_tables(opts: &Options, report: &Value) {
     println!("{header}");
     println!("{}", "-".repeat(header.len()));
     for r in &rows {
-        let mut line = format!(
-            "{:<name_w$}  {:<8}",
-            r["backend"].as_str().unwrap_or("?"),
-            xdp(r)
-        );
+        let mut line = format!("{:<name_w$}  {:<8}", r["backend"].as_str().unwrap_or("?"), xdp(r));
         for m in Metric::ALL {
             line += &format!("  {:>15}", cell(r, m).0);
         }

@@ -10,10 +10,7 @@ use overlay_tests::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "overlay-demo",
-    about = "A multi-host overlay network in network namespaces"
-)]
+#[command(name = "overlay-demo", about = "A multi-host overlay network in network namespaces")]
 struct Args {
     /// Tunnel format.
     #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "udp"])]
@@ -72,10 +69,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!();
-    println!(
-        "{:<24} {:<24} {:>8} {:>10}",
-        "from", "to", "replies", "rtt avg"
-    );
+    println!("{:<24} {:<24} {:>8} {:>10}", "from", "to", "replies", "rtt avg");
     let mut failures = 0;
     for a in &lab.hosts {
         for ca in &a.containers {
@@ -118,9 +112,7 @@ fn main() -> anyhow::Result<()> {
     );
     if args.keep {
         // Leave everything running: the namespaces, and the datapath processes in them.
-        println!(
-            "left up (--keep); explore with e.g. `{explore}`; remove with `ip netns del` on each namespace"
-        );
+        println!("left up (--keep); explore with e.g. `{explore}`; remove with `ip netns del` on each namespace");
         for p in procs {
             std::mem::forget(p);
         }
