@@ -496,6 +496,8 @@ fn known_limitation(backend: BenchBackend, underlay: Underlay) -> Option<&'stati
     )
 }
 
+type Step<'a> = dyn Fn(&mut Value) -> anyhow::Result<()> + 'a;
+
 fn measure_all(topo: &Topology, opts: &Options, run: &mut Value, errors: &mut Vec<String>) {
     let (c1, c2) = (topo.client(), topo.server());
     // Also warms ARP and neighbour caches, so the RTT figures start hot.
@@ -517,7 +519,7 @@ fn measure_all(topo: &Topology, opts: &Options, run: &mut Value, errors: &mut Ve
             return;
         }
     }
-    let steps: [(&str, &dyn Fn(&mut Value) -> anyhow::Result<()>); 4] = [
+    let steps: [(&str, &Step); 4] = [
         ("ping", &|run| measure_rtt(c1, c2, run)),
         ("tcp1", &|run| measure_tcp(topo, opts, 1, run)),
         ("tcp4", &|run| measure_tcp(topo, opts, STREAMS, run)),
@@ -579,7 +581,7 @@ fn measure_tcp(topo: &Topology, opts: &Options, streams: u32, run: &mut Value) -
         run[format!("{key}_underlay_{side}")] = json!({
             "packets": packets,
             "bytes": bytes,
-            "avg_bytes_per_skb": if packets > 0 { bytes / packets } else { 0 },
+            "avg_bytes_per_skb": bytes.checked_div(packets).unwrap_or(0),
             "dropped": after.2 - before.2,
         });
     }
