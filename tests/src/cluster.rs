@@ -32,8 +32,13 @@ pub struct Cluster {
 impl Cluster {
     /// `hosts` hosts on a switch, etcd on the switch, and `config` as the network config.
     pub fn new(hosts: usize, config: &str) -> anyhow::Result<Self> {
+        Self::new_opts(hosts, config, true)
+    }
+
+    /// As [`Self::new`]; with `die_with_parent` false, etcd outlives us (the demo's `--keep`).
+    pub fn new_opts(hosts: usize, config: &str, die_with_parent: bool) -> anyhow::Result<Self> {
         let lab = Lab::with_switch(hosts, 1500)?;
-        let etcd = Etcd::start_in_netns(lab.switch.as_ref().expect("switch").name(), SWITCH_IP);
+        let etcd = Etcd::start_in_netns_opts(lab.switch.as_ref().expect("switch").name(), SWITCH_IP, die_with_parent);
         let dir = tempfile::Builder::new().prefix("overlay-cluster-").tempdir()?;
         let c = Cluster {
             lab,
@@ -106,9 +111,18 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, index: usize, extra: &[&str]) -> anyhow::Result<OverlayProcess> {
+        self.start_agent_opts(index, extra, true)
+    }
+
+    pub fn start_agent_opts(&mut self, index: usize, extra: &[&str], die_with_parent: bool) -> anyhow::Result<OverlayProcess> {
         let args = self.agent_args(index, extra)?;
-        OverlayProcess::start(&self.lab.host(index).ns, &args, Duration::from_secs(30))
+        OverlayProcess::start_opts(&self.lab.host(index).ns, &args, Duration::from_secs(30), die_with_parent)
             .with_context(|| format!("starting the agent on host{index}"))
+    }
+
+    /// Where per-host files (subnet files, pin directories) live.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Containers behind docker0 on host `index`, from the agent's ready line (its subnet file).

@@ -71,6 +71,8 @@ pub struct Etcd {
     peer_port: u16,
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     starts: u32,
+    /// Killed when the thread that started it ends (false only for the demo's `--keep`).
+    die_with_parent: bool,
 }
 
 fn free_port() -> u16 {
@@ -122,6 +124,7 @@ impl Etcd {
                 peer_port: free_port(),
                 tls: tls.clone(),
                 starts: 0,
+                die_with_parent: true,
             };
             match e.spawn() {
                 Ok(()) => return e,
@@ -135,7 +138,13 @@ impl Etcd {
     /// (the lab's agents reach it over the underlay; the ports are the standard ones, as the
     /// namespace is ours alone).
     pub fn start_in_netns(netns: &str, host: Ipv4Addr) -> Self {
+        Self::start_in_netns_opts(netns, host, true)
+    }
+
+    /// As [`Self::start_in_netns`]; with `die_with_parent` false etcd outlives this process.
+    pub fn start_in_netns_opts(netns: &str, host: Ipv4Addr, die_with_parent: bool) -> Self {
         let mut e = Etcd {
+            die_with_parent,
             child: None,
             netns: Some(netns.to_string()),
             host,
@@ -193,9 +202,13 @@ impl Etcd {
                 .arg("--client-cert-auth");
         }
         // If the test process dies without running Drop, take etcd with it.
+        let die_with_parent = self.die_with_parent;
         unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            cmd.pre_exec(move || {
+                crate::netns::unblock_signals();
+                if die_with_parent {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
                 Ok(())
             });
         }

@@ -254,15 +254,17 @@ impl OverlayProcess {
             std::env::var("OVERLAY_LOG").unwrap_or_else(|_| "warn".into()),
         );
         cmd.envs(env.iter().copied());
-        // The child dies with the thread that started it, even if the test is killed.
-        if die_with_parent {
-            unsafe {
-                use std::os::unix::process::CommandExt as _;
-                cmd.pre_exec(|| {
+        // The child dies with the thread that started it, even if the test is killed; and it
+        // gets a clean signal mask (the demo blocks SIGINT/SIGTERM to handle Ctrl-C itself).
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(move || {
+                crate::netns::unblock_signals();
+                if die_with_parent {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));

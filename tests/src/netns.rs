@@ -107,3 +107,14 @@ fn sweep_stale() {
         }
     }
 }
+
+/// Unblock every signal in the calling thread. For `pre_exec`: a blocked mask is inherited
+/// across exec, and a daemon started with SIGTERM blocked never hears it.
+pub fn unblock_signals() {
+    // SAFETY: async-signal-safe libc calls on a local, initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}

@@ -44,6 +44,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.cleanup {
         return cleanup(&args);
     }
+    // A mask inherited blocked (from a supervisor or shell that blocks them) would make us deaf
+    // to SIGTERM: the runtime's threads inherit this thread's mask.
+    let mut stop = nix::sys::signal::SigSet::empty();
+    stop.add(nix::sys::signal::Signal::SIGTERM);
+    stop.add(nix::sys::signal::Signal::SIGINT);
+    stop.thread_unblock()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

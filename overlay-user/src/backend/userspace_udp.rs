@@ -30,7 +30,7 @@ impl UserspaceUdp {
     /// our lease publishes.
     pub fn new(underlay: &str, public_ip: Ipv4Addr, bind_ip: Ipv4Addr, port: u16) -> Result<Self, BackendError> {
         let link = netdev::link_info(underlay)?;
-        let mtu = link.mtu.saturating_sub(ENCAP_OVERHEAD as u32);
+        let mtu = link.mtu.saturating_sub(ENCAP_OVERHEAD);
         Ok(UserspaceUdp {
             public_ip,
             bind_ip,

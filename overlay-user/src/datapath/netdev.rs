@@ -134,7 +134,7 @@ pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), DatapathError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| DatapathError::Config(format!("creating pin directory {}: {e}", dir.display())))?;
     let is_bpffs = nix::sys::statfs::statfs(dir)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if !is_bpffs {
         nix::mount::mount(

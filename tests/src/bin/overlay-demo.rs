@@ -1,19 +1,24 @@
-//! `cargo xtask run`: a multi-host overlay network on one machine. Hosts are network
-//! namespaces on an underlay switch, each with a docker0-like bridge and containers; every
-//! container pings every other one across hosts and the result is printed as a table.
+//! `cargo xtask run`: the seeds' multi-host setup on one machine. Hosts are network namespaces
+//! on an underlay switch where etcd runs; the network config goes to
+//! `/coreos.com/network/config`; `overlay agent` runs on every host, leases a subnet and writes
+//! its subnet file; docker-like bridges and containers are built from that file (`--bip`,
+//! `--mtu`, as mk-docker-opts.sh tells docker); then every container pings every other one.
+use std::{collections::BTreeMap, time::Duration};
+
 use anyhow::Context as _;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use overlay_tests::{
-    lab::{self, Backend},
+    cluster::Cluster,
+    lab::{OverlayProcess, workspace_bin},
     traffic::ping,
 };
 
 #[derive(Parser)]
-#[command(name = "overlay-demo", about = "A multi-host overlay network in network namespaces")]
+#[command(name = "overlay-demo", about = "A multi-host overlay network in network namespaces, run by overlay agents")]
 struct Args {
-    /// Tunnel format.
-    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "udp"])]
+    /// The network's Backend.Type.
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "udp", "host-gw"])]
     backend: String,
     /// Number of hosts.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=50))]
@@ -21,69 +26,83 @@ struct Args {
     /// Containers per host.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=20))]
     containers: u8,
-    /// Leave everything up on exit (namespaces stay; remove them with `ip netns del`).
+    /// Leave everything running on exit (namespaces, etcd, agents) for exploring.
     #[arg(long)]
     keep: bool,
-    /// Print the table and stop instead of waiting for Ctrl-C.
+    /// Print the tables and stop instead of waiting for Ctrl-C.
     #[arg(long)]
     once: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let backend = if args.backend == "udp" {
-        Backend::Udp
-    } else {
-        Backend::Vxlan
-    };
-    // Ctrl-C must reach our drops, not kill us mid-way: take the signals as data.
+    // Ctrl-C must reach our cleanup, not kill us midway: take the signals as data.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
 
-    println!(
-        "creating {} hosts with {} containers each ({} backend)...",
-        args.hosts,
-        args.containers,
-        backend.name()
-    );
-    let lab = lab::static_lab(args.hosts as usize, args.containers as usize, backend)?;
-    let procs = lab::start_static_datapaths_opts(&lab, backend, !args.keep)?;
+    let config = format!(r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{{"Type":"{}"}}}}"#, args.backend);
+    let n = args.hosts as usize;
+    println!("== {n} hosts on an underlay switch, etcd at the switch; network config:\n   {config}");
+    let mut c = Cluster::new_opts(n, &config, !args.keep)?;
+
+    println!("== starting `overlay agent` on every host, containers from each subnet file");
+    let mut agents: Vec<OverlayProcess> = Vec::new();
+    for i in 1..=n {
+        let a = c.start_agent_opts(i, &["--ip-masq"], !args.keep)?;
+        c.add_containers(i, &a, args.containers as usize)?;
+        agents.push(a);
+    }
+    c.wait_until("every agent knows every other host", Duration::from_secs(20), || {
+        Ok((1..=n).all(|i| c.peer_subnets(i).map(|p| p.len() == n - 1).unwrap_or(false)))
+    })?;
+
+    let docker_opts = (1..=n)
+        .map(|i| {
+            let out = c.dir().join(format!("host{i}/docker"));
+            let bin = workspace_bin("overlay");
+            let subnet_file = c.subnet_file(i);
+            overlay_tests::netns::run(
+                std::process::Command::new(bin)
+                    .args(["docker-opts", "-f"])
+                    .arg(&subnet_file)
+                    .args(["-k", "DOCKER_NETWORK_OPTIONS", "-d"])
+                    .arg(&out),
+            )?;
+            let text = std::fs::read_to_string(&out)?;
+            let line = text.lines().find(|l| l.starts_with("DOCKER_NETWORK_OPTIONS")).unwrap_or("").to_string();
+            Ok(line)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     println!();
-    println!(
-        "{:<7} {:<16} {:<16} {:<6} {:<18} {:>5}",
-        "host", "subnet", "PublicIP", "peers", "VtepMAC", "MTU"
-    );
-    for (h, p) in lab.hosts.iter().zip(&procs) {
+    println!("{:<7} {:<16} {:<16} {:>5}  {:<44} docker options (from mk-docker-opts)", "host", "subnet", "PublicIP", "peers", "backend");
+    for (i, a) in agents.iter().enumerate() {
+        let h = c.lab.host(i + 1);
         println!(
-            "{:<7} {:<16} {:<16} {:<6} {:<18} {:>5}",
+            "{:<7} {:<16} {:<16} {:>5}  {:<44} {}",
             h.name(),
-            h.subnet.map(|s| s.to_string()).unwrap_or_default(),
+            a.ready["subnet"].as_str().unwrap_or(""),
             h.public_ip,
-            lab.hosts.len() - 1,
-            p.ready["vtep_mac"].as_str().unwrap_or(""),
-            p.ready["mtu"]
+            c.peer_subnets(i + 1)?.len(),
+            a.ready["backend"].as_str().unwrap_or(""),
+            docker_opts[i]
         );
     }
 
     println!();
     println!("{:<24} {:<24} {:>8} {:>10}", "from", "to", "replies", "rtt avg");
     let mut failures = 0;
-    for a in &lab.hosts {
+    for a in &c.lab.hosts {
         for ca in &a.containers {
-            for b in lab.hosts.iter().filter(|b| b.index != a.index) {
+            for b in c.lab.hosts.iter().filter(|b| b.index != a.index) {
                 for cb in &b.containers {
                     let r = ping(&ca.ns, cb.ip, 3, 56, false, "0.05")?;
-                    let avg = if r.rtts_ms.is_empty() {
-                        f64::NAN
-                    } else {
-                        r.rtts_ms.iter().sum::<f64>() / r.rtts_ms.len() as f64
-                    };
                     if r.received != r.transmitted {
                         failures += 1;
                     }
+                    let avg = r.rtts_ms.iter().sum::<f64>() / r.rtts_ms.len().max(1) as f64;
                     println!(
                         "{:<24} {:<24} {:>8} {:>8.3}ms",
                         format!("{} {}", a.name(), ca.ip),
@@ -96,55 +115,65 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!();
-    println!(
-        "{}",
-        if failures == 0 {
-            "all container pairs reachable".to_string()
-        } else {
-            format!("{failures} pairs lost pings")
-        }
-    );
+    if failures == 0 {
+        println!("all container pairs reachable");
+    } else {
+        println!("{failures} container pairs lost pings");
+    }
+    print_counters(&c)?;
 
-    let explore = format!(
+    let example = format!(
         "ip netns exec {} ping {}",
-        lab.hosts[0].containers[0].ns.name(),
-        lab.hosts[1].containers[0].ip
+        c.lab.host(1).containers[0].ns.name(),
+        c.lab.host(2).containers[0].ip
     );
+    let status = format!(
+        "ip netns exec {} {} status --healthz-port {}",
+        c.lab.host(1).ns.name(),
+        workspace_bin("overlay").display(),
+        overlay_tests::cluster::HEALTHZ_PORT
+    );
+    let leases = format!("ip netns exec {} etcdctl --endpoints={} get --prefix /coreos.com/network", c.switch().name(), c.endpoint());
     if args.keep {
-        // Leave everything running: the namespaces, and the datapath processes in them.
-        println!("left up (--keep); explore with e.g. `{explore}`; remove with `ip netns del` on each namespace");
-        for p in procs {
-            std::mem::forget(p);
+        println!("\nleft running (--keep). Explore:\n  {example}\n  {status}\n  {leases}");
+        println!("remove with: ip netns list | grep ^ovlt | cut -d' ' -f1 | xargs -n1 ip netns del; pkill -f 'overlay agent'; pkill etcd");
+        for a in agents {
+            std::mem::forget(a);
         }
-        std::mem::forget(lab);
-        return if failures == 0 {
-            Ok(())
-        } else {
-            anyhow::bail!("{failures} container pairs could not reach each other")
-        };
-    }
-    if !args.once {
-        println!("running; explore with e.g. `{explore}`; Ctrl-C to stop and remove everything");
-        signals.wait()?;
-    }
-
-    println!();
-    println!("{:<7} counters", "host");
-    for (h, p) in lab.hosts.iter().zip(procs) {
-        let stats = p.stop().with_context(|| format!("stopping {}", h.name()))?;
-        let nonzero: Vec<String> = stats["counters"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter(|(_, v)| v["packets"].as_u64().unwrap_or(0) > 0)
-                    .map(|(k, v)| format!("{k}={}", v["packets"]))
-                    .collect()
-            })
-            .unwrap_or_default();
-        println!("{:<7} {}", h.name(), nonzero.join(" "));
+        std::mem::forget(c);
+    } else {
+        if !args.once {
+            println!("\nrunning; explore in another shell:\n  {example}\n  {status}\n  {leases}\nCtrl-C stops and removes everything");
+            signals.wait()?;
+        }
+        for (i, a) in agents.into_iter().enumerate() {
+            a.stop().with_context(|| format!("stopping the agent on host{}", i + 1))?;
+        }
+        println!("stopped the agents; removing namespaces and etcd");
     }
     if failures > 0 {
         anyhow::bail!("{failures} container pairs could not reach each other");
+    }
+    Ok(())
+}
+
+fn print_counters(c: &Cluster) -> anyhow::Result<()> {
+    // Counters reach /status within a second.
+    std::thread::sleep(Duration::from_millis(1100));
+    println!();
+    println!("{:<7} counters (packets)", "host");
+    for h in &c.lab.hosts {
+        let s = c.status(h.index)?;
+        let nonzero: BTreeMap<String, u64> = s["counters"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v["packets"].as_u64().filter(|p| *p > 0)?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let text: Vec<String> = nonzero.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("{:<7} {}", h.name(), if text.is_empty() { "(host-gw has no tunnel counters)".into() } else { text.join(" ") });
     }
     Ok(())
 }
