@@ -133,7 +133,7 @@ impl FromStr for PeerEntry {
             ));
         }
         let (ip, mac) = match rest.split_once(',') {
-            Some((ip, mac)) => (ip, Some(mac.parse::<MacAddr>()?)),
+            Some((ip, mac)) => (ip, Some(mac.parse::<MacAddr>().map_err(|e| format!("invalid peer {s:?}: {e}"))?)),
             None => (rest, None),
         };
         let public_ip = ip
