@@ -366,6 +366,17 @@ fn go_style_flags_environment_and_health_endpoints() -> anyhow::Result<()> {
     let status = c.status(1)?;
     assert_eq!(status["ready"], true);
     assert_eq!(status["subnet"], a1.ready["subnet"]);
-    drop((a1, a2));
+    // `overlay status` prints the same for people.
+    let bin = overlay_tests::lab::workspace_bin("overlay");
+    let port = overlay_tests::cluster::HEALTHZ_PORT.to_string();
+    let text = c.lab.host(1).ns.exec(bin.to_str().unwrap(), &["status", "--healthz-port", &port])?;
+    let subnet = a1.ready["subnet"].as_str().unwrap();
+    assert!(text.contains(subnet) && text.contains("peers:      1") && text.contains("encap_vxlan"), "{text}");
+
+    // Masquerading goes with the agent, as with flanneld.
+    a1.stop()?;
+    let nat = c.lab.host(1).ns.exec("iptables", &["-t", "nat", "-S"])?;
+    assert!(!nat.contains("MASQUERADE"), "masquerading left after the agent stopped:\n{nat}");
+    drop(a2);
     Ok(())
 }

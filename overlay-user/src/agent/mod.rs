@@ -218,6 +218,10 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(c) = backend.counters() {
         println!("{}", serde_json::json!({ "counters": c.to_json() }));
     }
+    if args.ip_masq {
+        // As flanneld: masquerading goes with the agent (the next start puts it back at once).
+        iptables::remove_masquerade();
+    }
     drop(backend);
     result
 }
