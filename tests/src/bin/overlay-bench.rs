@@ -289,6 +289,13 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().skip(1).any(|a| a == "--control-plane") {
+        // The control-plane bench is its own binary, next to this one.
+        use std::os::unix::process::CommandExt as _;
+        let bin = lab::workspace_bin("overlay-bench-cp");
+        let err = Command::new(&bin).args(std::env::args().skip(1)).exec();
+        bail!("running {}: {err}", bin.display());
+    }
     let Some(opts) = parse_args()? else {
         println!("{USAGE}");
         return Ok(());
