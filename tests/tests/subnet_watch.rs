@@ -25,6 +25,8 @@ fn opts() -> ManagerOptions {
     ManagerOptions {
         resync_backoff_min: Duration::from_millis(100),
         resync_backoff_max: Duration::from_millis(400),
+        // Our own subnet must not be one the tests write as another host's.
+        previous_subnet: Some("10.244.1.0/24".parse().unwrap()),
         ..Default::default()
     }
 }

@@ -783,6 +783,8 @@ mod tests {
         reg.put_raw("10.5.3.0-24", attrs(3).to_json().as_bytes(), 0);
         let opts = ManagerOptions {
             resync_backoff_min: Duration::from_millis(10),
+            // Our subnet must not be one of the keys this test writes as other hosts'.
+            previous_subnet: Some("10.5.1.0/24".parse().unwrap()),
             ..Default::default()
         };
         let m = manager(&reg, opts);
