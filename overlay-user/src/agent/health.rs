@@ -1,19 +1,21 @@
 //! `/healthz` (alive), `/readyz` (lease held, subnet file written, datapath attached),
 //! `/metrics` (Prometheus text) and `/status` (JSON for `overlay status`).
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use ipnetwork::Ipv4Network;
 use overlay_common::CounterIndex;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
 };
 
-use crate::datapath::Counters;
+use crate::{backend::PeerLease, datapath::Counters};
 
 /// What the agent reports; updated by the agent loop, read by the HTTP handlers.
 #[derive(Debug, Clone, Default)]
@@ -25,8 +27,9 @@ pub struct Status {
     pub public_ip: Option<String>,
     pub backend: String,
     pub lease_expires: Option<SystemTime>,
-    /// (subnet, PublicIP, VtepMAC) per peer in the datapath.
-    pub peers: Vec<(String, String, Option<String>)>,
+    /// Peers in the datapath, by subnet. Kept up to date one event at a time: rebuilding it
+    /// per event cost O(peers) and held up the next map update (10 ms at 10,000 peers).
+    pub peers: BTreeMap<Ipv4Network, PeerLease>,
     pub counters: Option<Counters>,
     pub etcd_reconnects: u64,
 }
@@ -52,7 +55,7 @@ impl Status {
             "public_ip": self.public_ip,
             "backend": self.backend,
             "lease_expires_unix": self.lease_expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-            "peers": self.peers.iter().map(|(s, ip, mac)| serde_json::json!({"subnet": s, "public_ip": ip, "vtep_mac": mac})).collect::<Vec<_>>(),
+            "peers": self.peers.values().map(|p| serde_json::json!({"subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.map(|m| m.to_string())})).collect::<Vec<_>>(),
             "counters": self.counters.as_ref().map(|c| c.to_json()),
             "etcd_reconnects": self.etcd_reconnects,
         })

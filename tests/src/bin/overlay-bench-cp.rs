@@ -166,6 +166,27 @@ fn join<T>(h: std::thread::JoinHandle<anyhow::Result<anyhow::Result<T>>>, what: 
         .with_context(|| what.to_string())
 }
 
+/// The agent's memory lines of /proc/pid/status, in MB (10^6 bytes): VmRSS and its parts
+/// (anonymous: heap and stacks; file: the mapped binary and libraries), VmHWM (peak).
+fn memory_breakdown(pid: u32) -> anyhow::Result<Value> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mut m = serde_json::Map::new();
+    for field in ["VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM", "VmData", "Threads"] {
+        if let Some(v) = status.lines().find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        }) {
+            let v = if field == "Threads" { v } else { v * 1024.0 / 1e6 };
+            m.insert(field.to_string(), json!(v));
+        }
+    }
+    Ok(Value::Object(m))
+}
+
 /// (VmRSS, VmHWM) of `pid` in MB (10^6 bytes).
 fn memory_mb(pid: u32) -> anyhow::Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -289,6 +310,8 @@ fn run(opts: &Options) -> anyhow::Result<Value> {
     // Memory and idle CPU with every peer in place.
     std::thread::sleep(Duration::from_secs(1));
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
+    let breakdown = memory_breakdown(pid)?;
+    println!("agent memory (MB): {breakdown}");
     let cpu0 = cpu_seconds(pid)?;
     let t_idle = Instant::now();
     std::thread::sleep(Duration::from_secs(opts.idle));
@@ -306,7 +329,7 @@ fn run(opts: &Options) -> anyhow::Result<Value> {
     // Change k: even k changes the VtepMAC of existing lease k/2 (spread over the set), odd k
     // adds lease n + k/2.
     let target = move |k: usize| -> (usize, u8) {
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             ((k / 2) * n.max(1) / changes.div_ceil(2).max(1), 1)
         } else {
             (n + k / 2, 0)
@@ -409,6 +432,7 @@ fn run(opts: &Options) -> anyhow::Result<Value> {
             "peak_rss_mb": hwm_mb,
             "rss_after_burst_mb": rss_after_mb,
             "peak_rss_after_burst_mb": hwm_after_mb,
+            "breakdown_mb": breakdown,
             "goal_mb": GOAL_RSS_MB,
             "met": rss_mb < GOAL_RSS_MB,
         },

@@ -1511,7 +1511,7 @@ fn chart_svg(report: &Value) -> String {
 "#,
                 x + bar_w / 2.0 - 1.0,
                 y0 - 3.0,
-                if ratio >= 0.995 && ratio < 10.0 {
+                if (0.995..10.0).contains(&ratio) {
                     format!("{ratio:.1}")
                 } else {
                     format!("{ratio:.2}")
@@ -1571,5 +1571,34 @@ mod tests {
         assert!(BenchBackend::parse("vxlan").is_err());
         assert_eq!(BenchBackend::EbpfUdp.container_mtu(), 1472);
         assert_eq!(BenchBackend::EbpfVxlanGeneric.container_mtu(), 1450);
+        assert_eq!(BenchBackend::UserspaceUdp.container_mtu(), 1472);
+    }
+
+    #[test]
+    fn busy_jiffies_leave_out_idle_iowait_and_steal() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        assert_eq!(busy_jiffies("cpu  10 1 5 1000 7 2 3 50 0 0"), Some(21));
+        assert_eq!(busy_jiffies("intr 1 2 3"), None);
+        assert_eq!(busy_jiffies("cpu 1 x 3 4"), None);
+    }
+
+    #[test]
+    fn chart_has_a_bar_per_backend_and_figure() {
+        let summary = |r: f64| json!({"ratio_to_host_gw": r});
+        let backend = |name: &str, r: f64| {
+            let mut s = serde_json::Map::new();
+            for m in Metric::ALL {
+                s.insert(m.key().into(), summary(r));
+            }
+            json!({"backend": name, "summary": s})
+        };
+        let report = json!({
+            "config": {"rounds": 3, "duration_s": 5, "machine": "a <test> machine"},
+            "backends": [backend("host-gw", 1.0), backend("userspace-udp", 0.03)],
+        });
+        let svg = chart_svg(&report);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<title>").count(), 2 * Metric::ALL.len());
+        assert!(svg.contains("a &lt;test&gt; machine"));
     }
 }
