@@ -24,6 +24,7 @@ pub const MAX_PEERS: u32 = 65536;
 /// Program names as they appear in the object file.
 pub const PROG_ENCAP: &str = "overlay_encap";
 pub const PROG_DECAP: &str = "overlay_decap";
+pub const PROG_DECAP_TC: &str = "overlay_decap_tc";
 
 /// Tunnel wire format, chosen per network (flannel's `Backend.Type`).
 #[repr(u8)]

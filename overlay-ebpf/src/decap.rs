@@ -1,11 +1,19 @@
-//! Ingress (XDP on the underlay): unwrap tunnel packets from known peers.
+//! Ingress on the underlay: unwrap tunnel packets from known peers. Two entry points share one
+//! decision ([`classify`]): XDP (`decap_xdp`) and TC ingress (`decap_tc`), which differ only in
+//! how they remove the outer headers.
 //!
 //! Decision order, and why: a packet is ours to judge only once we have seen that it is UDP to
 //! our tunnel port and addressed to our PublicIP; anything we cannot classify that far passes
 //! untouched (a truncated frame, a non-first fragment). From there on, every packet is either
 //! decapsulated or dropped with a counted reason.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action,
+    },
+    helpers::bpf_xdp_adjust_head,
+    programs::{TcContext, XdpContext},
+};
 use overlay_common::{
     CounterIndex, Format, subnet_contains,
     wire::{ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_MF, IPV4_OFFSET_MASK, UDP_LEN, VXLAN_LEN},
@@ -14,102 +22,150 @@ use overlay_common::{
 use crate::{
     counters::count,
     maps::{CONFIG, PEERS_BY_IP},
-    packet::ptr_at,
+    packet::{PacketReader, ptr_at},
 };
 
-const PASS: Result<u32, CounterIndex> = Ok(xdp_action::XDP_PASS);
+/// A tunnel packet accepted for decapsulation.
+pub struct Accepted {
+    format: Format,
+    /// Bytes between the outer Ethernet header and the inner IPv4 header.
+    strip: usize,
+    /// The inner IPv4 packet's total length.
+    inner_len: usize,
+    /// The outer Ethernet header: to this NIC, from the last hop.
+    eth: [u8; 14],
+}
 
-pub fn decap(ctx: &XdpContext) -> Result<u32, CounterIndex> {
+/// Fixed-size IPv4 header fields we read; options, if any, are skipped by IHL.
+struct Ipv4 {
+    vihl: u8,
+    tot_len: u16,
+    frags: u16,
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[inline(always)]
+fn ipv4_at<P: PacketReader>(pkt: &P, offset: usize) -> Option<Ipv4> {
+    let h: [u8; 20] = pkt.read(offset)?;
+    Some(Ipv4 {
+        vihl: h[0],
+        tot_len: u16::from_be_bytes([h[2], h[3]]),
+        frags: u16::from_be_bytes([h[6], h[7]]),
+        proto: h[9],
+        src: [h[12], h[13], h[14], h[15]],
+        dst: [h[16], h[17], h[18], h[19]],
+    })
+}
+
+/// Ok(None): not a tunnel packet for us, pass it on untouched. Err: ours, but dropped.
+#[inline(always)]
+pub fn classify<P: PacketReader>(pkt: &P) -> Result<Option<Accepted>, CounterIndex> {
     let Some(cfg) = CONFIG.get(0) else {
-        return PASS;
+        return Ok(None);
     };
     let Some(format) = cfg.format() else {
-        return PASS;
+        return Ok(None);
     };
 
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return PASS;
+    let Some(eth) = pkt.read::<[u8; 14]>(0) else {
+        return Ok(None);
     };
-    let eth = unsafe { *eth };
-    if u16::from_be(eth.ether_type) != ETH_P_IP {
-        return PASS;
+    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
+        return Ok(None);
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN as usize) else {
-        return PASS;
+    let Some(ip) = ipv4_at(pkt, ETH_LEN as usize) else {
+        return Ok(None);
     };
-    let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
-    if ip.vihl >> 4 != 4 || ihl < 20 || ip.proto as u8 != IPPROTO_UDP {
-        return PASS;
+    if ip.vihl >> 4 != 4 || ihl < 20 || ip.proto != IPPROTO_UDP {
+        return Ok(None);
     }
-    let frags = u16::from_be_bytes(ip.frags);
-    if frags & IPV4_OFFSET_MASK != 0 {
+    if ip.frags & IPV4_OFFSET_MASK != 0 {
         // No UDP header in a non-first fragment: we cannot tell whose it is.
-        return PASS;
+        return Ok(None);
     }
     let udp_off = ETH_LEN as usize + ihl;
-    let Some(udp) = ptr_at::<UdpHdr>(ctx, udp_off) else {
-        return PASS;
+    let Some(udp) = pkt.read::<[u8; 8]>(udp_off) else {
+        return Ok(None);
     };
-    let udp = unsafe { &*udp };
-    if u16::from_be_bytes(udp.dst) != cfg.port || ip.dst_addr != cfg.public_ip {
-        return PASS;
+    if u16::from_be_bytes([udp[2], udp[3]]) != cfg.port || ip.dst != cfg.public_ip {
+        return Ok(None);
     }
 
     // Tunnel traffic for us from here on.
-    if frags & IPV4_MF != 0 {
+    if ip.frags & IPV4_MF != 0 {
         return Err(CounterIndex::DropFragment);
     }
     // SAFETY: the value is copied out at once; a concurrent update can only give us an old or
     // a new entry, both valid.
-    let peer = unsafe { PEERS_BY_IP.get(&ip.src_addr) }.ok_or(CounterIndex::DropUnknownPeer)?;
+    let peer = unsafe { PEERS_BY_IP.get(&ip.src) }.ok_or(CounterIndex::DropUnknownPeer)?;
     let (peer_net, peer_len) = (peer.addr, peer.prefix_len);
 
     let mut inner_off = udp_off + UDP_LEN as usize;
     if format == Format::Vxlan {
-        let vx = ptr_at::<[u8; 8]>(ctx, inner_off).ok_or(CounterIndex::DropMalformed)?;
-        let vni = overlay_common::wire::vxlan_vni(unsafe { &*vx });
-        if vni != Some(cfg.vni & 0x00ff_ffff) {
+        let vx: [u8; 8] = pkt.read(inner_off).ok_or(CounterIndex::DropMalformed)?;
+        if overlay_common::wire::vxlan_vni(&vx) != Some(cfg.vni & 0x00ff_ffff) {
             return Err(CounterIndex::DropWrongVni);
         }
-        let inner_eth = ptr_at::<EthHdr>(ctx, inner_off + VXLAN_LEN as usize).ok_or(CounterIndex::DropMalformed)?;
-        if u16::from_be(unsafe { (*inner_eth).ether_type }) != ETH_P_IP {
+        let inner_eth: [u8; 14] = pkt
+            .read(inner_off + VXLAN_LEN as usize)
+            .ok_or(CounterIndex::DropMalformed)?;
+        if u16::from_be_bytes([inner_eth[12], inner_eth[13]]) != ETH_P_IP {
             return Err(CounterIndex::DropMalformed);
         }
         inner_off += (VXLAN_LEN + ETH_LEN) as usize;
     }
 
-    let inner = ptr_at::<Ipv4Hdr>(ctx, inner_off).ok_or(CounterIndex::DropMalformed)?;
-    let inner = unsafe { &*inner };
-    let inner_len = u16::from_be_bytes(inner.tot_len) as usize;
-    if inner.vihl >> 4 != 4
-        || inner.vihl & 0x0f < 5
-        || inner_len < (inner.vihl & 0x0f) as usize * 4
-        || inner_off + inner_len > ctx.data_end() - ctx.data()
-    {
+    let inner = ipv4_at(pkt, inner_off).ok_or(CounterIndex::DropMalformed)?;
+    let inner_len = inner.tot_len as usize;
+    let inner_ihl = (inner.vihl & 0x0f) as usize * 4;
+    if inner.vihl >> 4 != 4 || inner_ihl < 20 || inner_len < inner_ihl || inner_off + inner_len > pkt.len() {
         return Err(CounterIndex::DropMalformed);
     }
-    if !subnet_contains(peer_net, peer_len, inner.src_addr) {
+    if !subnet_contains(peer_net, peer_len, inner.src) {
         return Err(CounterIndex::DropSpoofedSource);
     }
-    if !subnet_contains(cfg.subnet_addr, cfg.subnet_prefix_len, inner.dst_addr) {
+    if !subnet_contains(cfg.subnet_addr, cfg.subnet_prefix_len, inner.dst) {
         return Err(CounterIndex::DropNotOurSubnet);
     }
+    Ok(Some(Accepted {
+        format,
+        strip: inner_off - ETH_LEN as usize,
+        inner_len,
+        eth,
+    }))
+}
 
-    // Strip everything between the outer Ethernet header and the inner IPv4 packet, then put
-    // the outer Ethernet header (addressed to this NIC) back in front: the stack then routes
-    // the inner packet as if it had arrived directly.
-    let strip = (inner_off - ETH_LEN as usize) as i32;
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip) } != 0 {
+/// XDP: move the frame start past the outer headers and write the outer Ethernet header
+/// (addressed to this NIC) back in front: the stack then routes the inner packet as if it had
+/// arrived directly.
+pub fn decap_xdp(ctx: &XdpContext) -> Result<u32, CounterIndex> {
+    let Some(acc) = classify(ctx)? else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, acc.strip as i32) } != 0 {
         return Err(CounterIndex::DropDecapFailed);
     }
     // Packet pointers are stale after adjust_head: re-check before writing.
-    let new_eth = ptr_at::<EthHdr>(ctx, 0).ok_or(CounterIndex::DropDecapFailed)?;
-    unsafe {
-        (*new_eth).dst_addr = eth.dst_addr;
-        (*new_eth).src_addr = eth.src_addr;
-        (*new_eth).ether_type = ETH_P_IP.to_be();
-    }
-    count(CounterIndex::decap(format), inner_len as u64);
+    let new_eth = ptr_at::<[u8; 14]>(ctx, 0).ok_or(CounterIndex::DropDecapFailed)?;
+    unsafe { core::ptr::write_unaligned(new_eth, acc.eth) };
+    count(CounterIndex::decap(acc.format), acc.inner_len as u64);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// TC ingress: the same decision on an skb, for underlays where XDP costs more than it saves
+/// (veth: native XDP disables GSO on the peer and copies every frame). The kernel removes the
+/// outer headers: BPF_ADJ_ROOM_MAC cuts right after the Ethernet header, which stays in front
+/// unchanged (this NIC's MAC, IPv4); FIXED_GSO keeps gso_size, the inner MSS, as it is.
+pub fn decap_tc(ctx: &TcContext) -> Result<i32, CounterIndex> {
+    let Some(acc) = classify(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64;
+    ctx.adjust_room(-(acc.strip as i32), BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| CounterIndex::DropDecapFailed)?;
+    count(CounterIndex::decap(acc.format), acc.inner_len as u64);
+    Ok(TC_ACT_OK as i32)
 }

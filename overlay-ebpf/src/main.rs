@@ -1,8 +1,9 @@
 //! The tunnel datapath. Two thin entry points, one per attach point:
 //! - `overlay_encap` (TC egress of the overlay device): container/host traffic to a remote
 //!   subnet is wrapped in the network's tunnel format and redirected to the underlay.
-//! - `overlay_decap` (XDP on the underlay): tunnel packets from known peers are unwrapped;
-//!   everything else on the tunnel port is dropped and counted; other traffic passes untouched.
+//! - `overlay_decap` (XDP on the underlay) or `overlay_decap_tc` (TC ingress on the underlay),
+//!   one of the two: tunnel packets from known peers are unwrapped; everything else on the
+//!   tunnel port is dropped and counted; other traffic passes untouched.
 #![no_std]
 #![no_main]
 
@@ -31,11 +32,22 @@ pub fn overlay_encap(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn overlay_decap(ctx: XdpContext) -> u32 {
-    match decap::decap(&ctx) {
+    match decap::decap_xdp(&ctx) {
         Ok(action) => action,
         Err(reason) => {
             counters::count(reason, (ctx.data_end() - ctx.data()) as u64);
             xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[classifier]
+pub fn overlay_decap_tc(ctx: TcContext) -> i32 {
+    match decap::decap_tc(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            counters::count(reason, ctx.len() as u64);
+            TC_ACT_SHOT as i32
         }
     }
 }

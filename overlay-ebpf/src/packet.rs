@@ -1,6 +1,7 @@
-//! Bounds-checked access to XDP packet data: the one place that proves to the verifier that
-//! a header lies inside the packet.
-use aya_ebpf::programs::XdpContext;
+//! Packet access. `ptr_at` is the one place that proves to the verifier that an XDP header
+//! lies inside the packet; [`PacketReader`] lets the decision logic read headers the same way
+//! from an XDP frame and from an skb, so both decap entry points judge a packet identically.
+use aya_ebpf::programs::{TcContext, XdpContext};
 
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
@@ -10,4 +11,39 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + offset) as *mut T)
+}
+
+/// Read-only, bounds-checked view of a packet that starts with its Ethernet header.
+pub trait PacketReader {
+    /// A copy of the `T` at `offset`, or None when the packet ends before it.
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+    /// Bytes in the packet (an skb's whole length, paged data included).
+    fn len(&self) -> usize;
+}
+
+impl PacketReader for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        // SAFETY: ptr_at checked that size_of::<T>() bytes at offset lie inside the frame.
+        ptr_at::<T>(self, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
+
+impl PacketReader for TcContext {
+    /// bpf_skb_load_bytes: works on non-linear skbs too (GRO/GSO packets keep only part of
+    /// the headers in the linear area on some drivers).
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load::<T>(offset).ok()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
 }

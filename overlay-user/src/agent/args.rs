@@ -1,7 +1,10 @@
 //! flanneld's flags, with its names and meanings, also from `FLANNELD_*` variables; plus ours.
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use crate::{datapath::XdpAttach, subnet::etcd::EtcdArgs};
+use crate::{
+    datapath::{DecapAttach, XdpAttach},
+    subnet::etcd::EtcdArgs,
+};
 
 /// Which implementation carries the traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -73,6 +76,9 @@ pub struct AgentArgs {
     /// XDP attach mode of the eBPF datapath.
     #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
     pub xdp_mode: XdpAttach,
+    /// Hook that decapsulates on the underlay: auto = TC ingress on veth, XDP elsewhere.
+    #[arg(long, env = "OVERLAY_DECAP", value_enum, default_value_t = DecapAttach::Auto)]
+    pub decap: DecapAttach,
     /// If our lease is deleted from etcd, lease again instead of stopping (flanneld stops).
     #[arg(long)]
     pub reacquire_lease: bool,

@@ -343,6 +343,7 @@ fn make_backend(
             device: args.overlay_device.clone(),
             pin_dir: Some(args.pin_dir.clone()),
             xdp: args.xdp_mode,
+            decap: args.decap,
         })
     };
     match &config.backend {

@@ -6,7 +6,10 @@ use serde_json::json;
 
 use super::{Backend, BackendError, PeerLease};
 use crate::{
-    datapath::{Counters, Datapath, DatapathSpec, Format, MacAddr, PeerEntry, Programs, XdpAttach, netdev},
+    datapath::{
+        Counters, Datapath, DatapathSpec, DecapAttach, DecapHook, Format, MacAddr, PeerEntry, Programs, XdpAttach,
+        netdev,
+    },
     subnet::LeaseAttrs,
 };
 
@@ -21,6 +24,7 @@ pub struct EbpfOptions {
     pub device: String,
     pub pin_dir: Option<PathBuf>,
     pub xdp: XdpAttach,
+    pub decap: DecapAttach,
 }
 
 pub struct EbpfBackend {
@@ -86,6 +90,7 @@ impl Backend for EbpfBackend {
             mtu: Some(self.mtu),
             vtep_mac: Some(self.vtep_mac),
             xdp: self.opts.xdp,
+            decap: self.opts.decap,
             pin_dir: self.opts.pin_dir.clone(),
         })?;
         self.datapath = Some(dp);
@@ -119,16 +124,19 @@ impl Backend for EbpfBackend {
     }
 
     fn describe(&self) -> String {
-        let mode = match self.datapath.as_ref().map(|d| d.xdp_mode()) {
-            Some(Some(m)) => format!("{m:?}").to_lowercase(),
-            Some(None) => "adopted".into(),
+        let mode = match &self.datapath {
+            Some(d) if d.decap_adopted() => format!("{} adopted", d.decap_hook().name()),
+            Some(d) => match (d.decap_hook(), d.xdp_mode()) {
+                (DecapHook::Xdp, Some(m)) => format!("xdp {}", format!("{m:?}").to_lowercase()),
+                (hook, _) => hook.name().into(),
+            },
             None => "not attached".into(),
         };
         let format = match self.opts.format {
             Format::Udp => "udp",
             Format::Vxlan => "vxlan",
         };
-        format!("ebpf-{format} (xdp {mode}, device {})", self.opts.device)
+        format!("ebpf-{format} (decap {mode}, device {})", self.opts.device)
     }
 
     fn expected_backend_type(&self) -> &'static str {

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use ipnetwork::Ipv4Network;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::datapath::{Datapath, DatapathSpec, Format, MacAddr, PeerEntry, XdpAttach};
+use crate::datapath::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, MacAddr, PeerEntry, XdpAttach};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -61,6 +61,9 @@ pub struct Args {
     /// XDP attach mode for decapsulation.
     #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
     pub xdp_mode: XdpAttach,
+    /// Hook that decapsulates on the underlay: auto = TC ingress on veth, XDP elsewhere.
+    #[arg(long, value_enum, default_value_t = DecapAttach::Auto)]
+    pub decap: DecapAttach,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -97,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         vtep_mac: args.vtep_mac,
         pin_dir: None,
         xdp: args.xdp_mode,
+        decap: args.decap,
     })
     .with_context(|| format!("attaching the datapath to {}", args.iface))?;
     for peer in &args.peers {
@@ -108,7 +112,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "ready": true,
         "vtep_mac": dp.vtep_mac().to_string(),
         "mtu": dp.mtu(),
-        "xdp_mode": dp.xdp_mode().map(|m| format!("{m:?}")).unwrap_or_else(|| "adopted".into()),
+        "decap": dp.decap_hook().name(),
+        "xdp_mode": match (dp.decap_hook(), dp.xdp_mode()) {
+            (DecapHook::Tc, _) => "none".to_string(),
+            (DecapHook::Xdp, Some(m)) => format!("{m:?}"),
+            (DecapHook::Xdp, None) => "adopted".into(),
+        },
     });
     let mut out = std::io::stdout().lock();
     writeln!(out, "{ready}")?;

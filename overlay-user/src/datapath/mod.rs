@@ -3,8 +3,8 @@
 //! - [`Programs`]: the object loaded into the kernel (verified, not attached) and typed access
 //!   to its maps. Packet tests run these programs through BPF_PROG_TEST_RUN.
 //! - [`Datapath`]: programs attached to a host: the overlay device whose egress encapsulates,
-//!   XDP on the underlay that decapsulates, the route and sysctls they need. Dropping it
-//!   detaches everything it attached and removes the device it created.
+//!   XDP or TC ingress on the underlay that decapsulates, the route and sysctls they need.
+//!   Dropping it detaches everything it attached and removes the device it created.
 pub mod netdev;
 
 use std::{
@@ -29,7 +29,7 @@ use ipnetwork::Ipv4Network;
 pub use overlay_common::Format;
 use overlay_common::{
     Counter, CounterIndex, DatapathConfig, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_DECAP,
-    PROG_ENCAP, Peer, PeerSubnet,
+    PROG_DECAP_TC, PROG_ENCAP, Peer, PeerSubnet,
 };
 
 /// The compiled programs, embedded at build time (see build.rs).
@@ -133,7 +133,10 @@ impl FromStr for PeerEntry {
             ));
         }
         let (ip, mac) = match rest.split_once(',') {
-            Some((ip, mac)) => (ip, Some(mac.parse::<MacAddr>().map_err(|e| format!("invalid peer {s:?}: {e}"))?)),
+            Some((ip, mac)) => (
+                ip,
+                Some(mac.parse::<MacAddr>().map_err(|e| format!("invalid peer {s:?}: {e}"))?),
+            ),
             None => (rest, None),
         };
         let public_ip = ip
@@ -208,6 +211,11 @@ impl Programs {
             name: PROG_DECAP,
             source,
         })?;
+        let decap_tc: &mut SchedClassifier = program(&mut ebpf, PROG_DECAP_TC)?;
+        decap_tc.load().map_err(|source| DatapathError::Program {
+            name: PROG_DECAP_TC,
+            source,
+        })?;
         Ok(Self { ebpf })
     }
 
@@ -215,8 +223,14 @@ impl Programs {
         program(&mut self.ebpf, PROG_ENCAP)
     }
 
+    /// The XDP decapsulation program.
     pub fn decap_program(&mut self) -> Result<&mut Xdp, DatapathError> {
         program(&mut self.ebpf, PROG_DECAP)
+    }
+
+    /// The TC-ingress decapsulation program: the same checks and counters as the XDP one.
+    pub fn decap_tc_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, PROG_DECAP_TC)
     }
 
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
@@ -341,7 +355,77 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
-/// How to attach the decapsulation program.
+/// Which hook decapsulates on the underlay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapAttach {
+    /// TC ingress on veth underlays, XDP elsewhere.
+    #[default]
+    Auto,
+    /// XDP, in the mode --xdp-mode says.
+    Xdp,
+    /// TC ingress (TCX): keeps GSO across veth, where XDP disables it.
+    Tc,
+}
+
+/// The hook decapsulation runs on, once [`DecapAttach`] is resolved for an underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapHook {
+    Xdp,
+    Tc,
+}
+
+impl DecapHook {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecapHook::Xdp => "xdp",
+            DecapHook::Tc => "tc",
+        }
+    }
+}
+
+/// Resolve the decap hook for an underlay whose driver kind is `kind` (None: hardware NIC).
+///
+/// On veth, native XDP makes the kernel drop GSO on the peer (every 64 KB skb is segmented
+/// before it crosses) and copies every frame; TC ingress keeps GSO. Generic XDP on a bare veth
+/// never runs on frames a peer's TC program redirected into it (skb->redirected survives the
+/// veth), so tunnel traffic would vanish: refused unless asked for with `--decap xdp`.
+pub fn choose_decap(
+    decap: DecapAttach,
+    xdp: XdpAttach,
+    underlay: &str,
+    kind: Option<&str>,
+) -> Result<DecapHook, DatapathError> {
+    let veth = kind == Some("veth");
+    match decap {
+        DecapAttach::Tc => Ok(DecapHook::Tc),
+        DecapAttach::Xdp => {
+            if veth && xdp == XdpAttach::Generic {
+                tracing::warn!(
+                    interface = underlay,
+                    "generic XDP on a veth sees no frames that a peer's TC program redirected into \
+                     the other end; this works only if that end is a bridge port"
+                );
+            }
+            Ok(DecapHook::Xdp)
+        }
+        DecapAttach::Auto if veth => match xdp {
+            XdpAttach::Auto => Ok(AUTO_ON_VETH),
+            XdpAttach::Native => Ok(DecapHook::Xdp),
+            XdpAttach::Generic => Err(DatapathError::Config(format!(
+                "--xdp-mode generic on veth underlay {underlay}: generic XDP does not run on frames \
+                 that a TC program redirected into the other end of the veth (our encapsulation on \
+                 the peer does), so tunnel traffic would be black-holed. Use --decap tc (the \
+                 default on veth), or --decap xdp --xdp-mode generic if the other end is a bridge port"
+            ))),
+        },
+        DecapAttach::Auto => Ok(DecapHook::Xdp),
+    }
+}
+
+/// What `--decap auto` picks on a veth underlay (see the benchmark figures in the commit log).
+const AUTO_ON_VETH: DecapHook = DecapHook::Tc;
+
+/// How to attach the XDP decapsulation program.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpAttach {
     /// Native (driver) mode where the driver supports it, generic otherwise.
@@ -371,6 +455,7 @@ pub struct DatapathSpec {
     /// Our VtepMAC (the overlay device's MAC); default: the device's own, kept across restarts.
     pub vtep_mac: Option<MacAddr>,
     pub xdp: XdpAttach,
+    pub decap: DecapAttach,
     /// bpffs directory for pinned maps and links. With it, the datapath outlives the process
     /// (dropping a [`Datapath`] leaves it attached) and the next start adopts it; without it,
     /// dropping detaches everything.
@@ -384,15 +469,21 @@ impl DatapathSpec {
     }
 }
 
+enum DecapLinkId {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
 enum Links {
     /// Owned by this process: detached when dropped.
-    Owned(SchedClassifierLinkId, XdpLinkId),
+    Owned(SchedClassifierLinkId, DecapLinkId),
     /// Pinned in bpffs: they stay until [`Datapath::cleanup`] unpins them.
     Pinned,
 }
 
 const LINK_ENCAP: &str = "link_encap";
 const LINK_DECAP: &str = "link_decap";
+const LINK_DECAP_TC: &str = "link_decap_tc";
 
 /// The datapath attached to this host.
 pub struct Datapath {
@@ -400,7 +491,11 @@ pub struct Datapath {
     spec: DatapathSpec,
     overlay: netdev::LinkInfo,
     underlay: netdev::LinkInfo,
-    /// None when an attachment was adopted from a previous run (its mode was chosen then).
+    decap_hook: DecapHook,
+    /// The decap link was taken over from a previous run.
+    decap_adopted: bool,
+    /// None when an attachment was adopted from a previous run (its mode was chosen then), or
+    /// decapsulation runs on TC.
     xdp_mode: Option<XdpMode>,
     links: Option<Links>,
     peers: HashMap<Ipv4Network, PeerEntry>,
@@ -419,6 +514,7 @@ impl Datapath {
             )));
         }
         let underlay = netdev::link_info(&spec.underlay)?;
+        let decap_hook = choose_decap(spec.decap, spec.xdp, &underlay.name, underlay.kind.as_deref())?;
         let overhead = spec.format.overhead();
         let mtu = spec.effective_mtu(underlay.mtu);
         if mtu < 576 || mtu + overhead > underlay.mtu {
@@ -462,6 +558,8 @@ impl Datapath {
             spec,
             overlay,
             underlay,
+            decap_hook,
+            decap_adopted: false,
             xdp_mode: None,
             links: None,
             peers,
@@ -475,6 +573,7 @@ impl Datapath {
             port = dp.spec.port,
             mtu,
             vtep_mac = %vtep_mac,
+            decap = dp.decap_hook.name(),
             xdp_mode = ?dp.xdp_mode,
             adopted_peers = dp.peers.len(),
             pinned = dp.spec.pin_dir.is_some(),
@@ -486,8 +585,8 @@ impl Datapath {
     fn attach_programs(&mut self) -> Result<(), DatapathError> {
         let Some(dir) = self.spec.pin_dir.clone() else {
             let tc = self.attach_encap()?;
-            let xdp = self.attach_decap()?;
-            self.links = Some(Links::Owned(tc, xdp));
+            let decap = self.attach_decap()?;
+            self.links = Some(Links::Owned(tc, decap));
             return Ok(());
         };
         let encap_pin = dir.join(LINK_ENCAP);
@@ -513,28 +612,56 @@ impl Datapath {
                 pin_link(FdLink::try_from(link), &encap_pin)?;
             }
         }
-        let decap_pin = dir.join(LINK_DECAP);
-        match adopt_link(&decap_pin, |fd| {
-            let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
-            let prog = self.programs.decap_program().map_err(|e| e.to_string())?;
-            let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
-            prog.take_link(id).map(drop).map_err(|e| e.to_string())
+        let (decap_pin, other_pin) = match self.decap_hook {
+            DecapHook::Xdp => (dir.join(LINK_DECAP), dir.join(LINK_DECAP_TC)),
+            DecapHook::Tc => (dir.join(LINK_DECAP_TC), dir.join(LINK_DECAP)),
+        };
+        let hook = self.decap_hook;
+        match adopt_link(&decap_pin, |fd| match hook {
+            DecapHook::Xdp => {
+                let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
+                let prog = self.programs.decap_program().map_err(|e| e.to_string())?;
+                let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+                prog.take_link(id).map(drop).map_err(|e| e.to_string())
+            }
+            DecapHook::Tc => {
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| e.to_string())?;
+                let prog = self.programs.decap_tc_program().map_err(|e| e.to_string())?;
+                let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+                prog.take_link(id).map(drop).map_err(|e| e.to_string())
+            }
         }) {
             Adopted::Yes => {
+                self.decap_adopted = true;
                 tracing::info!(link = %decap_pin.display(), "adopted pinned decap link")
             }
             Adopted::No => {
-                let id = self.attach_decap()?;
-                let link = self
-                    .programs
-                    .decap_program()?
-                    .take_link(id)
-                    .map_err(|source| DatapathError::Program {
-                        name: PROG_DECAP,
-                        source,
-                    })?;
-                pin_link(FdLink::try_from(link), &decap_pin)?;
+                let link = match self.attach_decap()? {
+                    DecapLinkId::Xdp(id) => {
+                        FdLink::try_from(self.programs.decap_program()?.take_link(id).map_err(|source| {
+                            DatapathError::Program {
+                                name: PROG_DECAP,
+                                source,
+                            }
+                        })?)
+                    }
+                    DecapLinkId::Tc(id) => {
+                        FdLink::try_from(self.programs.decap_tc_program()?.take_link(id).map_err(|source| {
+                            DatapathError::Program {
+                                name: PROG_DECAP_TC,
+                                source,
+                            }
+                        })?)
+                    }
+                };
+                pin_link(link, &decap_pin)?;
             }
+        }
+        // A previous run decapsulated on the other hook: remove it only now that ours is in
+        // place, so no tunnel packet goes undecapsulated. While both run, the XDP one
+        // decapsulates first and the TC one sees inner packets, which it passes.
+        if other_pin.exists() {
+            unpin(&other_pin);
         }
         self.links = Some(Links::Pinned);
         Ok(())
@@ -550,7 +677,19 @@ impl Datapath {
             })
     }
 
-    fn attach_decap(&mut self) -> Result<XdpLinkId, DatapathError> {
+    fn attach_decap(&mut self) -> Result<DecapLinkId, DatapathError> {
+        if self.decap_hook == DecapHook::Tc {
+            let underlay = self.underlay.name.clone();
+            return self
+                .programs
+                .decap_tc_program()?
+                .attach(&underlay, TcAttachType::Ingress)
+                .map(DecapLinkId::Tc)
+                .map_err(|source| DatapathError::Program {
+                    name: PROG_DECAP_TC,
+                    source,
+                });
+        }
         let xdp = self.programs.decap_program()?;
         let underlay = self.underlay.name.clone();
         let (link, mode) = match self.spec.xdp {
@@ -573,7 +712,7 @@ impl Datapath {
             source,
         })?;
         self.xdp_mode = Some(mode);
-        Ok(link)
+        Ok(DecapLinkId::Xdp(link))
     }
 
     pub fn spec(&self) -> &DatapathSpec {
@@ -589,9 +728,19 @@ impl Datapath {
         self.overlay.mtu
     }
 
-    /// The XDP mode chosen at attach time; None if adopted from a previous run.
+    /// The XDP mode chosen at attach time; None if adopted from a previous run or on TC.
     pub fn xdp_mode(&self) -> Option<XdpMode> {
         self.xdp_mode
+    }
+
+    /// The hook decapsulation runs on.
+    pub fn decap_hook(&self) -> DecapHook {
+        self.decap_hook
+    }
+
+    /// Whether the decap link was taken over from a previous run rather than attached anew.
+    pub fn decap_adopted(&self) -> bool {
+        self.decap_adopted
     }
 
     pub fn peers(&self) -> impl Iterator<Item = &PeerEntry> {
@@ -651,7 +800,7 @@ impl Datapath {
 
     fn detach_inner(&mut self) -> Result<(), DatapathError> {
         match self.links.take() {
-            Some(Links::Owned(tc, xdp)) => {
+            Some(Links::Owned(tc, decap)) => {
                 self.programs
                     .encap_program()?
                     .detach(tc)
@@ -659,13 +808,26 @@ impl Datapath {
                         name: PROG_ENCAP,
                         source,
                     })?;
-                self.programs
-                    .decap_program()?
-                    .detach(xdp)
-                    .map_err(|source| DatapathError::Program {
-                        name: PROG_DECAP,
-                        source,
-                    })?;
+                match decap {
+                    DecapLinkId::Xdp(id) => {
+                        self.programs
+                            .decap_program()?
+                            .detach(id)
+                            .map_err(|source| DatapathError::Program {
+                                name: PROG_DECAP,
+                                source,
+                            })?
+                    }
+                    DecapLinkId::Tc(id) => {
+                        self.programs
+                            .decap_tc_program()?
+                            .detach(id)
+                            .map_err(|source| DatapathError::Program {
+                                name: PROG_DECAP_TC,
+                                source,
+                            })?
+                    }
+                }
             }
             Some(Links::Pinned) => {
                 tracing::info!(
@@ -687,14 +849,10 @@ impl Datapath {
     /// Remove a pinned datapath: unpin (and so detach) its links, remove its pinned maps and
     /// the overlay device. Whatever is already gone is skipped.
     pub fn cleanup(pin_dir: &Path, overlay_device: &str) -> Result<(), DatapathError> {
-        for name in [LINK_ENCAP, LINK_DECAP] {
+        for name in [LINK_ENCAP, LINK_DECAP, LINK_DECAP_TC] {
             let path = pin_dir.join(name);
             if path.exists() {
-                match PinnedLink::from_pin(&path) {
-                    Ok(link) => drop(link.unpin()),
-                    Err(_) => drop(std::fs::remove_file(&path)),
-                }
-                tracing::info!(link = %path.display(), "unpinned");
+                unpin(&path);
             }
         }
         for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
@@ -744,6 +902,15 @@ fn adopt_link(path: &Path, update: impl FnOnce(FdLink) -> Result<(), String>) ->
     }
 }
 
+/// Unpin (and so detach) the link pinned at `path`.
+fn unpin(path: &Path) {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => drop(link.unpin()),
+        Err(_) => drop(std::fs::remove_file(path)),
+    }
+    tracing::info!(link = %path.display(), "unpinned");
+}
+
 fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), DatapathError> {
     let link = link.map_err(|e| DatapathError::Config(format!("link for {}: {e}", path.display())))?;
     link.pin(path)
@@ -770,5 +937,25 @@ mod tests {
             let err = bad.parse::<PeerEntry>().unwrap_err();
             assert!(err.contains(bad), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn decap_hook_follows_the_underlay_driver() {
+        use DecapAttach as D;
+        use XdpAttach as X;
+        let veth = Some("veth");
+        assert_eq!(choose_decap(D::Auto, X::Auto, "eth0", None).unwrap(), DecapHook::Xdp);
+        assert_eq!(
+            choose_decap(D::Auto, X::Auto, "eth0", Some("bond")).unwrap(),
+            DecapHook::Xdp
+        );
+        assert_eq!(choose_decap(D::Auto, X::Generic, "eth0", None).unwrap(), DecapHook::Xdp);
+        assert_eq!(choose_decap(D::Auto, X::Auto, "eth0", veth).unwrap(), AUTO_ON_VETH);
+        assert_eq!(choose_decap(D::Auto, X::Native, "eth0", veth).unwrap(), DecapHook::Xdp);
+        let err = choose_decap(D::Auto, X::Generic, "eth0", veth).unwrap_err().to_string();
+        assert!(err.contains("black-holed") && err.contains("--decap tc"), "{err}");
+        assert_eq!(choose_decap(D::Xdp, X::Generic, "eth0", veth).unwrap(), DecapHook::Xdp);
+        assert_eq!(choose_decap(D::Tc, X::Auto, "eth0", None).unwrap(), DecapHook::Tc);
+        assert_eq!(choose_decap(D::Xdp, X::Auto, "eth0", veth).unwrap(), DecapHook::Xdp);
     }
 }

@@ -14,6 +14,14 @@ pub struct LinkInfo {
     pub ifindex: u32,
     pub mtu: u32,
     pub mac: Option<MacAddr>,
+    /// Driver kind of a virtual device (`veth`, `bridge`, `dummy`...); None for hardware NICs.
+    pub kind: Option<String>,
+}
+
+impl LinkInfo {
+    pub fn is_veth(&self) -> bool {
+        self.kind.as_deref() == Some("veth")
+    }
 }
 
 #[derive(Deserialize)]
@@ -22,6 +30,12 @@ struct IpLink {
     ifindex: u32,
     mtu: u32,
     address: Option<String>,
+    linkinfo: Option<IpLinkKind>,
+}
+
+#[derive(Deserialize)]
+struct IpLinkKind {
+    info_kind: Option<String>,
 }
 
 pub fn ip(args: &[&str]) -> Result<String, DatapathError> {
@@ -60,7 +74,9 @@ pub fn bridge(args: &[&str]) -> Result<String, DatapathError> {
 }
 
 pub fn link_info(name: &str) -> Result<LinkInfo, DatapathError> {
-    let out = ip(&["-j", "link", "show", "dev", name]).map_err(|e| DatapathError::Interface {
+    // -d for linkinfo: the driver kind tells a veth apart even where /sys is not this
+    // namespace's (`ip netns exec` mounts a fresh one).
+    let out = ip(&["-d", "-j", "link", "show", "dev", name]).map_err(|e| DatapathError::Interface {
         name: name.to_string(),
         reason: e.to_string(),
     })?;
@@ -77,6 +93,7 @@ pub fn link_info(name: &str) -> Result<LinkInfo, DatapathError> {
         ifindex: l.ifindex,
         mtu: l.mtu,
         mac: l.address.and_then(|a| a.parse().ok()),
+        kind: l.linkinfo.and_then(|k| k.info_kind),
     })
 }
 
