@@ -50,6 +50,13 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
     // The encap flags keep GSO working: the kernel segments the inner TCP stream and
     // replicates our outer headers per segment. FIXED_GSO keeps the MSS: the overlay MTU
     // already leaves room for these headers.
+    //
+    // The inner L4 checksum stays as the sender left it (often CHECKSUM_PARTIAL, finished by
+    // the NIC or at segmentation). We do not finish it here: no helper clears
+    // CHECKSUM_PARTIAL, and a finished value in a skb still marked partial is summed again
+    // by whoever finishes it (NIC offload, skb_checksum_help) and comes out wrong. Over a
+    // bare veth nobody finishes it, which only a userspace receiver (flannel's udp backend)
+    // notices; turning tx checksum offload off on that veth fixes it.
     let mut flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
     if format == Format::Vxlan {
         flags |= BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64 | aya_ebpf::bpf_f_adj_room_encap_l2(ETH_LEN as u64);

@@ -231,3 +231,73 @@ fn vxlan_interoperates_with_flannel_kernel_device_xdp_decap() -> anyhow::Result<
 fn vxlan_interoperates_with_flannel_kernel_device_tc_decap() -> anyhow::Result<()> {
     vxlan_interop_with_flannel("tc")
 }
+
+/// A pinned datapath restarted with the other decap hook: the new hook is attached before the
+/// old one is unpinned, and traffic flows after each switch (xdp -> tc -> tc -> xdp); a restart
+/// with the same hook adopts its link.
+#[test]
+fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
+    use overlay::datapath::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, PeerEntry, XdpAttach};
+
+    let lab = lab::static_lab(2, 1, Backend::Vxlan)?;
+    let peer2 = start_datapath(&lab, 2, Backend::Vxlan, "tc")?;
+    let pin_dir = std::env::temp_dir().join(format!("overlay-pin-test-{}", std::process::id()));
+    let h1 = lab.host(1);
+    let spec = DatapathSpec {
+        underlay: h1.iface.clone(),
+        public_ip: h1.public_ip,
+        subnet: lab::static_subnet(1),
+        network: "10.244.0.0/16".parse()?,
+        format: Format::Vxlan,
+        port: 8472,
+        vni: 1,
+        overlay_device: "ovl0".into(),
+        mtu: None,
+        vtep_mac: Some(lab::static_vtep_mac(1).parse().map_err(anyhow::Error::msg)?),
+        xdp: XdpAttach::Auto,
+        decap: DecapAttach::Xdp,
+        pin_dir: Some(pin_dir.clone()),
+    };
+    let peer = PeerEntry {
+        subnet: lab::static_subnet(2),
+        public_ip: lab.host(2).public_ip,
+        vtep_mac: Some(lab::static_vtep_mac(2).parse().map_err(anyhow::Error::msg)?),
+    };
+    let (c1, c2) = (&h1.containers[0], &lab.host(2).containers[0]);
+    let result = (|| -> anyhow::Result<()> {
+        let mut previous = None;
+        for decap in [DecapAttach::Xdp, DecapAttach::Tc, DecapAttach::Tc, DecapAttach::Xdp] {
+            let spec = DatapathSpec { decap, ..spec.clone() };
+            let (hook, adopted) = h1
+                .ns
+                .spawn(move || -> anyhow::Result<(DecapHook, bool)> {
+                    let mut dp = Datapath::attach(spec)?;
+                    dp.upsert_peer(peer)?;
+                    Ok((dp.decap_hook(), dp.decap_adopted()))
+                    // Dropped here: a pinned datapath stays attached.
+                })
+                .join()
+                .expect("attach thread")??;
+            assert_eq!(adopted, previous == Some(hook), "{decap:?} after {previous:?}: adopted");
+            previous = Some(hook);
+            let xdp = h1.ns.ip(&["-d", "link", "show", "eth0"])?.contains("xdp");
+            assert_eq!(xdp, hook == DecapHook::Xdp, "{decap:?}: XDP attached = {xdp}");
+            assert_eq!(pin_dir.join("link_decap").exists(), hook == DecapHook::Xdp);
+            assert_eq!(pin_dir.join("link_decap_tc").exists(), hook == DecapHook::Tc);
+            for (from, to) in [(c1, c2), (c2, c1)] {
+                let r = ping(&from.ns, to.ip, 3, 56, false, "0.05")?;
+                assert_eq!(r.received, 3, "{decap:?}: ping {} -> {}: {r:?}", from.ip, to.ip);
+            }
+        }
+        Ok(())
+    })();
+    let dir = pin_dir.clone();
+    h1.ns
+        .spawn(move || Datapath::cleanup(&dir, "ovl0"))
+        .join()
+        .expect("cleanup thread")??;
+    let _ = nix::mount::umount(&pin_dir);
+    let _ = std::fs::remove_dir(&pin_dir);
+    drop(peer2);
+    result
+}
