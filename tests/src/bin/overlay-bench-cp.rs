@@ -307,8 +307,9 @@ fn run(opts: &Options) -> anyhow::Result<Value> {
     let agent_cpu_after_sync = cpu_seconds(pid)?;
     println!("agent ready after {ready_s:.3} s, map pinned after {pinned_s:.3} s, {n} peers after {sync_s:.3} s");
 
-    // Memory and idle CPU with every peer in place.
-    std::thread::sleep(Duration::from_secs(1));
+    // Memory and idle CPU with every peer in place, once the agent has settled: its 1 s tick
+    // gives back the heap the listing used, at most two ticks after the last event.
+    std::thread::sleep(Duration::from_millis(2500));
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
     let breakdown = memory_breakdown(pid)?;
     println!("agent memory (MB): {breakdown}");
