@@ -1464,10 +1464,13 @@ fn xml_escape(s: &str) -> String {
 /// Grouped bars, one group per figure, one bar per backend: the median's ratio to host-gw on a
 /// log scale (0.01x to 10x), so that 0.03x and 3x are both readable; host-gw is the 1x line.
 fn chart_svg(report: &Value) -> String {
+    // Backends without a figure (a known limitation, a failed setup) get no bar and no legend.
     let rows: Vec<&Value> = report["backends"]
         .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default();
+        .into_iter()
+        .flatten()
+        .filter(|r| r["summary"].as_object().is_some_and(|m| !m.is_empty()))
+        .collect();
     let (w, h) = (1000.0_f64, 520.0_f64);
     let (left, right, top, bottom) = (70.0, 20.0, 70.0, 120.0);
     let plot_w = w - left - right;
