@@ -62,7 +62,9 @@ Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH] [--s
   --svg PATH        chart of the ratios to host-gw (default target/bench/datapath.svg)
   --backends LIST   subset, in this order (default: all):
                     underlay,host-gw,kernel-vxlan,ebpf-vxlan,ebpf-udp,userspace-udp,
-                    ebpf-vxlan-generic
+                    ebpf-vxlan-xdp,ebpf-vxlan-generic
+                    (ebpf-*: TC ingress decap on veth, the default; -xdp: native XDP
+                    decap; -generic: generic XDP decap)
   --underlay KIND   veth: the hosts' eth0 are the two ends of one veth (default);
                     bridge: each host's eth0 is a port of a bridge, a switch between them
   --bpf-stats       enable kernel.bpf_stats_enabled during the run and record the run time
@@ -85,17 +87,20 @@ enum BenchBackend {
     EbpfUdp,
     /// flannel's udp backend design: our TUN + UDP socket forwarder in this process.
     UserspaceUdp,
+    /// Our vxlan datapath decapsulating in native XDP instead of TC ingress (the default on veth).
+    EbpfVxlanXdp,
     EbpfVxlanGeneric,
 }
 
 impl BenchBackend {
-    const ALL: [BenchBackend; 7] = [
+    const ALL: [BenchBackend; 8] = [
         BenchBackend::Underlay,
         BenchBackend::HostGw,
         BenchBackend::KernelVxlan,
         BenchBackend::EbpfVxlan,
         BenchBackend::EbpfUdp,
         BenchBackend::UserspaceUdp,
+        BenchBackend::EbpfVxlanXdp,
         BenchBackend::EbpfVxlanGeneric,
     ];
 
@@ -107,6 +112,7 @@ impl BenchBackend {
             BenchBackend::EbpfVxlan => "ebpf-vxlan",
             BenchBackend::EbpfUdp => "ebpf-udp",
             BenchBackend::UserspaceUdp => "userspace-udp",
+            BenchBackend::EbpfVxlanXdp => "ebpf-vxlan-xdp",
             BenchBackend::EbpfVxlanGeneric => "ebpf-vxlan-generic",
         }
     }
@@ -124,10 +130,12 @@ impl BenchBackend {
             BenchBackend::Underlay | BenchBackend::HostGw | BenchBackend::KernelVxlan | BenchBackend::UserspaceUdp => {
                 None
             }
-            // No --xdp-mode: what users get by default (native where the driver has it).
+            // No --decap or --xdp-mode: what users get by default (TC ingress decap on a veth
+            // underlay, native XDP where the driver has it).
             BenchBackend::EbpfVxlan => Some((Backend::Vxlan, &[])),
             BenchBackend::EbpfUdp => Some((Backend::Udp, &[])),
-            BenchBackend::EbpfVxlanGeneric => Some((Backend::Vxlan, &["--xdp-mode", "generic"])),
+            BenchBackend::EbpfVxlanXdp => Some((Backend::Vxlan, &["--decap", "xdp"])),
+            BenchBackend::EbpfVxlanGeneric => Some((Backend::Vxlan, &["--decap", "xdp", "--xdp-mode", "generic"])),
         }
     }
 
@@ -564,11 +572,15 @@ impl Topology {
         }
     }
 
-    /// XDP attach mode per host as our datapath reported it ("Driver" = native, "Skb" = generic).
+    /// Decap hook per host as our datapath reported it: "tc", or the XDP attach mode
+    /// ("Driver" = native, "Skb" = generic).
     fn xdp_modes(&self) -> Vec<String> {
         self.datapaths
             .iter()
-            .map(|p| p.ready["xdp_mode"].as_str().unwrap_or("?").to_string())
+            .map(|p| match p.ready["decap"].as_str() {
+                Some("tc") => "tc".to_string(),
+                _ => p.ready["xdp_mode"].as_str().unwrap_or("?").to_string(),
+            })
             .collect()
     }
 
@@ -1134,7 +1146,7 @@ fn summary_line(run: &Value) -> String {
         .collect();
     if let Some(modes) = run["xdp_mode"].as_array() {
         parts.push(format!(
-            "xdp {}",
+            "decap {}",
             modes.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("/")
         ));
     }
@@ -1296,8 +1308,8 @@ fn print_tables(opts: &Options, report: &Value) {
                     .iter()
                     .filter_map(Value::as_str)
                     .map(|s| match s {
-                        "Driver" => "native",
-                        "Skb" => "generic",
+                        "Driver" => "xdp",
+                        "Skb" => "xdp-gen",
                         other => other,
                     })
                     .collect();
@@ -1313,7 +1325,7 @@ fn print_tables(opts: &Options, report: &Value) {
         "Medians over {} round(s) of {} s, ratio to host-gw (throughput: higher is better; RTT: lower is better)",
         opts.rounds, opts.duration
     );
-    let mut header = format!("{:<name_w$}  {:<8}", "backend", "xdp");
+    let mut header = format!("{:<name_w$}  {:<8}", "backend", "decap");
     for m in Metric::ALL {
         header += &format!("  {:>15}", m.header());
     }
@@ -1452,6 +1464,7 @@ fn backend_color(name: &str) -> &'static str {
         "ebpf-vxlan" => "#2ca02c",
         "ebpf-udp" => "#17becf",
         "userspace-udp" => "#d62728",
+        "ebpf-vxlan-xdp" => "#bcbd22",
         "ebpf-vxlan-generic" => "#9467bd",
         _ => "#8c564b",
     }
