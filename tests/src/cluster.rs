@@ -114,10 +114,20 @@ impl Cluster {
         self.start_agent_opts(index, extra, true)
     }
 
-    pub fn start_agent_opts(&mut self, index: usize, extra: &[&str], die_with_parent: bool) -> anyhow::Result<OverlayProcess> {
+    pub fn start_agent_opts(
+        &mut self,
+        index: usize,
+        extra: &[&str],
+        die_with_parent: bool,
+    ) -> anyhow::Result<OverlayProcess> {
         let args = self.agent_args(index, extra)?;
-        OverlayProcess::start_opts(&self.lab.host(index).ns, &args, Duration::from_secs(30), die_with_parent)
-            .with_context(|| format!("starting the agent on host{index}"))
+        OverlayProcess::start_opts(
+            &self.lab.host(index).ns,
+            &args,
+            Duration::from_secs(30),
+            die_with_parent,
+        )
+        .with_context(|| format!("starting the agent on host{index}"))
     }
 
     /// Where per-host files (subnet files, pin directories) live.

@@ -369,14 +369,24 @@ fn go_style_flags_environment_and_health_endpoints() -> anyhow::Result<()> {
     // `overlay status` prints the same for people.
     let bin = overlay_tests::lab::workspace_bin("overlay");
     let port = overlay_tests::cluster::HEALTHZ_PORT.to_string();
-    let text = c.lab.host(1).ns.exec(bin.to_str().unwrap(), &["status", "--healthz-port", &port])?;
+    let text = c
+        .lab
+        .host(1)
+        .ns
+        .exec(bin.to_str().unwrap(), &["status", "--healthz-port", &port])?;
     let subnet = a1.ready["subnet"].as_str().unwrap();
-    assert!(text.contains(subnet) && text.contains("peers:      1") && text.contains("encap_vxlan"), "{text}");
+    assert!(
+        text.contains(subnet) && text.contains("peers:      1") && text.contains("encap_vxlan"),
+        "{text}"
+    );
 
     // Masquerading goes with the agent, as with flanneld.
     a1.stop()?;
     let nat = c.lab.host(1).ns.exec("iptables", &["-t", "nat", "-S"])?;
-    assert!(!nat.contains("MASQUERADE"), "masquerading left after the agent stopped:\n{nat}");
+    assert!(
+        !nat.contains("MASQUERADE"),
+        "masquerading left after the agent stopped:\n{nat}"
+    );
     drop(a2);
     Ok(())
 }

@@ -15,7 +15,10 @@ use overlay_tests::{
 };
 
 #[derive(Parser)]
-#[command(name = "overlay-demo", about = "A multi-host overlay network in network namespaces, run by overlay agents")]
+#[command(
+    name = "overlay-demo",
+    about = "A multi-host overlay network in network namespaces, run by overlay agents"
+)]
 struct Args {
     /// The network's Backend.Type.
     #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "udp", "host-gw"])]
@@ -42,7 +45,10 @@ fn main() -> anyhow::Result<()> {
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
 
-    let config = format!(r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{{"Type":"{}"}}}}"#, args.backend);
+    let config = format!(
+        r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{{"Type":"{}"}}}}"#,
+        args.backend
+    );
     let n = args.hosts as usize;
     println!("== {n} hosts on an underlay switch, etcd at the switch; network config:\n   {config}");
     let mut c = Cluster::new_opts(n, &config, !args.keep)?;
@@ -71,13 +77,20 @@ fn main() -> anyhow::Result<()> {
                     .arg(&out),
             )?;
             let text = std::fs::read_to_string(&out)?;
-            let line = text.lines().find(|l| l.starts_with("DOCKER_NETWORK_OPTIONS")).unwrap_or("").to_string();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("DOCKER_NETWORK_OPTIONS"))
+                .unwrap_or("")
+                .to_string();
             Ok(line)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     println!();
-    println!("{:<7} {:<16} {:<16} {:>5}  {:<44} docker options (from mk-docker-opts)", "host", "subnet", "PublicIP", "peers", "backend");
+    println!(
+        "{:<7} {:<16} {:<16} {:>5}  {:<44} docker options (from mk-docker-opts)",
+        "host", "subnet", "PublicIP", "peers", "backend"
+    );
     for (i, a) in agents.iter().enumerate() {
         let h = c.lab.host(i + 1);
         println!(
@@ -133,21 +146,30 @@ fn main() -> anyhow::Result<()> {
         workspace_bin("overlay").display(),
         overlay_tests::cluster::HEALTHZ_PORT
     );
-    let leases = format!("ip netns exec {} etcdctl --endpoints={} get --prefix /coreos.com/network", c.switch().name(), c.endpoint());
+    let leases = format!(
+        "ip netns exec {} etcdctl --endpoints={} get --prefix /coreos.com/network",
+        c.switch().name(),
+        c.endpoint()
+    );
     if args.keep {
         println!("\nleft running (--keep). Explore:\n  {example}\n  {status}\n  {leases}");
-        println!("remove with: ip netns list | grep ^ovlt | cut -d' ' -f1 | xargs -n1 ip netns del; pkill -f 'overlay agent'; pkill etcd");
+        println!(
+            "remove with: ip netns list | grep ^ovlt | cut -d' ' -f1 | xargs -n1 ip netns del; pkill -f 'overlay agent'; pkill etcd"
+        );
         for a in agents {
             std::mem::forget(a);
         }
         std::mem::forget(c);
     } else {
         if !args.once {
-            println!("\nrunning; explore in another shell:\n  {example}\n  {status}\n  {leases}\nCtrl-C stops and removes everything");
+            println!(
+                "\nrunning; explore in another shell:\n  {example}\n  {status}\n  {leases}\nCtrl-C stops and removes everything"
+            );
             signals.wait()?;
         }
         for (i, a) in agents.into_iter().enumerate() {
-            a.stop().with_context(|| format!("stopping the agent on host{}", i + 1))?;
+            a.stop()
+                .with_context(|| format!("stopping the agent on host{}", i + 1))?;
         }
         println!("stopped the agents; removing namespaces and etcd");
     }
@@ -173,7 +195,15 @@ fn print_counters(c: &Cluster) -> anyhow::Result<()> {
             })
             .unwrap_or_default();
         let text: Vec<String> = nonzero.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("{:<7} {}", h.name(), if text.is_empty() { "(host-gw has no tunnel counters)".into() } else { text.join(" ") });
+        println!(
+            "{:<7} {}",
+            h.name(),
+            if text.is_empty() {
+                "(host-gw has no tunnel counters)".into()
+            } else {
+                text.join(" ")
+            }
+        );
     }
     Ok(())
 }
