@@ -4,7 +4,10 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -31,7 +34,8 @@ pub struct Status {
     /// per event cost O(peers) and held up the next map update (10 ms at 10,000 peers).
     pub peers: BTreeMap<Ipv4Network, PeerLease>,
     pub counters: Option<Counters>,
-    pub etcd_reconnects: u64,
+    /// Counted by the lease manager as it re-establishes a broken watch.
+    pub etcd_reconnects: Arc<AtomicU64>,
 }
 
 impl Status {
@@ -57,7 +61,7 @@ impl Status {
             "lease_expires_unix": self.lease_expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
             "peers": self.peers.values().map(|p| serde_json::json!({"subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.map(|m| m.to_string())})).collect::<Vec<_>>(),
             "counters": self.counters.as_ref().map(|c| c.to_json()),
-            "etcd_reconnects": self.etcd_reconnects,
+            "etcd_reconnects": self.etcd_reconnects.load(Ordering::Relaxed),
         })
     }
 
@@ -88,7 +92,11 @@ impl Status {
             "# HELP overlay_etcd_reconnects_total Times the etcd watch broke and was re-established by a re-list."
         );
         let _ = writeln!(m, "# TYPE overlay_etcd_reconnects_total counter");
-        let _ = writeln!(m, "overlay_etcd_reconnects_total {}", self.etcd_reconnects);
+        let _ = writeln!(
+            m,
+            "overlay_etcd_reconnects_total {}",
+            self.etcd_reconnects.load(Ordering::Relaxed)
+        );
         if let Some(c) = &self.counters {
             for (metric, help, which) in [
                 (

@@ -85,7 +85,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         // Only with the test-only short TTLs: keep flannel's proportions.
         renew_margin = lease_ttl / 3;
     }
-    let reconnects = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Shared with /metrics, which reads it live.
+    let reconnects = status.lock().expect("status").etcd_reconnects.clone();
     let manager = Arc::new(LeaseManager::new(
         registry,
         ManagerOptions {
@@ -209,7 +210,6 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                 let counters = backend.counters();
                 {
                     let mut s = status.lock().expect("status");
-                    s.etcd_reconnects = reconnects.load(std::sync::atomic::Ordering::Relaxed);
                     s.counters = counters;
                 }
                 if dirty {
