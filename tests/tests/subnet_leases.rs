@@ -311,8 +311,7 @@ async fn leases_listing_shows_hosts_backend_data_and_ttl() {
     let etcd = Etcd::start();
     let reg = registry(&etcd.endpoint(), PREFIX).await;
     let cfg = with_config(&reg, r#"{"Network":"10.6.0.0/16"}"#).await;
-    let m = LeaseManager::new(reg.clone(), ManagerOptions::default()).unwrap();
-    let l = m.acquire(&cfg, &vxlan_attrs(1, "aa:bb:cc:dd:ee:01")).await.unwrap();
+    // The other host's lease goes in first, so our random subnet can never be its key.
     let mut c = reg.client().clone();
     c.put(
         format!("{PREFIX}/subnets/10.6.200.0-24"),
@@ -321,6 +320,8 @@ async fn leases_listing_shows_hosts_backend_data_and_ttl() {
     )
     .await
     .unwrap();
+    let m = LeaseManager::new(reg.clone(), ManagerOptions::default()).unwrap();
+    let l = m.acquire(&cfg, &vxlan_attrs(1, "aa:bb:cc:dd:ee:01")).await.unwrap();
     c.put(format!("{PREFIX}/subnets/bogus"), "x", None).await.unwrap();
     let rows = overlay::cli::leases::list(&reg).await.unwrap();
     assert_eq!(rows.len(), 2, "the bogus key is skipped");

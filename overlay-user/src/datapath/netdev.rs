@@ -39,34 +39,27 @@ struct IpLinkKind {
 }
 
 pub fn ip(args: &[&str]) -> Result<String, DatapathError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| DatapathError::Command {
-            command: format!("ip {}", args.join(" ")),
-            message: format!("cannot run ip (install iproute2): {e}"),
-        })?;
-    if !out.status.success() {
-        return Err(DatapathError::Command {
-            command: format!("ip {}", args.join(" ")),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    iproute2("ip", args)
 }
 
 /// Run `bridge <args>` (fdb entries for the kernel vxlan backend).
 pub fn bridge(args: &[&str]) -> Result<String, DatapathError> {
-    let out = Command::new("bridge")
+    iproute2("bridge", args)
+}
+
+/// Run one of iproute2's tools; a failure names the command line and what it said.
+fn iproute2(program: &str, args: &[&str]) -> Result<String, DatapathError> {
+    let command = || format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
         .args(args)
         .output()
         .map_err(|e| DatapathError::Command {
-            command: format!("bridge {}", args.join(" ")),
-            message: format!("cannot run bridge (install iproute2): {e}"),
+            command: command(),
+            message: format!("cannot run {program} (install iproute2): {e}"),
         })?;
     if !out.status.success() {
         return Err(DatapathError::Command {
-            command: format!("bridge {}", args.join(" ")),
+            command: command(),
             message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
