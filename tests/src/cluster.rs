@@ -182,6 +182,13 @@ impl Cluster {
         Ok(v)
     }
 
+    /// Wait until the agent on each of the first `hosts` hosts has all the others as peers.
+    pub fn wait_full_mesh(&self, hosts: usize, timeout: Duration) -> anyhow::Result<Duration> {
+        self.wait_until("every agent knows every other host", timeout, || {
+            Ok((1..=hosts).all(|i| self.peer_subnets(i).map(|p| p.len() == hosts - 1).unwrap_or(false)))
+        })
+    }
+
     /// Poll `check` until it holds or `timeout` passes; returns how long it took.
     pub fn wait_until(
         &self,

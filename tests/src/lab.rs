@@ -98,26 +98,9 @@ impl Lab {
                 underlay_mtu,
             };
             let (a, b) = (lab.new_host(1)?, lab.new_host(2)?);
-            let mtu = underlay_mtu.to_string();
-            let link = [
-                "link",
-                "add",
-                "eth0",
-                "mtu",
-                &mtu,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                b.ns.name(),
-            ];
-            a.ns.ip(&link)?;
-            for h in [&a, &b] {
-                h.ns.ip(&["addr", "add", &format!("{}/24", h.public_ip), "dev", "eth0"])?;
-                h.ns.ip(&["link", "set", "eth0", "up"])?;
-            }
+            plug_underlay(&a.ns, "eth0", &b, underlay_mtu)?;
+            a.ns.ip(&["addr", "add", &format!("{}/24", a.public_ip), "dev", "eth0"])?;
+            a.ns.ip(&["link", "set", "eth0", "up"])?;
             lab.hosts = vec![a, b];
             return Ok(lab);
         }
@@ -150,25 +133,8 @@ impl Lab {
             .as_ref()
             .context("hosts can be added only to a lab with a switch")?;
         let port = format!("p{index}");
-        let mtu = self.underlay_mtu.to_string();
-        sw.ip(&[
-            "link",
-            "add",
-            &port,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            host.ns.name(),
-        ])?;
+        plug_underlay(sw, &port, &host, self.underlay_mtu)?;
         sw.ip(&["link", "set", &port, "master", "sw0", "up"])?;
-        host.ns
-            .ip(&["addr", "add", &format!("{}/24", host.public_ip), "dev", "eth0"])?;
-        host.ns.ip(&["link", "set", "eth0", "up"])?;
         self.hosts.push(host);
         Ok(index)
     }
@@ -190,6 +156,30 @@ impl Lab {
     pub fn host(&self, index: usize) -> &Host {
         &self.hosts[index - 1]
     }
+}
+
+/// A veth whose end `local` stays in `ns` and whose other end becomes `host`'s `eth0`, addressed
+/// with the host's PublicIP and up.
+fn plug_underlay(ns: &Netns, local: &str, host: &Host, mtu: u32) -> anyhow::Result<()> {
+    let mtu = mtu.to_string();
+    ns.ip(&[
+        "link",
+        "add",
+        local,
+        "mtu",
+        &mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        host.ns.name(),
+    ])?;
+    host.ns
+        .ip(&["addr", "add", &format!("{}/24", host.public_ip), "dev", "eth0"])?;
+    host.ns.ip(&["link", "set", "eth0", "up"])?;
+    Ok(())
 }
 
 /// Path of a binary built in this workspace's target directory (tests run from

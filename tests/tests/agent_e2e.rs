@@ -61,9 +61,7 @@ fn vxlan_three_agents_then_a_fourth_joins_and_one_leaves() -> anyhow::Result<()>
         assert_eq!(lease["BackendData"]["VNI"], 1);
         assert!(lease["BackendData"]["VtepMAC"].as_str().unwrap().len() == 17, "{lease}");
     }
-    c.wait_until("every agent has two peers", Duration::from_secs(10), || {
-        Ok((1..=3).all(|i| c.peer_subnets(i).map(|p| p.len() == 2).unwrap_or(false)))
-    })?;
+    c.wait_full_mesh(3, Duration::from_secs(10))?;
     all_pairs_reachable(&c)?;
 
     // A fourth host joins: the others must reach it within a second of its lease.
@@ -129,9 +127,7 @@ fn udp_and_host_gw_three_agents() -> anyhow::Result<()> {
                 assert_eq!(lease["BackendType"], "host-gw");
             }
         }
-        c.wait_until("every agent has two peers", Duration::from_secs(10), || {
-            Ok((1..=3).all(|i| c.peer_subnets(i).map(|p| p.len() == 2).unwrap_or(false)))
-        })?;
+        c.wait_full_mesh(3, Duration::from_secs(10))?;
         all_pairs_reachable(&c)?;
         let (h1, h2) = (c.lab.host(1), c.lab.host(2));
         let n = tcp_transfer_verified(
@@ -175,9 +171,7 @@ fn mixed_with_flannel_kernel_datapaths() -> anyhow::Result<()> {
             c.lab.host(2).ns.ip(&["link", "show", "ovl0"]).is_ok(),
             "host2 should run our datapath"
         );
-        c.wait_until("every agent has two peers", Duration::from_secs(10), || {
-            Ok((1..=3).all(|i| c.peer_subnets(i).map(|p| p.len() == 2).unwrap_or(false)))
-        })?;
+        c.wait_full_mesh(3, Duration::from_secs(10))?;
         all_pairs_reachable(&c)?;
         let (h1, h2) = (c.lab.host(1), c.lab.host(2));
         let n = tcp_transfer_verified(
@@ -197,9 +191,7 @@ fn mixed_with_flannel_kernel_datapaths() -> anyhow::Result<()> {
 fn restart_keeps_traffic_and_subnet() -> anyhow::Result<()> {
     let mut c = Cluster::new(2, VXLAN)?;
     let mut agents = start_all(&mut c, &[])?;
-    c.wait_until("peers known", Duration::from_secs(10), || {
-        Ok(c.peer_subnets(1)?.len() == 1)
-    })?;
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
     let subnet = agents[0].ready["subnet"].clone();
 
     // 150 pings 20 ms apart (3 s) across host1's agent restart.
@@ -263,9 +255,7 @@ fn etcd_outage_keeps_traffic_then_a_new_host_joins() -> anyhow::Result<()> {
             Ok(a)
         })
         .collect::<anyhow::Result<_>>()?;
-    c.wait_until("peers known", Duration::from_secs(10), || {
-        Ok(c.peer_subnets(1)?.len() == 1)
-    })?;
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
 
     c.etcd.stop();
     let down = Instant::now();
@@ -344,9 +334,7 @@ fn go_style_flags_environment_and_health_endpoints() -> anyhow::Result<()> {
 
     let a2 = c.start_agent(2, &[])?;
     c.add_containers(2, &a2, 1)?;
-    c.wait_until("peers known", Duration::from_secs(10), || {
-        Ok(c.peer_subnets(1)?.len() == 1)
-    })?;
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
     all_pairs_reachable(&c)?;
 
     assert_eq!(c.agent_get(1, "/healthz")?.trim(), "ok");

@@ -60,9 +60,7 @@ fn main() -> anyhow::Result<()> {
         c.add_containers(i, &a, args.containers as usize)?;
         agents.push(a);
     }
-    c.wait_until("every agent knows every other host", Duration::from_secs(20), || {
-        Ok((1..=n).all(|i| c.peer_subnets(i).map(|p| p.len() == n - 1).unwrap_or(false)))
-    })?;
+    c.wait_full_mesh(n, Duration::from_secs(20))?;
 
     let docker_opts = (1..=n)
         .map(|i| {
