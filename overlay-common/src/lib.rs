@@ -16,7 +16,16 @@ pub const MAP_PEERS_BY_IP: &str = "OVL_PEERS_BY_IP_V1";
 /// One-entry array holding this host's [`DatapathConfig`].
 pub const MAP_CONFIG: &str = "OVL_CONFIG_V1";
 /// Per-CPU array of [`Counter`], indexed by [`CounterIndex`].
-pub const MAP_COUNTERS: &str = "OVL_COUNTERS_V1";
+pub const MAP_COUNTERS: &str = "OVL_COUNTERS_V2";
+/// Exact table: container MAC -> ifindex of its port on the container bridge (the agent's copy
+/// of the bridge's forwarding database). Not pinned: it belongs to the running agent.
+pub const MAP_BRIDGE_FDB: &str = "OVL_BRIDGE_FDB_V1";
+/// Device map of the bridge's live ports (ifindex -> ifindex). The kernel deletes an entry
+/// when its device goes away, so a stale FDB entry never sends a packet into the void.
+pub const MAP_BRIDGE_PORTS: &str = "OVL_BRIDGE_PORTS_V1";
+
+/// Upper bound on containers behind one host's bridge.
+pub const MAX_BRIDGE_PORTS: u32 = 16384;
 
 /// Upper bound on peers (leases) in one network: a /8 cut into /24s.
 pub const MAX_PEERS: u32 = 65536;
@@ -25,6 +34,7 @@ pub const MAX_PEERS: u32 = 65536;
 pub const PROG_ENCAP: &str = "overlay_encap";
 pub const PROG_DECAP: &str = "overlay_decap";
 pub const PROG_DECAP_TC: &str = "overlay_decap_tc";
+pub const PROG_BRIDGE_OUT: &str = "overlay_bridge_out";
 
 /// Tunnel wire format, chosen per network (flannel's `Backend.Type`).
 #[repr(u8)]
@@ -160,10 +170,15 @@ pub enum CounterIndex {
     DropDecapFailed = 14,
     /// Datapath not configured yet (config map empty or invalid).
     DropNoConfig = 15,
+    /// Bridge egress: a GSO packet handed straight to its container's port.
+    BridgeRedirect = 16,
+    /// Bridge egress: a GSO packet for a MAC with no live port in our FDB copy; the bridge
+    /// forwards it (and segments it in software if it was decapsulated).
+    BridgeUnknownPort = 17,
 }
 
 impl CounterIndex {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [CounterIndex; Self::COUNT as usize] = [
         Self::EncapUdp,
         Self::EncapVxlan,
@@ -181,6 +196,8 @@ impl CounterIndex {
         Self::DropFragment,
         Self::DropDecapFailed,
         Self::DropNoConfig,
+        Self::BridgeRedirect,
+        Self::BridgeUnknownPort,
     ];
 
     /// Stable snake_case name, used in metrics and the status output.
@@ -202,6 +219,8 @@ impl CounterIndex {
             Self::DropFragment => "drop_fragment",
             Self::DropDecapFailed => "drop_decap_failed",
             Self::DropNoConfig => "drop_no_config",
+            Self::BridgeRedirect => "bridge_redirect",
+            Self::BridgeUnknownPort => "bridge_unknown_port",
         }
     }
 

@@ -4,9 +4,12 @@
 //! - `overlay_decap` (XDP on the underlay) or `overlay_decap_tc` (TC ingress on the underlay),
 //!   one of the two: tunnel packets from known peers are unwrapped; everything else on the
 //!   tunnel port is dropped and counted; other traffic passes untouched.
+//! - `overlay_bridge_out` (TC egress of the container bridge): packets that TC decapsulation
+//!   let in go straight to their container's port, keeping their offloads.
 #![no_std]
 #![no_main]
 
+mod bridge;
 mod counters;
 mod decap;
 mod encap;
@@ -50,6 +53,11 @@ pub fn overlay_decap_tc(ctx: TcContext) -> i32 {
             TC_ACT_SHOT as i32
         }
     }
+}
+
+#[classifier]
+pub fn overlay_bridge_out(ctx: TcContext) -> i32 {
+    bridge::bridge_out(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,9 +1,9 @@
 //! The maps, declared once; their names and layouts come from overlay-common.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
 };
-use overlay_common::{Counter, CounterIndex, DatapathConfig, MAX_PEERS, Peer, PeerSubnet};
+use overlay_common::{Counter, CounterIndex, DatapathConfig, MAX_BRIDGE_PORTS, MAX_PEERS, Peer, PeerSubnet};
 
 // Names must equal overlay_common::MAP_*; the loader fails loudly if they do not.
 #[map(name = "OVL_PEERS_V1")]
@@ -15,5 +15,11 @@ pub static PEERS_BY_IP: HashMap<[u8; 4], PeerSubnet> = HashMap::with_max_entries
 #[map(name = "OVL_CONFIG_V1")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
-#[map(name = "OVL_COUNTERS_V1")]
+#[map(name = "OVL_COUNTERS_V2")]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CounterIndex::COUNT, 0);
+
+#[map(name = "OVL_BRIDGE_FDB_V1")]
+pub static BRIDGE_FDB: HashMap<[u8; 6], u32> = HashMap::with_max_entries(MAX_BRIDGE_PORTS, 0);
+
+#[map(name = "OVL_BRIDGE_PORTS_V1")]
+pub static BRIDGE_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_BRIDGE_PORTS, 0);

@@ -257,6 +257,7 @@ fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
         xdp: XdpAttach::Auto,
         decap: DecapAttach::Xdp,
         pin_dir: Some(pin_dir.clone()),
+        bridge_redirect: true,
     };
     let peer = PeerEntry {
         subnet: lab::static_subnet(2),

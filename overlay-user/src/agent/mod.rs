@@ -207,6 +207,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             _ = tick.tick() => {
+                backend.tick();
                 let counters = backend.counters();
                 {
                     let mut s = status.lock().expect("status");
@@ -344,6 +345,7 @@ fn make_backend(
             pin_dir: Some(args.pin_dir.clone()),
             xdp: args.xdp_mode,
             decap: args.decap,
+            bridge_redirect: args.bridge_redirect,
         })
     };
     match &config.backend {

@@ -25,6 +25,7 @@ pub struct EbpfOptions {
     pub pin_dir: Option<PathBuf>,
     pub xdp: XdpAttach,
     pub decap: DecapAttach,
+    pub bridge_redirect: bool,
 }
 
 pub struct EbpfBackend {
@@ -92,6 +93,7 @@ impl Backend for EbpfBackend {
             xdp: self.opts.xdp,
             decap: self.opts.decap,
             pin_dir: self.opts.pin_dir.clone(),
+            bridge_redirect: self.opts.bridge_redirect,
         })?;
         self.datapath = Some(dp);
         Ok(())
@@ -117,6 +119,12 @@ impl Backend for EbpfBackend {
             .as_ref()
             .map(|d| d.peers().map(|p| p.subnet).collect())
             .unwrap_or_default()
+    }
+
+    fn tick(&mut self) {
+        if let Some(dp) = self.datapath.as_mut() {
+            dp.sync_bridge();
+        }
     }
 
     fn counters(&mut self) -> Option<Counters> {

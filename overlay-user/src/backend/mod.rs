@@ -95,6 +95,8 @@ pub trait Backend: Send {
     fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError>;
     /// The peers as currently programmed.
     fn peers(&self) -> Vec<Ipv4Network>;
+    /// Periodic upkeep (about once a second), for backends that follow local state.
+    fn tick(&mut self) {}
     /// Datapath counters, where the backend has them.
     fn counters(&mut self) -> Option<Counters> {
         None

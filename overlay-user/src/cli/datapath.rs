@@ -1,6 +1,6 @@
 //! `overlay datapath`: the eBPF datapath with a static peer table, no etcd. Used by the tests,
 //! the benchmarks and anyone who wants to try the datapath alone.
-use std::{io::Write as _, net::Ipv4Addr};
+use std::{io::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
 use ipnetwork::Ipv4Network;
@@ -64,6 +64,11 @@ pub struct Args {
     /// Hook that decapsulates on the underlay: auto = TC ingress on veth, XDP elsewhere.
     #[arg(long, value_enum, default_value_t = DecapAttach::Auto)]
     pub decap: DecapAttach,
+    /// With TC decapsulation: decapsulated packets leave the container bridge (docker0, cni0)
+    /// straight to the container's port, keeping their offloads. The bridge's own forwarding
+    /// would segment each 64 KB packet in software first. =false keeps the bridge's path.
+    #[arg(long = "bridge-redirect", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bridge_redirect: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -99,6 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         mtu: args.mtu,
         vtep_mac: args.vtep_mac,
         pin_dir: None,
+        bridge_redirect: args.bridge_redirect,
         xdp: args.xdp_mode,
         decap: args.decap,
     })
@@ -124,10 +130,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
 
-    let signal = signals.wait()?;
+    // Follow the container bridge once a second until a signal comes.
+    let signal = loop {
+        if let Some(signal) = wait_signal(&signals, Duration::from_secs(1))? {
+            break signal;
+        }
+        dp.sync_bridge();
+    };
     tracing::info!(?signal, "stopping");
     let counters = dp.counters()?;
     println!("{}", serde_json::json!({ "counters": counters.to_json() }));
     dp.detach()?;
     Ok(())
+}
+
+/// Wait up to `timeout` for one of the blocked `signals`.
+fn wait_signal(signals: &SigSet, timeout: Duration) -> anyhow::Result<Option<Signal>> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: sigtimedwait reads the set and the timeout we own; no siginfo is asked for.
+    let rc = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &ts) };
+    if rc >= 0 {
+        return Ok(Some(Signal::try_from(rc)?));
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+        _ => Err(std::io::Error::last_os_error().into()),
+    }
 }

@@ -5,10 +5,13 @@
 //! - [`Datapath`]: programs attached to a host: the overlay device whose egress encapsulates,
 //!   XDP or TC ingress on the underlay that decapsulates, the route and sysctls they need.
 //!   Dropping it detaches everything it attached and removes the device it created.
+//! - [`bridge`]: the container bridge's forwarding database, mirrored for the program on its
+//!   egress.
+pub mod bridge;
 pub mod netdev;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -17,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, DevMapHash, HashMap as BpfHashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -28,8 +31,8 @@ use aya::{
 use ipnetwork::Ipv4Network;
 pub use overlay_common::Format;
 use overlay_common::{
-    Counter, CounterIndex, DatapathConfig, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_DECAP,
-    PROG_DECAP_TC, PROG_ENCAP, Peer, PeerSubnet,
+    Counter, CounterIndex, DatapathConfig, MAP_BRIDGE_FDB, MAP_BRIDGE_PORTS, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS,
+    MAP_PEERS_BY_IP, PROG_BRIDGE_OUT, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, Peer, PeerSubnet,
 };
 
 /// The compiled programs, embedded at build time (see build.rs).
@@ -216,6 +219,11 @@ impl Programs {
             name: PROG_DECAP_TC,
             source,
         })?;
+        let bridge_out: &mut SchedClassifier = program(&mut ebpf, PROG_BRIDGE_OUT)?;
+        bridge_out.load().map_err(|source| DatapathError::Program {
+            name: PROG_BRIDGE_OUT,
+            source,
+        })?;
         Ok(Self { ebpf })
     }
 
@@ -231,6 +239,70 @@ impl Programs {
     /// The TC-ingress decapsulation program: the same checks and counters as the XDP one.
     pub fn decap_tc_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, PROG_DECAP_TC)
+    }
+
+    /// The container bridge's egress program: decapsulated packets straight to their port.
+    pub fn bridge_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, PROG_BRIDGE_OUT)
+    }
+
+    /// Make the bridge maps hold `fdb` (MAC -> port ifindex); `mirror` is what they hold now
+    /// and is updated as entries are written. A port that vanished meanwhile is skipped: the
+    /// next reading of the FDB no longer has it.
+    pub fn sync_bridge_fdb(
+        &mut self,
+        mirror: &mut bridge::Mirror,
+        fdb: &HashMap<MacAddr, u32>,
+    ) -> Result<(), DatapathError> {
+        let wanted_ports: HashSet<u32> = fdb.values().copied().collect();
+        {
+            let mut ports: DevMapHash<_> = typed_map(&mut self.ebpf, MAP_BRIDGE_PORTS)?;
+            for &port in wanted_ports.difference(&mirror.ports.clone()) {
+                match ports.insert(port, port, None, 0) {
+                    Ok(()) => {
+                        mirror.ports.insert(port);
+                    }
+                    Err(e) => tracing::debug!(port, "bridge port not added (gone?): {e}"),
+                }
+            }
+            for port in mirror.ports.clone().difference(&wanted_ports) {
+                // The kernel removes a port whose device went away: not found is fine.
+                match ports.remove(*port) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(source) => {
+                        return Err(DatapathError::Map {
+                            name: MAP_BRIDGE_PORTS,
+                            source,
+                        });
+                    }
+                }
+                mirror.ports.remove(port);
+            }
+        }
+        let mut map: BpfHashMap<_, [u8; 6], u32> = typed_map(&mut self.ebpf, MAP_BRIDGE_FDB)?;
+        for (mac, &port) in fdb {
+            if mirror.fdb.get(mac) != Some(&port) {
+                map.insert(mac.0, port, 0).map_err(|source| DatapathError::Map {
+                    name: MAP_BRIDGE_FDB,
+                    source,
+                })?;
+                mirror.fdb.insert(*mac, port);
+            }
+        }
+        let gone: Vec<MacAddr> = mirror.fdb.keys().filter(|m| !fdb.contains_key(m)).copied().collect();
+        for mac in gone {
+            match map.remove(&mac.0) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(DatapathError::Map {
+                        name: MAP_BRIDGE_FDB,
+                        source,
+                    });
+                }
+            }
+            mirror.fdb.remove(&mac);
+        }
+        Ok(())
     }
 
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
@@ -460,6 +532,9 @@ pub struct DatapathSpec {
     /// (dropping a [`Datapath`] leaves it attached) and the next start adopts it; without it,
     /// dropping detaches everything.
     pub pin_dir: Option<PathBuf>,
+    /// With TC decapsulation, hand decapsulated packets from the container bridge's egress
+    /// straight to the container's port (see [`Datapath::sync_bridge`]).
+    pub bridge_redirect: bool,
 }
 
 impl DatapathSpec {
@@ -484,6 +559,8 @@ enum Links {
 const LINK_ENCAP: &str = "link_encap";
 const LINK_DECAP: &str = "link_decap";
 const LINK_DECAP_TC: &str = "link_decap_tc";
+/// Pinned by versions whose counter table was shorter; removed by cleanup.
+const LEGACY_MAP_COUNTERS: &str = "OVL_COUNTERS_V1";
 
 /// The datapath attached to this host.
 pub struct Datapath {
@@ -499,6 +576,17 @@ pub struct Datapath {
     xdp_mode: Option<XdpMode>,
     links: Option<Links>,
     peers: HashMap<Ipv4Network, PeerEntry>,
+    bridges: bridge::BridgeFinder,
+    /// The container bridge our egress program is on, with what its maps hold. Owned by this
+    /// process, never pinned: without the agent to keep the FDB copy current, packets take
+    /// the bridge's own path.
+    bridge: Option<AttachedBridge>,
+}
+
+struct AttachedBridge {
+    device: bridge::BridgeDevice,
+    link: SchedClassifierLinkId,
+    mirror: bridge::Mirror,
 }
 
 impl Datapath {
@@ -563,9 +651,12 @@ impl Datapath {
             xdp_mode: None,
             links: None,
             peers,
+            bridges: bridge::BridgeFinder::default(),
+            bridge: None,
         };
         dp.attach_programs()?;
         netdev::route_replace(dp.spec.network, &dp.overlay.name)?;
+        dp.sync_bridge();
         tracing::info!(
             underlay = %dp.underlay.name,
             overlay = %dp.overlay.name,
@@ -792,6 +883,75 @@ impl Datapath {
         self.programs.counters()
     }
 
+    /// The container bridge whose egress hands decapsulated packets to ports, if attached.
+    pub fn bridge(&self) -> Option<&str> {
+        self.bridge.as_ref().map(|b| b.device.name.as_str())
+    }
+
+    /// Follow the container bridge: attach our egress program to the bridge that holds our
+    /// subnet's gateway address (once docker or the CNI plugin has made it, again if it is
+    /// recreated) and copy its forwarding database into the maps. Call it every second or so;
+    /// until it has seen a new container, that container's packets take the bridge's own
+    /// (slower) path. Failures are logged: the datapath works without this, only slower.
+    ///
+    /// Only TC decapsulation needs it: after XDP decapsulation the kernel's GRO rebuilds plain
+    /// TCP packets, which the bridge forwards with their offloads.
+    pub fn sync_bridge(&mut self) {
+        if !self.spec.bridge_redirect || self.decap_hook != DecapHook::Tc {
+            return;
+        }
+        let found = self.bridges.find(self.spec.subnet, &self.overlay.name);
+        if self.bridge.as_ref().map(|b| &b.device) != found.as_ref() {
+            self.detach_bridge();
+            let Some(device) = found else { return };
+            match self.programs.bridge_program().and_then(|p| {
+                p.attach(&device.name, TcAttachType::Egress)
+                    .map_err(|source| DatapathError::Program {
+                        name: PROG_BRIDGE_OUT,
+                        source,
+                    })
+            }) {
+                Ok(link) => {
+                    tracing::info!(bridge = %device.name, "decapsulated packets go from the bridge straight to container ports");
+                    self.bridge = Some(AttachedBridge {
+                        device,
+                        link,
+                        mirror: bridge::Mirror::default(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(bridge = %device.name, "cannot attach to the container bridge (packets take the bridge's own path): {e}");
+                    return;
+                }
+            }
+        }
+        let Some(attached) = self.bridge.as_mut() else { return };
+        let fdb = match bridge::fdb(attached.device.ifindex) {
+            Ok(fdb) => fdb,
+            Err(e) => {
+                tracing::warn!(bridge = %attached.device.name, "reading the bridge's forwarding database: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.programs.sync_bridge_fdb(&mut attached.mirror, &fdb) {
+            tracing::warn!(bridge = %attached.device.name, "copying the bridge's forwarding database: {e}");
+        }
+    }
+
+    fn detach_bridge(&mut self) {
+        let Some(mut old) = self.bridge.take() else { return };
+        // A bridge that was deleted took our link with it: nothing to detach then.
+        if let Ok(p) = self.programs.bridge_program()
+            && let Err(e) = p.detach(old.link)
+        {
+            tracing::debug!(bridge = %old.device.name, "detaching from the bridge: {e}");
+        }
+        if let Err(e) = self.programs.sync_bridge_fdb(&mut old.mirror, &HashMap::new()) {
+            tracing::warn!("clearing the bridge maps: {e}");
+        }
+        tracing::info!(bridge = %old.device.name, "detached from the container bridge");
+    }
+
     /// Stop now: detach unpinned programs and remove the overlay device; pinned datapaths are
     /// left running (use [`Datapath::cleanup`] to remove them).
     pub fn detach(mut self) -> Result<(), DatapathError> {
@@ -799,6 +959,7 @@ impl Datapath {
     }
 
     fn detach_inner(&mut self) -> Result<(), DatapathError> {
+        self.detach_bridge();
         match self.links.take() {
             Some(Links::Owned(tc, decap)) => {
                 self.programs
@@ -855,7 +1016,9 @@ impl Datapath {
                 unpin(&path);
             }
         }
-        for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
+        for name in [
+            MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS, LEGACY_MAP_COUNTERS,
+        ] {
             let path = pin_dir.join(name);
             if path.exists() {
                 std::fs::remove_file(&path)

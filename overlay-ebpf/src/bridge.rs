@@ -1,0 +1,48 @@
+//! Egress of the container bridge (docker0, cni0): hand GSO packets straight to the
+//! container's port.
+//!
+//! Why: after TC decapsulation the skb still says it carries a UDP tunnel (skb->encapsulation,
+//! SKB_GSO_UDP_TUNNEL); only BPF_F_ADJ_ROOM_DECAP_L4_UDP, which kernels up to 6.18 lack, would
+//! clear that. A bridge device offers no offloads for encapsulated packets, so before the bridge
+//! forwards it the kernel segments and checksums every 64 KB packet in software, and the
+//! container's TCP then receives MSS-sized segments. A veth port offers those offloads.
+//!
+//! That flag is not visible to a TC program, and no tag survives from the underlay's ingress to
+//! here (forwarding clears tc_index; skb->mark belongs to iptables users). So every GSO packet
+//! to a known container MAC takes this path: for the ones that were never encapsulated it saves
+//! the bridge's lookup and changes nothing else. When we run, routing, netfilter (FORWARD,
+//! POSTROUTING) and the neighbour lookup are done; we replace only the bridge's forwarding
+//! database lookup, with the agent's copy of it. Everything else — single segments, broadcast,
+//! MACs we do not know, ports that are gone — goes on to the bridge as before.
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
+use overlay_common::CounterIndex;
+
+use crate::{
+    counters::count,
+    maps::{BRIDGE_FDB, BRIDGE_PORTS},
+};
+
+pub fn bridge_out(ctx: &TcContext) -> i32 {
+    // SAFETY: reading a field of the program's own __sk_buff context.
+    if unsafe { (*ctx.skb.skb).gso_size } == 0 {
+        return TC_ACT_OK as i32;
+    }
+    let Ok(dst) = ctx.load::<[u8; 6]>(0) else {
+        return TC_ACT_OK as i32;
+    };
+    if dst[0] & 1 != 0 {
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: the value is copied out at once.
+    let port = unsafe { BRIDGE_FDB.get(&dst) }.copied();
+    match port.and_then(|ifindex| BRIDGE_PORTS.get_ifindex(ifindex)) {
+        Some(ifindex) => {
+            count(CounterIndex::BridgeRedirect, ctx.len() as u64);
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+        None => {
+            count(CounterIndex::BridgeUnknownPort, ctx.len() as u64);
+            TC_ACT_OK as i32
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The container bridge (docker0, cni0) as the datapath sees it: which bridge holds our
+//! subnet's gateway address, and its forwarding database (container MAC -> port), mirrored
+//! into BPF maps so `overlay_bridge_out` can hand decapsulated packets straight to a port.
+//!
+//! Both are read over rtnetlink, which answers for the caller's network namespace (sysfs may
+//! show another one), and are cheap enough to poll once a second.
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use ipnetwork::Ipv4Network;
+
+use super::{MacAddr, netdev};
+
+/// A bridge found to hold an address in our subnet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeDevice {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+/// Remembers which interface names were checked for being a bridge, so the per-tick search
+/// runs `ip` only when an interface it has not seen appears.
+#[derive(Default)]
+pub struct BridgeFinder {
+    kinds: HashMap<(String, u32), bool>,
+}
+
+impl BridgeFinder {
+    /// The bridge with an IPv4 address inside `subnet` (docker's `--bip`, the CNI bridge
+    /// plugin's gateway), ignoring `exclude` (our overlay device holds the subnet's network
+    /// address as a /32). None until docker or the CNI plugin has made it.
+    pub fn find(&mut self, subnet: Ipv4Network, exclude: &str) -> Option<BridgeDevice> {
+        let addrs = nix::ifaddrs::getifaddrs().ok()?;
+        let mut candidates: Vec<String> = addrs
+            .filter(|a| a.interface_name != exclude)
+            .filter(|a| {
+                a.address
+                    .as_ref()
+                    .and_then(|s| s.as_sockaddr_in())
+                    .is_some_and(|sin| subnet.contains(sin.ip()))
+            })
+            .map(|a| a.interface_name)
+            .collect();
+        candidates.sort();
+        candidates.dedup();
+        for name in candidates {
+            let Ok(ifindex) = nix::net::if_::if_nametoindex(name.as_str()) else {
+                continue;
+            };
+            let is_bridge = *self
+                .kinds
+                .entry((name.clone(), ifindex))
+                .or_insert_with(|| netdev::link_info(&name).is_ok_and(|l| l.kind.as_deref() == Some("bridge")));
+            if is_bridge {
+                return Some(BridgeDevice { name, ifindex });
+            }
+        }
+        None
+    }
+}
+
+/// The bridge's learned and static entries: container MAC -> port ifindex. Local entries (the
+/// bridge's and its ports' own addresses: frames for this host) are left out.
+pub fn fdb(bridge_ifindex: u32) -> io::Result<HashMap<MacAddr, u32>> {
+    let sock = netlink_socket()?;
+    // ndmsg alone, family AF_BRIDGE: the kernel dumps every bridge's FDB (and each device's
+    // own addresses); we keep the entries whose NDA_MASTER is our bridge.
+    let mut req = [0u8; NLMSG_HDR + NDMSG_LEN];
+    req[0..4].copy_from_slice(&((NLMSG_HDR + NDMSG_LEN) as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETNEIGH.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[NLMSG_HDR] = libc::AF_BRIDGE as u8;
+    // SAFETY: sending a byte buffer we own on a socket we own.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    let mut out = HashMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receiving into a buffer we own, at most its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= NLMSG_HDR {
+            let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+            if len < NLMSG_HDR || len > msgs.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+            }
+            match kind {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let code = msgs
+                        .get(NLMSG_HDR..NLMSG_HDR + 4)
+                        .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                        .unwrap_or(-libc::EIO);
+                    if code != 0 {
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
+                }
+                RTM_NEWNEIGH => {
+                    if let Some((mac, port)) = parse_fdb_entry(&msgs[NLMSG_HDR..len], bridge_ifindex) {
+                        out.insert(mac, port);
+                    }
+                }
+                _ => {}
+            }
+            msgs = &msgs[align4(len).min(msgs.len())..];
+        }
+    }
+}
+
+/// One RTM_NEWNEIGH body (ndmsg + attributes): Some((MAC, port)) for a forwarding entry of
+/// `bridge_ifindex` that points at a port.
+fn parse_fdb_entry(body: &[u8], bridge_ifindex: u32) -> Option<(MacAddr, u32)> {
+    if body.len() < NDMSG_LEN || body[0] != libc::AF_BRIDGE as u8 {
+        return None;
+    }
+    let port = i32::from_ne_bytes(body[4..8].try_into().ok()?) as u32;
+    let state = u16::from_ne_bytes(body[8..10].try_into().ok()?);
+    if state & NUD_PERMANENT != 0 || port == bridge_ifindex || port == 0 {
+        return None;
+    }
+    let (mut mac, mut master) = (None, None);
+    let mut attrs = &body[NDMSG_LEN..];
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        let value = &attrs[4..len];
+        match kind {
+            NDA_LLADDR if value.len() == 6 => mac = Some(MacAddr(value.try_into().ok()?)),
+            NDA_MASTER if value.len() == 4 => master = Some(u32::from_ne_bytes(value.try_into().ok()?)),
+            _ => {}
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    let mac = mac?;
+    // Multicast entries (mdb) are not forwarding entries of one port.
+    (master == Some(bridge_ifindex) && mac.0[0] & 1 == 0).then_some((mac, port))
+}
+
+fn netlink_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What the BPF maps hold, kept to diff against the next FDB reading.
+#[derive(Default)]
+pub struct Mirror {
+    pub fdb: HashMap<MacAddr, u32>,
+    pub ports: HashSet<u32>,
+}
+
+const fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+const NLMSG_HDR: usize = 16;
+const NDMSG_LEN: usize = size_of::<libc::c_int>() * 3;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const NDA_LLADDR: u16 = 2;
+const NDA_MASTER: u16 = 9;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+const NUD_PERMANENT: u16 = 0x80;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(port: i32, state: u16, mac: [u8; 6], master: Option<u32>) -> Vec<u8> {
+        let mut b = vec![0u8; NDMSG_LEN];
+        b[0] = libc::AF_BRIDGE as u8;
+        b[4..8].copy_from_slice(&port.to_ne_bytes());
+        b[8..10].copy_from_slice(&state.to_ne_bytes());
+        b.extend_from_slice(&10u16.to_ne_bytes());
+        b.extend_from_slice(&NDA_LLADDR.to_ne_bytes());
+        b.extend_from_slice(&mac);
+        b.extend_from_slice(&[0, 0]);
+        if let Some(m) = master {
+            b.extend_from_slice(&8u16.to_ne_bytes());
+            b.extend_from_slice(&NDA_MASTER.to_ne_bytes());
+            b.extend_from_slice(&m.to_ne_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn keeps_learned_entries_of_our_bridge_only() {
+        let mac = [0x02, 0x42, 0xac, 0x11, 0, 2];
+        const REACHABLE: u16 = 0x02;
+        assert_eq!(
+            parse_fdb_entry(&entry(7, REACHABLE, mac, Some(3)), 3),
+            Some((MacAddr(mac), 7))
+        );
+        // Another bridge's entry; a device's own address (no master); a local entry; an
+        // entry pointing at the bridge itself; a multicast address; a truncated message.
+        assert_eq!(parse_fdb_entry(&entry(7, REACHABLE, mac, Some(4)), 3), None);
+        assert_eq!(parse_fdb_entry(&entry(7, REACHABLE, mac, None), 3), None);
+        assert_eq!(parse_fdb_entry(&entry(7, NUD_PERMANENT, mac, Some(3)), 3), None);
+        assert_eq!(parse_fdb_entry(&entry(3, REACHABLE, mac, Some(3)), 3), None);
+        assert_eq!(
+            parse_fdb_entry(&entry(7, REACHABLE, [0x01, 0, 0x5e, 0, 0, 1], Some(3)), 3),
+            None
+        );
+        assert_eq!(parse_fdb_entry(&entry(7, REACHABLE, mac, Some(3))[..6], 3), None);
+    }
+}
