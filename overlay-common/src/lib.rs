@@ -170,10 +170,10 @@ pub enum CounterIndex {
     DropDecapFailed = 14,
     /// Datapath not configured yet (config map empty or invalid).
     DropNoConfig = 15,
-    /// Bridge egress: a GSO packet handed straight to its container's port.
+    /// Bridge egress: a frame handed straight to its container's port.
     BridgeRedirect = 16,
-    /// Bridge egress: a GSO packet for a MAC with no live port in our FDB copy; the bridge
-    /// forwards it (and segments it in software if it was decapsulated).
+    /// Bridge egress: a unicast frame for a MAC with no live port in our FDB copy; the bridge
+    /// forwards it (in software, if it was decapsulated: see overlay-ebpf's bridge.rs).
     BridgeUnknownPort = 17,
 }
 

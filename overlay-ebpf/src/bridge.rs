@@ -1,19 +1,20 @@
-//! Egress of the container bridge (docker0, cni0): hand GSO packets straight to the
-//! container's port.
+//! Egress of the container bridge (docker0, cni0): hand frames for a container straight to its
+//! port, doing the bridge's forwarding-database lookup ourselves with the agent's copy of it.
 //!
 //! Why: after TC decapsulation the skb still says it carries a UDP tunnel (skb->encapsulation,
 //! SKB_GSO_UDP_TUNNEL); only BPF_F_ADJ_ROOM_DECAP_L4_UDP, which kernels up to 6.18 lack, would
 //! clear that. A bridge device offers no offloads for encapsulated packets, so before the bridge
-//! forwards it the kernel segments and checksums every 64 KB packet in software, and the
-//! container's TCP then receives MSS-sized segments. A veth port offers those offloads.
+//! forwards one the kernel checksums it in software, and segments it if it is a 64 KB GSO
+//! packet: the container's TCP then receives MSS-sized segments. A veth port offers those
+//! offloads. That flag is not visible to a TC program, and no tag survives from the underlay's
+//! ingress to here (forwarding clears tc_index; skb->mark belongs to iptables users), so every
+//! unicast frame to a known container takes this path; for the others it only saves the
+//! bridge's own work.
 //!
-//! That flag is not visible to a TC program, and no tag survives from the underlay's ingress to
-//! here (forwarding clears tc_index; skb->mark belongs to iptables users). So every GSO packet
-//! to a known container MAC takes this path: for the ones that were never encapsulated it saves
-//! the bridge's lookup and changes nothing else. When we run, routing, netfilter (FORWARD,
-//! POSTROUTING) and the neighbour lookup are done; we replace only the bridge's forwarding
-//! database lookup, with the agent's copy of it. Everything else — single segments, broadcast,
-//! MACs we do not know, ports that are gone — goes on to the bridge as before.
+//! When we run, routing, netfilter (FORWARD, POSTROUTING) and the neighbour lookup are done; only
+//! the bridge's forwarding is replaced (so `tcpdump -i docker0` no longer shows these frames; the
+//! container's veth does). Broadcast, multicast, MACs we do not know and ports that are gone go on
+//! to the bridge as before.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
 use overlay_common::CounterIndex;
 
@@ -23,10 +24,6 @@ use crate::{
 };
 
 pub fn bridge_out(ctx: &TcContext) -> i32 {
-    // SAFETY: reading a field of the program's own __sk_buff context.
-    if unsafe { (*ctx.skb.skb).gso_size } == 0 {
-        return TC_ACT_OK as i32;
-    }
     let Ok(dst) = ctx.load::<[u8; 6]>(0) else {
         return TC_ACT_OK as i32;
     };

@@ -64,9 +64,9 @@ pub struct Args {
     /// Hook that decapsulates on the underlay: auto = TC ingress on veth, XDP elsewhere.
     #[arg(long, value_enum, default_value_t = DecapAttach::Auto)]
     pub decap: DecapAttach,
-    /// With TC decapsulation: decapsulated packets leave the container bridge (docker0, cni0)
-    /// straight to the container's port, keeping their offloads. The bridge's own forwarding
-    /// would segment each 64 KB packet in software first. =false keeps the bridge's path.
+    /// With TC decapsulation: frames for a container leave the container bridge (docker0, cni0)
+    /// straight to the container's port, keeping their offloads; the bridge's own forwarding
+    /// would segment each decapsulated 64 KB packet in software. =false keeps the bridge's path.
     #[arg(long = "bridge-redirect", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
     pub bridge_redirect: bool,
 }

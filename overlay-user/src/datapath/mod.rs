@@ -241,7 +241,7 @@ impl Programs {
         program(&mut self.ebpf, PROG_DECAP_TC)
     }
 
-    /// The container bridge's egress program: decapsulated packets straight to their port.
+    /// The container bridge's egress program: frames for a container straight to its port.
     pub fn bridge_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, PROG_BRIDGE_OUT)
     }
@@ -532,7 +532,7 @@ pub struct DatapathSpec {
     /// (dropping a [`Datapath`] leaves it attached) and the next start adopts it; without it,
     /// dropping detaches everything.
     pub pin_dir: Option<PathBuf>,
-    /// With TC decapsulation, hand decapsulated packets from the container bridge's egress
+    /// With TC decapsulation, hand frames for a container from the container bridge's egress
     /// straight to the container's port (see [`Datapath::sync_bridge`]).
     pub bridge_redirect: bool,
 }
@@ -883,7 +883,7 @@ impl Datapath {
         self.programs.counters()
     }
 
-    /// The container bridge whose egress hands decapsulated packets to ports, if attached.
+    /// The container bridge whose egress hands frames to container ports, if attached.
     pub fn bridge(&self) -> Option<&str> {
         self.bridge.as_ref().map(|b| b.device.name.as_str())
     }
