@@ -21,10 +21,11 @@ use overlay_common::CounterIndex;
 use crate::{
     counters::count,
     maps::{BRIDGE_FDB, BRIDGE_PORTS},
+    packet::PacketReader,
 };
 
 pub fn bridge_out(ctx: &TcContext) -> i32 {
-    let Ok(dst) = ctx.load::<[u8; 6]>(0) else {
+    let Some(dst) = ctx.read::<[u8; 6]>(0) else {
         return TC_ACT_OK as i32;
     };
     if dst[0] & 1 != 0 {

@@ -25,6 +25,9 @@ use crate::{
     packet::{PacketReader, ptr_at},
 };
 
+/// BPF_F_ADJ_ROOM_DECAP_L4_UDP: in the kernel's UAPI after 6.18, not in our bindings yet.
+const ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
+
 /// A tunnel packet accepted for decapsulation.
 pub struct Accepted {
     format: Format,
@@ -163,9 +166,19 @@ pub fn decap_tc(ctx: &TcContext) -> Result<i32, CounterIndex> {
     let Some(acc) = classify(ctx)? else {
         return Ok(TC_ACT_OK as i32);
     };
+    // DECAP_L4_UDP (kernels after 6.18) also clears the skb's tunnel offload state, as the
+    // kernel's own tunnel devices do; older kernels refuse the unknown flag at once (EINVAL,
+    // nothing changed), and we cut without it. Then the skb still says "UDP tunnel", and the
+    // bridge program (bridge.rs) keeps the container bridge from segmenting it in software.
     let flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64;
-    ctx.adjust_room(-(acc.strip as i32), BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| CounterIndex::DropDecapFailed)?;
+    let len = -(acc.strip as i32);
+    if ctx
+        .adjust_room(len, BPF_ADJ_ROOM_MAC, flags | ADJ_ROOM_DECAP_L4_UDP)
+        .is_err()
+    {
+        ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, flags)
+            .map_err(|_| CounterIndex::DropDecapFailed)?;
+    }
     count(CounterIndex::decap(acc.format), acc.inner_len as u64);
     Ok(TC_ACT_OK as i32)
 }

@@ -1,25 +1,27 @@
 //! Egress: wrap an IPv4 packet routed to the overlay device in the network's tunnel format
 //! and send it out of the underlay towards the peer that owns the destination subnet.
+//!
+//! Headers are read and written in place (direct packet access): the helpers that copy bytes
+//! in and out cost more per call than the checks that make direct access safe.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_store_bytes,
-    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use overlay_common::{
-    CounterIndex, Format, flow_src_port,
-    wire::{ETH_LEN, ETH_P_IP, Encap},
+    CounterIndex, Format, flow_hash, flow_src_port,
+    wire::{ETH_LEN, ETH_P_IP, Encap, IPV4_OFFSET_MASK},
 };
 
 use crate::{
     counters::count,
     maps::{CONFIG, PEERS},
+    packet::PacketReader,
 };
 
 const AF_INET: u8 = 2;
@@ -28,25 +30,34 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
     let cfg = CONFIG.get(0).ok_or(CounterIndex::DropNoConfig)?;
     let format = cfg.format().ok_or(CounterIndex::DropNoConfig)?;
 
-    let proto: [u8; 2] = ctx.load(12).map_err(|_| CounterIndex::DropNotIpv4)?;
-    if u16::from_be_bytes(proto) != ETH_P_IP {
+    let eth: [u8; 14] = ctx.read(0).ok_or(CounterIndex::DropNotIpv4)?;
+    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
         return Err(CounterIndex::DropNotIpv4);
     }
-    let vihl: u8 = ctx.load(ETH_LEN as usize).map_err(|_| CounterIndex::DropNotIpv4)?;
-    let dst: [u8; 4] = ctx.load(ETH_LEN as usize + 16).map_err(|_| CounterIndex::DropNotIpv4)?;
-    if vihl >> 4 != 4 || vihl & 0x0f < 5 {
+    let ip: [u8; 20] = ctx.read(ETH_LEN as usize).ok_or(CounterIndex::DropNotIpv4)?;
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 {
         return Err(CounterIndex::DropNotIpv4);
     }
+    let (src, dst) = ([ip[12], ip[13], ip[14], ip[15]], [ip[16], ip[17], ip[18], ip[19]]);
 
     let peer = PEERS.get(Key::new(32, dst)).ok_or(CounterIndex::DropNoPeer)?;
     let peer_ip = peer.public_ip;
     let peer_mac = peer.vtep_mac;
 
-    let inner_len = ctx.len() - ETH_LEN;
-    // Hash of the inner flow, taken before the headers change; spreads tunnel flows on the
-    // receiver as the kernel's vxlan device does.
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    // The inner flow picks the outer source port, so receivers spread tunnel flows over their
+    // queues as they do for the kernel's vxlan device. Non-first fragments have no ports.
+    let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & IPV4_OFFSET_MASK == 0;
+    let ports = if first_fragment {
+        ctx.read::<[u8; 4]>(ETH_LEN as usize + ihl)
+            .map(u32::from_ne_bytes)
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let src_port = flow_src_port(flow_hash(src, dst, ip[9], ports));
 
+    let inner_len = ctx.len() - ETH_LEN;
     // The encap flags keep GSO working: the kernel segments the inner TCP stream and
     // replicates our outer headers per segment. FIXED_GSO keeps the MSS: the overlay MTU
     // already leaves room for these headers.
@@ -67,28 +78,37 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
     let headers = Encap {
         src_ip: cfg.public_ip,
         dst_ip: peer_ip,
-        src_port: flow_src_port(hash),
+        src_port,
         dst_port: cfg.port,
         vni: cfg.vni,
         inner_src_mac: cfg.vtep_mac,
         inner_dst_mac: peer_mac,
     }
     .headers(format, inner_len);
-    let hp = &headers as *const _ as *const core::ffi::c_void;
-    // Two calls with constant lengths: the helper's length must be known to the verifier.
-    let rc = unsafe {
-        match format {
-            Format::Udp => bpf_skb_store_bytes(ctx.skb.skb, ETH_LEN, hp, 28, 0),
-            Format::Vxlan => bpf_skb_store_bytes(ctx.skb.skb, ETH_LEN, hp, 50, 0),
-        }
-    };
-    if rc != 0 {
-        return Err(CounterIndex::DropEncapFailed);
-    }
+    // adjust_room put the new room in the linear area, right after the Ethernet header.
+    // SAFETY: EncapHeaders is repr(C) byte arrays only (50 bytes, no padding); udp uses its
+    // first 28.
+    let hp = &headers as *const _;
+    match format {
+        Format::Udp => write_at(ctx, ETH_LEN as usize, unsafe { &*(hp as *const [u8; 28]) }),
+        Format::Vxlan => write_at(ctx, ETH_LEN as usize, unsafe { &*(hp as *const [u8; 50]) }),
+    }?;
 
     let action = redirect_to_peer(ctx, cfg.underlay_ifindex, cfg.public_ip, peer_ip)?;
     count(CounterIndex::encap(format), inner_len as u64);
     Ok(action)
+}
+
+/// Write `value` at `offset` of the linear area.
+#[inline(always)]
+fn write_at<T: Copy>(ctx: &TcContext, offset: usize, value: &T) -> Result<(), CounterIndex> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(CounterIndex::DropEncapFailed);
+    }
+    // SAFETY: the bytes at offset lie inside the linear area (checked above); unaligned.
+    unsafe { core::ptr::write_unaligned((start + offset) as *mut T, *value) };
+    Ok(())
 }
 
 /// Route the outer packet: the fib lookup gives next hop and MACs when the neighbour is known
@@ -114,7 +134,7 @@ fn redirect_to_peer(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -
         eth[0..6].copy_from_slice(&p.dmac);
         eth[6..12].copy_from_slice(&p.smac);
         eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        ctx.store(0, &eth, 0).map_err(|_| CounterIndex::DropEncapFailed)?;
+        write_at(ctx, 0, &eth)?;
         return Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32);
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {

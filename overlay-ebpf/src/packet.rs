@@ -35,10 +35,16 @@ impl PacketReader for XdpContext {
 }
 
 impl PacketReader for TcContext {
-    /// bpf_skb_load_bytes: works on non-linear skbs too (GRO/GSO packets keep only part of
-    /// the headers in the linear area on some drivers).
+    /// Straight from the linear area when the bytes are there (the common case, and no helper
+    /// call); bpf_skb_load_bytes otherwise, which also reads paged data (some drivers keep
+    /// only part of a GRO packet's headers linear).
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let start = self.data();
+        if start + offset + core::mem::size_of::<T>() <= self.data_end() {
+            // SAFETY: checked just above that the bytes lie inside the linear area.
+            return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+        }
         self.load::<T>(offset).ok()
     }
 
