@@ -268,7 +268,8 @@ impl Programs {
             for port in mirror.ports.clone().difference(&wanted_ports) {
                 // The kernel removes a port whose device went away: not found is fine.
                 match ports.remove(*port) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Ok(()) => {}
+                    Err(e) if not_found(&e) => {}
                     Err(source) => {
                         return Err(DatapathError::Map {
                             name: MAP_BRIDGE_PORTS,
@@ -292,7 +293,8 @@ impl Programs {
         let gone: Vec<MacAddr> = mirror.fdb.keys().filter(|m| !fdb.contains_key(m)).copied().collect();
         for mac in gone {
             match map.remove(&mac.0) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if not_found(&e) => {}
                 Err(source) => {
                     return Err(DatapathError::Map {
                         name: MAP_BRIDGE_FDB,
@@ -401,6 +403,15 @@ impl Programs {
             }));
         }
         Ok(Counters(out))
+    }
+}
+
+/// A delete found no entry: aya reports that as the syscall's ENOENT, not as KeyNotFound.
+fn not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
     }
 }
 
