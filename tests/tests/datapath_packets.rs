@@ -810,3 +810,184 @@ fn unconfigured_datapath_is_safe() {
         assert_eq!(r.return_value, TC_ACT_OK);
     });
 }
+
+// ---- container bridge egress -----------------------------------------------------------------
+
+/// `overlay_bridge_out` on the container bridge's egress: a unicast frame for a MAC in the FDB
+/// copy whose port is live is redirected; everything else goes on to the bridge untouched, the
+/// unknown unicast ones counted. Ports are real veths: the devmap takes only live devices, and
+/// the kernel prunes an entry when its device is deleted, which is what keeps a stale FDB copy
+/// from sending frames into the void.
+#[test]
+fn bridge_egress_table() {
+    use overlay::datapath::bridge::Mirror;
+
+    let ns = Netns::new("brg").expect("namespace");
+    for port in ["port0", "port1"] {
+        let peer = format!("{port}c");
+        ns.ip(&["link", "add", port, "type", "veth", "peer", "name", &peer])
+            .expect("veth");
+    }
+    let ifindex = |dev: &str| -> u32 {
+        let out = ns.ip(&["-j", "link", "show", dev]).expect("ip link show");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+        v[0]["ifindex"].as_u64().expect("ifindex") as u32
+    };
+    let (port0, port1) = (ifindex("port0"), ifindex("port1"));
+    let ns_name = ns.name().to_string();
+    // Devmap entries are resolved in the namespace of the thread that writes them.
+    let r = ns
+        .spawn(move || {
+            const ON_PORT0: [u8; 6] = [0x02, 0x42, 0x0a, 0xf4, 0x01, 0x02];
+            const ON_PORT1: [u8; 6] = [0x02, 0x42, 0x0a, 0xf4, 0x01, 0x03];
+            const ON_NO_DEVICE: [u8; 6] = [0x02, 0x42, 0x0a, 0xf4, 0x01, 0x04];
+            const UNKNOWN: [u8; 6] = [0x02, 0x42, 0x0a, 0xf4, 0x01, 0x09];
+            let frame = |dst: [u8; 6]| {
+                let mut f = eth(dst, OVERLAY_MAC, 0x0800);
+                f.extend(inner_packet(PEER_CONTAINER, LOCAL_CONTAINER));
+                f
+            };
+            let mut programs = Programs::load().unwrap();
+            let mut mirror = Mirror::default();
+            let fdb = std::collections::HashMap::from([
+                (MacAddr(ON_PORT0), port0),
+                (MacAddr(ON_PORT1), port1),
+                // A port that vanished between the FDB dump and the copy: the devmap refuses
+                // it, the FDB entry is written, the frame goes to the bridge.
+                (MacAddr(ON_NO_DEVICE), 0x7fff_fff0),
+            ]);
+            programs.sync_bridge_fdb(&mut mirror, &fdb).unwrap();
+            assert_eq!(mirror.ports, [port0, port1].into(), "only live ports enter the devmap");
+
+            run_bridge(
+                &mut programs,
+                "known MAC, live port",
+                &frame(ON_PORT0),
+                TC_ACT_REDIRECT,
+                Some(CounterIndex::BridgeRedirect),
+            );
+            run_bridge(
+                &mut programs,
+                "known MAC, other live port",
+                &frame(ON_PORT1),
+                TC_ACT_REDIRECT,
+                Some(CounterIndex::BridgeRedirect),
+            );
+            run_bridge(
+                &mut programs,
+                "unknown MAC",
+                &frame(UNKNOWN),
+                TC_ACT_OK,
+                Some(CounterIndex::BridgeUnknownPort),
+            );
+            run_bridge(
+                &mut programs,
+                "known MAC, port never in the devmap",
+                &frame(ON_NO_DEVICE),
+                TC_ACT_OK,
+                Some(CounterIndex::BridgeUnknownPort),
+            );
+            run_bridge(&mut programs, "broadcast", &frame([0xff; 6]), TC_ACT_OK, None);
+            run_bridge(
+                &mut programs,
+                "IPv4 multicast",
+                &frame([0x01, 0x00, 0x5e, 0, 0, 1]),
+                TC_ACT_OK,
+                None,
+            );
+            run_bridge(
+                &mut programs,
+                "IPv6 multicast",
+                &frame([0x33, 0x33, 0, 0, 0, 1]),
+                TC_ACT_OK,
+                None,
+            );
+            let mut arp = eth([0xff; 6], OVERLAY_MAC, 0x0806);
+            arp.extend([0u8; 28]);
+            run_bridge(&mut programs, "ARP request", &arp, TC_ACT_OK, None);
+
+            // The container's port goes away (container stopped); nobody has updated the copy
+            // yet: the kernel dropped the devmap entry, so the bridge gets the frame.
+            overlay_tests::netns::run(std::process::Command::new("ip").args(["-n", &ns_name, "link", "del", "port1"]))
+                .unwrap();
+            run_bridge(
+                &mut programs,
+                "known MAC, port device deleted",
+                &frame(ON_PORT1),
+                TC_ACT_OK,
+                Some(CounterIndex::BridgeUnknownPort),
+            );
+            run_bridge(
+                &mut programs,
+                "known MAC, remaining live port",
+                &frame(ON_PORT0),
+                TC_ACT_REDIRECT,
+                Some(CounterIndex::BridgeRedirect),
+            );
+
+            // The next copy forgets the MAC and the dead port; a MAC that left the FDB is unknown.
+            let fdb = std::collections::HashMap::from([(MacAddr(ON_PORT1), port0)]);
+            programs.sync_bridge_fdb(&mut mirror, &fdb).unwrap();
+            assert_eq!(mirror.ports, [port0].into());
+            assert_eq!(mirror.fdb, fdb);
+            run_bridge(
+                &mut programs,
+                "MAC moved to a live port",
+                &frame(ON_PORT1),
+                TC_ACT_REDIRECT,
+                Some(CounterIndex::BridgeRedirect),
+            );
+            run_bridge(
+                &mut programs,
+                "MAC no longer in the FDB",
+                &frame(ON_PORT0),
+                TC_ACT_OK,
+                Some(CounterIndex::BridgeUnknownPort),
+            );
+            programs.sync_bridge_fdb(&mut mirror, &Default::default()).unwrap();
+            assert!(mirror.ports.is_empty() && mirror.fdb.is_empty());
+            run_bridge(
+                &mut programs,
+                "empty copy",
+                &frame(ON_PORT1),
+                TC_ACT_OK,
+                Some(CounterIndex::BridgeUnknownPort),
+            );
+        })
+        .join();
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e:#}"),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Run the bridge program on `frame`: it must give `verdict`, leave the frame as it is and move
+/// `counter` (if any) by this frame, and no other bridge counter.
+fn run_bridge(programs: &mut Programs, desc: &str, frame: &[u8], verdict: u32, counter: Option<CounterIndex>) {
+    let counted = [CounterIndex::BridgeRedirect, CounterIndex::BridgeUnknownPort];
+    let before = programs.counters().unwrap();
+    let mut out = vec![0u8; frame.len() + 64];
+    let r = programs
+        .bridge_program()
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{desc}: test run: {e}"));
+    out.truncate(r.data_size_out as usize);
+    assert_eq!(r.return_value, verdict, "{desc}: verdict");
+    assert_eq!(out, frame, "{desc}: the frame is never changed");
+    let after = programs.counters().unwrap();
+    for c in counted {
+        let (b, a) = (before.get(c), after.get(c));
+        if Some(c) == counter {
+            assert_eq!(a.packets, b.packets + 1, "{desc}: {} packets", c.name());
+            assert_eq!(a.bytes, b.bytes + frame.len() as u64, "{desc}: {} bytes", c.name());
+        } else {
+            assert_eq!(a, b, "{desc}: {} moved", c.name());
+        }
+    }
+}
