@@ -48,31 +48,67 @@ impl Host {
         ns.ip(&["addr", "add", &format!("{bip}/{}", subnet.prefix()), "dev", "docker0"])?;
         ns.ip(&["link", "set", "docker0", "mtu", &mtu.to_string(), "up"])?;
         for i in 0..count {
-            let c = Netns::new(&format!("c{}{}", self.index, i))?;
             let ip = Ipv4Addr::from(u32::from(subnet.network()) + 2 + i as u32);
-            let veth = format!("veth{i}");
-            ns.ip(&[
-                "link",
-                "add",
-                &veth,
-                "mtu",
-                &mtu.to_string(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                c.name(),
-            ])?;
-            ns.ip(&["link", "set", &veth, "master", "docker0", "up"])?;
-            c.ip(&["addr", "add", &format!("{ip}/{}", subnet.prefix()), "dev", "eth0"])?;
-            c.ip(&["link", "set", "eth0", "mtu", &mtu.to_string(), "up"])?;
-            c.ip(&["route", "add", "default", "via", &bip.to_string()])?;
-            self.containers.push(Container { ns: c, ip });
+            let c = self.plug_container(i, subnet, mtu, ip, None)?;
+            self.containers.push(c);
         }
         self.subnet = Some(subnet);
         Ok(())
+    }
+
+    /// Replace container `i` as docker does when it restarts one: its port and namespace are
+    /// deleted, and a new namespace is plugged into `docker0` through a new veth (a new
+    /// ifindex), its `eth0` with the old IP and MAC.
+    pub fn recreate_container(&mut self, i: usize) -> anyhow::Result<()> {
+        let subnet = self.subnet.context("no containers on this host")?;
+        let old = &self.containers[i];
+        let eth0: serde_json::Value = serde_json::from_str(&old.ns.ip(&["-j", "link", "show", "eth0"])?)?;
+        let mac = eth0[0]["address"].as_str().context("eth0 without a MAC")?.to_string();
+        let mtu = eth0[0]["mtu"].as_u64().context("eth0 without an MTU")? as u32;
+        let ip = old.ip;
+        // Deleting the port takes the container's end with it at once; the namespace itself
+        // is freed later by the kernel.
+        self.ns.ip(&["link", "del", &format!("veth{i}")])?;
+        let new = self.plug_container(i, subnet, mtu, ip, Some(&mac))?;
+        drop(std::mem::replace(&mut self.containers[i], new));
+        Ok(())
+    }
+
+    /// A container namespace behind `docker0` through port `veth<i>`, with `ip` (and `mac`).
+    fn plug_container(
+        &self,
+        i: usize,
+        subnet: Ipv4Network,
+        mtu: u32,
+        ip: Ipv4Addr,
+        mac: Option<&str>,
+    ) -> anyhow::Result<Container> {
+        let bip = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        let ns = &self.ns;
+        let c = Netns::new(&format!("c{}{}", self.index, i))?;
+        let veth = format!("veth{i}");
+        ns.ip(&[
+            "link",
+            "add",
+            &veth,
+            "mtu",
+            &mtu.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            c.name(),
+        ])?;
+        ns.ip(&["link", "set", &veth, "master", "docker0", "up"])?;
+        if let Some(mac) = mac {
+            c.ip(&["link", "set", "eth0", "address", mac])?;
+        }
+        c.ip(&["addr", "add", &format!("{ip}/{}", subnet.prefix()), "dev", "eth0"])?;
+        c.ip(&["link", "set", "eth0", "mtu", &mtu.to_string(), "up"])?;
+        c.ip(&["route", "add", "default", "via", &bip.to_string()])?;
+        Ok(Container { ns: c, ip })
     }
 }
 
@@ -285,6 +321,45 @@ impl OverlayProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The datapath counters as they are now, in the shape of the last line [`Self::stop`]
+    /// returns (`{"counters": {name: {packets, bytes}}}`). Read from the counter map the
+    /// process holds open, found through its /proc fdinfo: the map names of all running
+    /// datapaths are the same.
+    pub fn counters(&self) -> anyhow::Result<serde_json::Value> {
+        use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
+        use overlay_common::{Counter, CounterIndex, MAP_COUNTERS};
+
+        let pid = self.child.id();
+        // The kernel keeps 15 characters of a map's name.
+        let name = &MAP_COUNTERS[..MAP_COUNTERS.len().min(15)];
+        let dir = format!("/proc/{pid}/fdinfo");
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+            let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+                continue;
+            };
+            let Some(id) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some(name)) {
+                continue;
+            }
+            let map: PerCpuArray<_, Counter> = Map::from_map_data(MapData::from_id(id)?)?.try_into()?;
+            let mut totals = Vec::new();
+            for i in 0..CounterIndex::COUNT {
+                totals.push(map.get(&i, 0)?.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                }));
+            }
+            return Ok(serde_json::json!({ "counters": overlay::datapath::Counters(totals).to_json() }));
+        }
+        bail!("overlay (pid {pid}) holds no {name} map")
     }
 
     /// Whether the process has exited, with its status.
