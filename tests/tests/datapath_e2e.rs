@@ -1,7 +1,7 @@
 //! The datapath end to end: two hosts in network namespaces joined by an underlay link, a
 //! container behind a bridge on each, our programs in the kernel, real traffic. Every two-host
 //! test runs with each decap hook (XDP, TC ingress).
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use overlay_tests::{
     lab::{self, Backend, OverlayProcess},
@@ -301,4 +301,276 @@ fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir(&pin_dir);
     drop(peer2);
     result
+}
+
+// ---- bridge redirect -------------------------------------------------------------------------
+//
+// With TC decapsulation, `overlay_bridge_out` on docker0's egress hands frames for a container
+// straight to its port, looking the MAC up in the datapath's copy of the bridge's FDB (synced
+// once a second). Counters are read live from the running process.
+
+const BRIDGE_TRANSFER: u64 = 20 << 20;
+
+/// Poll `check` every 50 ms until it gives Some, for up to `timeout`.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{what}: not within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ping `to` from `from` until the datapath `p` has redirected a frame more than `since`:
+/// its FDB copy holds the container's MAC on a live port. Returns the counter then.
+fn wait_redirected(
+    p: &OverlayProcess,
+    from: &lab::Container,
+    to: &lab::Container,
+    since: u64,
+    timeout: Duration,
+) -> anyhow::Result<(u64, u64)> {
+    wait_for("frames for the container redirected to its port", timeout, || {
+        ping(&from.ns, to.ip, 1, 56, false, "0.2")?;
+        let c = counter(&p.counters()?, "bridge_redirect");
+        Ok((c.0 > since).then_some(c))
+    })
+}
+
+/// Names of the TCX programs on `dev`'s `hook` in `ns`, as the kernel keeps them (15
+/// characters). Asked with BPF_PROG_QUERY: the bpftool at hand does not list TCX links.
+fn tc_programs(
+    ns: &overlay_tests::netns::Netns,
+    dev: &str,
+    hook: aya::programs::tc::TcAttachType,
+) -> anyhow::Result<Vec<String>> {
+    let dev = dev.to_string();
+    ns.spawn(move || -> anyhow::Result<Vec<String>> {
+        let (_, programs) = aya::programs::SchedClassifier::query_tcx(&dev, hook)?;
+        Ok(programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or_default().to_string())
+            .collect())
+    })
+    .join()
+    .expect("query thread")?
+}
+
+/// Whether `overlay_bridge_out` is on the TC egress of `dev` in `ns`.
+fn bridge_program_on(ns: &overlay_tests::netns::Netns, dev: &str) -> anyhow::Result<bool> {
+    let names = tc_programs(ns, dev, aya::programs::tc::TcAttachType::Egress)?;
+    Ok(names
+        .iter()
+        .any(|n| !n.is_empty() && overlay_common::PROG_BRIDGE_OUT.starts_with(n.as_str())))
+}
+
+fn assert_delivers(from: &lab::Container, to: &lab::Container, port: u16) -> anyhow::Result<()> {
+    let r = ping(&from.ns, to.ip, 5, 56, false, "0.05")?;
+    assert_eq!(r.received, 5, "ping {} -> {}: {r:?}", from.ip, to.ip);
+    assert_eq!(
+        tcp_transfer_verified(&from.ns, &to.ns, to.ip, port, BRIDGE_TRANSFER)?,
+        BRIDGE_TRANSFER,
+        "TCP {} -> {}",
+        from.ip,
+        to.ip
+    );
+    Ok(())
+}
+
+/// Bulk TCP into a container on another host: the receiving host redirects it from the bridge
+/// to the container's port, as whole GSO packets, and every byte arrives.
+#[test]
+fn bridge_redirect_carries_bulk_tcp_to_the_container() -> anyhow::Result<()> {
+    let lab = lab::static_lab(2, 1, Backend::Vxlan)?;
+    let procs = lab::start_static_datapaths(&lab, Backend::Vxlan)?;
+    for p in &procs {
+        assert_eq!(p.ready["decap"], "tc", "ready line: {}", p.ready);
+    }
+    let (h2, c1, c2) = (lab.host(2), &lab.host(1).containers[0], &lab.host(2).containers[0]);
+    assert!(bridge_program_on(&h2.ns, "docker0")?, "not on docker0 of host2");
+
+    let r = ping(&c1.ns, c2.ip, 5, 56, false, "0.05")?;
+    assert_eq!(r.received, 5, "ping {} -> {}: {r:?}", c1.ip, c2.ip);
+    let before = wait_redirected(&procs[1], c1, c2, 0, Duration::from_secs(5))?;
+    assert_eq!(tcp_transfer_verified(&c1.ns, &c2.ns, c2.ip, 5401, TRANSFER)?, TRANSFER);
+    let after = counter(&procs[1].counters()?, "bridge_redirect");
+    let (packets, bytes) = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        packets > 0 && bytes >= TRANSFER,
+        "host2 bridge_redirect moved by {packets} packets, {bytes} bytes for {TRANSFER} bytes sent"
+    );
+    // The point of the redirect: decapsulated GSO packets reach the port whole, where the
+    // bridge would have segmented them.
+    assert!(
+        bytes / packets > 2 * 1500,
+        "host2 redirected {} bytes per packet",
+        bytes / packets
+    );
+    // Host1 redirects too: the ACKs, then a transfer the other way.
+    assert_eq!(
+        tcp_transfer_verified(&c2.ns, &c1.ns, c1.ip, 5402, BRIDGE_TRANSFER)?,
+        BRIDGE_TRANSFER
+    );
+
+    let mut procs = procs.into_iter();
+    let s1 = procs.next().unwrap().stop()?;
+    let s2 = procs.next().unwrap().stop()?;
+    assert!(counter(&s1, "bridge_redirect").1 >= BRIDGE_TRANSFER, "host1: {s1}");
+    assert!(counter(&s2, "bridge_redirect").1 >= TRANSFER, "host2: {s2}");
+    for h in &lab.hosts {
+        assert!(!bridge_program_on(&h.ns, "docker0")?, "left on docker0 of {}", h.name());
+    }
+    Ok(())
+}
+
+/// `--bridge-redirect=false`: nothing on docker0, the bridge forwards, traffic still flows.
+#[test]
+fn bridge_redirect_off_leaves_the_bridge_alone() -> anyhow::Result<()> {
+    let lab = lab::static_lab(2, 1, Backend::Vxlan)?;
+    let procs = lab
+        .hosts
+        .iter()
+        .map(|h| {
+            let mut args = lab::static_datapath_args(&lab, h.index, Backend::Vxlan);
+            args.push("--bridge-redirect=false".into());
+            OverlayProcess::start(&h.ns, &args, Duration::from_secs(20))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (p, h) in procs.iter().zip(&lab.hosts) {
+        assert_eq!(p.ready["decap"], "tc", "ready line: {}", p.ready);
+        assert!(!bridge_program_on(&h.ns, "docker0")?, "on docker0 of {}", h.name());
+    }
+    let (c1, c2) = (&lab.host(1).containers[0], &lab.host(2).containers[0]);
+    assert_delivers(c1, c2, 5411)?;
+    assert_delivers(c2, c1, 5412)?;
+    // Give the sync loop time to run at least twice: it must not attach anyway.
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(!bridge_program_on(&lab.host(2).ns, "docker0")?, "on docker0 of host2");
+
+    for (p, h) in procs.into_iter().zip(&lab.hosts) {
+        let s = p.stop()?;
+        assert!(counter(&s, "decap_vxlan").1 >= BRIDGE_TRANSFER, "{}: {s}", h.name());
+        for name in ["bridge_redirect", "bridge_unknown_port"] {
+            assert_eq!(counter(&s, name), (0, 0), "{}: {name}: {s}", h.name());
+        }
+    }
+    Ok(())
+}
+
+/// Stops a process (SIGSTOP) until dropped: its maps and programs stay as they are, nobody
+/// updates them.
+struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    fn new(p: &OverlayProcess) -> anyhow::Result<Self> {
+        let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+        Ok(Frozen(pid))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// A container restarted with the same IP and MAC on a new veth: traffic reaches it at once
+/// through the bridge even while the datapath's FDB copy still names the dead port (the
+/// kernel dropped that port from the devmap), and is redirected again once the copy caught up.
+#[test]
+fn bridge_redirect_follows_a_recreated_container() -> anyhow::Result<()> {
+    let mut lab = lab::static_lab(2, 1, Backend::Vxlan)?;
+    let procs = lab::start_static_datapaths(&lab, Backend::Vxlan)?;
+    let p2 = &procs[1];
+    {
+        let (c1, c2) = (&lab.host(1).containers[0], &lab.host(2).containers[0]);
+        wait_redirected(p2, c1, c2, 0, Duration::from_secs(5))?;
+    }
+    let veth = |lab: &lab::Lab| -> anyhow::Result<u64> {
+        let v: serde_json::Value = serde_json::from_str(&lab.host(2).ns.ip(&["-j", "link", "show", "veth0"])?)?;
+        Ok(v[0]["ifindex"].as_u64().unwrap_or(0))
+    };
+    let old_port = veth(&lab)?;
+
+    // Freeze host2's datapath so its copy certainly still maps the MAC to the old port.
+    let frozen = Frozen::new(p2)?;
+    lab.hosts[1].recreate_container(0)?;
+    assert_ne!(veth(&lab)?, old_port, "the new port has a new ifindex");
+    let (c1, c2) = (&lab.host(1).containers[0], &lab.host(2).containers[0]);
+    let before = p2.counters()?;
+    let r = ping(&c1.ns, c2.ip, 5, 56, false, "0.2")?;
+    assert_eq!(r.received, 5, "ping {} -> recreated {}: {r:?}", c1.ip, c2.ip);
+    assert!(r.rtts_ms.iter().all(|&ms| ms < 1000.0), "replies within 1 s: {r:?}");
+    assert_eq!(
+        tcp_transfer_verified(&c1.ns, &c2.ns, c2.ip, 5421, BRIDGE_TRANSFER)?,
+        BRIDGE_TRANSFER
+    );
+    let during = p2.counters()?;
+    assert_eq!(
+        counter(&during, "bridge_redirect"),
+        counter(&before, "bridge_redirect"),
+        "nothing redirected through the stale copy"
+    );
+    assert!(
+        counter(&during, "bridge_unknown_port").0 > counter(&before, "bridge_unknown_port").0,
+        "frames for the dead port went to the bridge: {during}"
+    );
+
+    // Thawed, the next sync copies the new port.
+    drop(frozen);
+    let since = counter(&during, "bridge_redirect");
+    let after = wait_redirected(p2, c1, c2, since.0, Duration::from_secs(5))?;
+    assert_eq!(
+        tcp_transfer_verified(&c1.ns, &c2.ns, c2.ip, 5422, BRIDGE_TRANSFER)?,
+        BRIDGE_TRANSFER
+    );
+    let last = counter(&p2.counters()?, "bridge_redirect");
+    assert!(
+        last.1 - after.1 >= BRIDGE_TRANSFER,
+        "redirected to the new port: {} bytes for {BRIDGE_TRANSFER} sent",
+        last.1 - after.1
+    );
+    drop(procs);
+    Ok(())
+}
+
+/// docker starts after flanneld: the datapath starts on a host without docker0, then the
+/// bridge and a container appear; within a few seconds frames are redirected to the port.
+#[test]
+fn bridge_redirect_attaches_to_a_bridge_created_later() -> anyhow::Result<()> {
+    let mtu = 1500 - Backend::Vxlan.overhead();
+    let mut lab = lab::Lab::new(2, 1500)?;
+    lab.hosts[0].add_containers(lab::static_subnet(1), mtu, 1)?;
+    let procs = lab::start_static_datapaths(&lab, Backend::Vxlan)?;
+    assert!(lab.host(2).ns.ip(&["link", "show", "docker0"]).is_err());
+    // A sync without a bridge passes.
+    std::thread::sleep(Duration::from_millis(1100));
+
+    lab.hosts[1].add_containers(lab::static_subnet(2), mtu, 1)?;
+    let (c1, c2) = (&lab.host(1).containers[0], &lab.host(2).containers[0]);
+    let start = Instant::now();
+    let before = wait_redirected(&procs[1], c1, c2, 0, Duration::from_secs(5))?;
+    eprintln!("redirecting {:?} after docker0 appeared", start.elapsed());
+    assert!(
+        bridge_program_on(&lab.host(2).ns, "docker0")?,
+        "not on docker0 of host2"
+    );
+    assert_delivers(c1, c2, 5431)?;
+    let after = counter(&procs[1].counters()?, "bridge_redirect");
+    assert!(
+        after.1 - before.1 >= BRIDGE_TRANSFER,
+        "host2 redirected {} bytes for {BRIDGE_TRANSFER} sent",
+        after.1 - before.1
+    );
+    drop(procs);
+    Ok(())
 }
