@@ -95,6 +95,14 @@ fn two_hosts_both_ways(backend: Backend, hook: &str) -> anyhow::Result<()> {
     let r = ping(&c1.ns, "10.244.99.2".parse()?, 2, 56, false, "0.05")?;
     assert_eq!(r.received, 0);
 
+    if hook == "tc" {
+        let tc = tc_programs(&h1.ns, "eth0", aya::programs::tc::TcAttachType::Ingress)?;
+        assert!(
+            tc.iter().any(|n| n.starts_with("overlay_decap")),
+            "TC decap on eth0: {tc:?}"
+        );
+    }
+
     let mut procs = procs.into_iter();
     let s1 = procs.next().unwrap().stop()?;
     let s2 = procs.next().unwrap().stop()?;
@@ -147,10 +155,10 @@ fn two_hosts_both_ways(backend: Backend, hook: &str) -> anyhow::Result<()> {
         );
         let link = h.ns.ip(&["-d", "link", "show", "eth0"])?;
         assert!(!link.contains("xdp"), "XDP left attached on {}: {link}", h.name());
-        let tc = h.ns.exec("bpftool", &["net", "show", "dev", "eth0"])?;
+        let tc = tc_programs(&h.ns, "eth0", aya::programs::tc::TcAttachType::Ingress)?;
         assert!(
-            !tc.contains("overlay_"),
-            "TC program left attached on {}: {tc}",
+            !tc.iter().any(|n| n.starts_with("overlay_")),
+            "TC program left attached on {}: {tc:?}",
             h.name()
         );
     }
