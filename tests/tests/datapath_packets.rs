@@ -811,6 +811,44 @@ fn unconfigured_datapath_is_safe() {
     });
 }
 
+/// Two leases of one host (same PublicIP: it leased a new subnet while the old lease lives on):
+/// removing the old one keeps tunnel traffic from the new one accepted, and removing an entry
+/// that is already gone is not an error.
+#[test]
+fn removing_an_old_lease_keeps_the_hosts_new_one() {
+    in_test_namespace(|ifindex, nic_mac| {
+        let mut b = Bench::new(Format::Vxlan, ifindex, nic_mac).unwrap();
+        let old = PeerEntry {
+            subnet: "10.244.2.0/24".parse().unwrap(),
+            public_ip: Ipv4Addr::from(PEER_IP),
+            vtep_mac: Some(MacAddr(PEER_VTEP)),
+        };
+        let new = PeerEntry {
+            subnet: "10.244.9.0/24".parse().unwrap(),
+            ..old
+        };
+        b.programs.upsert_peer(&new).unwrap();
+        b.programs.remove_peer(&old).unwrap();
+        b.programs.remove_peer(&old).unwrap();
+        let from_new = good_tunnel_frame(Format::Vxlan, &inner_packet([10, 244, 9, 5], LOCAL_CONTAINER));
+        let before = b.counter(CounterIndex::DecapVxlan);
+        assert_eq!(b.run_xdp(&from_new).0, XDP_PASS);
+        assert_eq!(
+            b.counter(CounterIndex::DecapVxlan),
+            before + 1,
+            "new lease's traffic decapsulated"
+        );
+        let from_old = good_tunnel_frame(Format::Vxlan, &inner_packet(PEER_CONTAINER, LOCAL_CONTAINER));
+        assert_eq!(
+            b.run_xdp(&from_old).0,
+            XDP_DROP,
+            "old lease's subnet no longer accepted"
+        );
+        b.programs.remove_peer(&new).unwrap();
+        assert_eq!(b.run_xdp(&from_new).0, XDP_DROP, "unknown peer once both are gone");
+    });
+}
+
 // ---- container bridge egress -----------------------------------------------------------------
 
 /// `overlay_bridge_out` on the container bridge's egress: a unicast frame for a MAC in the FDB

@@ -342,25 +342,32 @@ impl Programs {
             })
     }
 
-    /// Remove one peer's entries; absent entries are not an error.
+    /// Remove one peer's entries; absent entries are not an error. The PublicIP's entry goes
+    /// only if it still names this subnet: a host that leased a new subnet keeps its PublicIP,
+    /// and its old lease may expire after the new one is in.
     pub fn remove_peer(&mut self, peer: &PeerEntry) -> Result<(), DatapathError> {
         let mut peers: LpmTrie<_, [u8; 4], Peer> = typed_map(&mut self.ebpf, MAP_PEERS)?;
         match peers.remove(&subnet_key(peer.subnet)) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
+            Err(source) if !not_found(&source) => {
                 return Err(DatapathError::Map {
                     name: MAP_PEERS,
                     source,
                 });
             }
+            _ => {}
         }
         let mut ips: BpfHashMap<_, [u8; 4], PeerSubnet> = typed_map(&mut self.ebpf, MAP_PEERS_BY_IP)?;
-        match ips.remove(&peer.public_ip.octets()) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map {
+        let key = peer.public_ip.octets();
+        match ips.get(&key, 0) {
+            Ok(s) if s.addr == peer.subnet.network().octets() && s.prefix_len == peer.subnet.prefix() => {}
+            _ => return Ok(()),
+        }
+        match ips.remove(&key) {
+            Err(source) if !not_found(&source) => Err(DatapathError::Map {
                 name: MAP_PEERS_BY_IP,
                 source,
             }),
+            _ => Ok(()),
         }
     }
 
@@ -886,6 +893,10 @@ impl Datapath {
             self.programs.remove_peer(&old)?;
             self.peers.remove(&subnet);
             tracing::debug!(%subnet, public_ip = %old.public_ip, "peer removed");
+            // Another lease of the same host (same PublicIP) takes the ingress entry back.
+            if let Some(other) = self.peers.values().find(|p| p.public_ip == old.public_ip).copied() {
+                self.programs.upsert_peer(&other)?;
+            }
         }
         Ok(())
     }
