@@ -64,6 +64,25 @@ fn vxlan_three_agents_then_a_fourth_joins_and_one_leaves() -> anyhow::Result<()>
     c.wait_full_mesh(3, Duration::from_secs(10))?;
     all_pairs_reachable(&c)?;
 
+    // The agent follows docker0 on its tick: TCP into host1's container leaves the bridge
+    // straight for the container's port (the bridge would segment it in software).
+    let (h1, h2) = (c.lab.host(1), c.lab.host(2));
+    c.wait_until(
+        "host1's agent hands frames to the container port",
+        Duration::from_secs(10),
+        || {
+            let n = tcp_transfer_verified(
+                &h2.containers[0].ns,
+                &h1.containers[0].ns,
+                h1.containers[0].ip,
+                5401,
+                1 << 20,
+            )?;
+            assert_eq!(n, 1 << 20);
+            Ok(counter(&agents[0].counters()?, "bridge_redirect") > 0)
+        },
+    )?;
+
     // A fourth host joins: the others must reach it within a second of its lease.
     let i4 = c.lab.add_host()?;
     let a4 = c.start_agent(i4, &[])?;
