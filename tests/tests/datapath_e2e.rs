@@ -579,6 +579,24 @@ fn bridge_redirect_attaches_to_a_bridge_created_later() -> anyhow::Result<()> {
         "host2 redirected {} bytes for {BRIDGE_TRANSFER} sent",
         after.1 - before.1
     );
+
+    // docker0 deleted and made again (the docker daemon restarted): the program follows the new
+    // bridge, and traffic never depended on it.
+    // Same MAC, as the container's neighbour cache holds it for its gateway.
+    let ns = &lab.host(2).ns;
+    let link: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", "docker0"])?)?;
+    let mac = link[0]["address"].as_str().expect("docker0 has a MAC").to_string();
+    ns.ip(&["link", "del", "docker0"])?;
+    let bip = format!("{}/{}", lab::static_subnet(2).nth(1).expect("a /24"), 24);
+    ns.ip(&["link", "add", "docker0", "address", &mac, "type", "bridge"])?;
+    ns.ip(&["addr", "add", &bip, "dev", "docker0"])?;
+    ns.ip(&["link", "set", "docker0", "mtu", &mtu.to_string(), "up"])?;
+    ns.ip(&["link", "set", "veth0", "master", "docker0", "up"])?;
+    let start = Instant::now();
+    wait_redirected(&procs[1], c1, c2, after.0, Duration::from_secs(5))?;
+    eprintln!("redirecting {:?} after docker0 was recreated", start.elapsed());
+    assert!(bridge_program_on(ns, "docker0")?, "not on the new docker0 of host2");
+    assert_delivers(c1, c2, 5432)?;
     drop(procs);
     Ok(())
 }
