@@ -599,6 +599,8 @@ pub struct Datapath {
     /// process, never pinned: without the agent to keep the FDB copy current, packets take
     /// the bridge's own path.
     bridge: Option<AttachedBridge>,
+    /// The last bridge trouble logged.
+    bridge_warning: Option<String>,
 }
 
 struct AttachedBridge {
@@ -671,6 +673,7 @@ impl Datapath {
             peers,
             bridges: bridge::BridgeFinder::default(),
             bridge: None,
+            bridge_warning: None,
         };
         dp.attach_programs()?;
         netdev::route_replace(dp.spec.network, &dp.overlay.name)?;
@@ -934,7 +937,8 @@ impl Datapath {
                     })
             }) {
                 Ok(link) => {
-                    tracing::info!(bridge = %device.name, "decapsulated packets go from the bridge straight to container ports");
+                    tracing::info!(bridge = %device.name, "frames for containers go from the bridge straight to their ports");
+                    self.bridge_warning = None;
                     self.bridge = Some(AttachedBridge {
                         device,
                         link,
@@ -942,21 +946,34 @@ impl Datapath {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(bridge = %device.name, "cannot attach to the container bridge (packets take the bridge's own path): {e}");
+                    self.warn_bridge(format!(
+                        "cannot attach to the container bridge {} (packets take the bridge's own path): {e}",
+                        device.name
+                    ));
                     return;
                 }
             }
         }
         let Some(attached) = self.bridge.as_mut() else { return };
-        let fdb = match bridge::fdb(attached.device.ifindex) {
-            Ok(fdb) => fdb,
-            Err(e) => {
-                tracing::warn!(bridge = %attached.device.name, "reading the bridge's forwarding database: {e}");
-                return;
-            }
+        let name = &attached.device.name;
+        let result = match bridge::fdb(attached.device.ifindex) {
+            Ok(fdb) => self
+                .programs
+                .sync_bridge_fdb(&mut attached.mirror, &fdb)
+                .map_err(|e| format!("copying the forwarding database of {name}: {e}")),
+            Err(e) => Err(format!("reading the forwarding database of {name}: {e}")),
         };
-        if let Err(e) = self.programs.sync_bridge_fdb(&mut attached.mirror, &fdb) {
-            tracing::warn!(bridge = %attached.device.name, "copying the bridge's forwarding database: {e}");
+        match result {
+            Ok(()) => self.bridge_warning = None,
+            Err(why) => self.warn_bridge(why),
+        }
+    }
+
+    /// Once per distinct trouble, not once a second: the next tick tries again anyway.
+    fn warn_bridge(&mut self, why: String) {
+        if self.bridge_warning.as_ref() != Some(&why) {
+            tracing::warn!("{why}");
+            self.bridge_warning = Some(why);
         }
     }
 
