@@ -133,6 +133,22 @@ impl Status {
                     c.get(*idx).packets
                 );
             }
+            let _ = writeln!(
+                m,
+                "# HELP overlay_bridge_frames_total Unicast frames on the container bridge's egress: \
+                 handed straight to the container's port, or left to the bridge (MAC not known)."
+            );
+            let _ = writeln!(m, "# TYPE overlay_bridge_frames_total counter");
+            for (idx, path) in [
+                (CounterIndex::BridgeRedirect, "port"),
+                (CounterIndex::BridgeUnknownPort, "bridge"),
+            ] {
+                let _ = writeln!(
+                    m,
+                    "overlay_bridge_frames_total{{path=\"{path}\"}} {}",
+                    c.get(idx).packets
+                );
+            }
         }
         m
     }
@@ -222,6 +238,7 @@ mod tests {
         let mut c = vec![overlay_common::Counter::default(); CounterIndex::COUNT as usize];
         c[CounterIndex::EncapVxlan as usize] = overlay_common::Counter { packets: 7, bytes: 700 };
         c[CounterIndex::DropNoPeer as usize] = overlay_common::Counter { packets: 3, bytes: 300 };
+        c[CounterIndex::BridgeRedirect as usize] = overlay_common::Counter { packets: 5, bytes: 500 };
         let s = Status {
             counters: Some(Counters(c)),
             ..Default::default()
@@ -236,5 +253,6 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("overlay_dropped_packets_total{reason=\"no_peer\"} 3"), "{m}");
+        assert!(m.contains("overlay_bridge_frames_total{path=\"port\"} 5"), "{m}");
     }
 }
