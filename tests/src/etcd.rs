@@ -160,6 +160,29 @@ impl Etcd {
         e
     }
 
+    /// As [`Self::start_in_netns`], but a failed start is an error carrying etcd's log rather
+    /// than a panic: for the benchmark, which reports a failed setup and goes on.
+    pub fn try_start_in_netns(netns: &str, host: Ipv4Addr) -> anyhow::Result<Self> {
+        let mut e = Etcd {
+            die_with_parent: true,
+            child: None,
+            netns: Some(netns.to_string()),
+            host,
+            data: temp_dir(),
+            client_port: 2379,
+            peer_port: 2380,
+            tls: None,
+            starts: 0,
+        };
+        e.spawn().map_err(|log| {
+            // The end of etcd's log says why; its data directory (and the log) goes with `e`.
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            anyhow::anyhow!("etcd did not start in {netns}:\n{tail}")
+        })?;
+        Ok(e)
+    }
+
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}:{}", self.host, self.client_port)
