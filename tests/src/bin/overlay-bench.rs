@@ -11,19 +11,35 @@
 //!
 //! The `underlay` backend runs the same tests host to host over the underlay link with no
 //! overlay at all: the ceiling every overlay is measured under.
+//!
+//! The baselines (host-gw, kernel-vxlan, userspace-udp) are programmed as flannel programs
+//! them, with each host's peer entries written directly. Our eBPF backends run as users run
+//! them: etcd (Debian's) in host1's namespace on its underlay address, the network config
+//! written to it as flannel users write it (`{"Network":"10.244.0.0/16","SubnetLen":24,
+//! "Backend":{"Type":"vxlan"}}`, or "udp"), and `overlay agent` on each host against it. The
+//! containers exist before the agents, on the static subnets; each agent's subnet file is
+//! pre-seeded with its host's subnet, which the agent reuses as flanneld does, and the bench
+//! checks that it did. Before measuring, it waits until each agent has the other host as a
+//! peer and, with TC decap, until both agents' once-a-second tick has put the bridge program on
+//! `docker0` and copied the container's MAC (`bridge_redirect` counting on both hosts), so no
+//! measurement starts on the slow path. etcd, the agents and their files go with the round's
+//! lab on every path, errors and Ctrl-C included.
 use std::{
     io::Read as _,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use ipnetwork::Ipv4Network;
 use overlay::backend::tun_udp::{DEFAULT_PORT as TUN_UDP_PORT, ENCAP_OVERHEAD, TunUdp, TunUdpSpec};
 use overlay_tests::{
+    cluster::HEALTHZ_PORT,
+    etcd::{ETCD_BIN, Etcd},
     lab::{self, Backend, Lab, OverlayProcess},
     netns::Netns,
     traffic,
@@ -53,11 +69,18 @@ const PING_INTERVAL: &str = "0";
 /// Both ends spin on non-blocking sockets, so no thread wake-up is timed, only the path.
 const RR_ROUND_TRIPS: u32 = 20_000;
 const RR_PORT: u16 = 5401;
+/// The overlay network of every backend; each host's subnet is `lab::static_subnet(i)` in it.
+const NETWORK: &str = "10.244.0.0/16";
+/// How long an agent has to print its ready line (etcd, lease, programs loaded and attached).
+const AGENT_READY: Duration = Duration::from_secs(30);
+/// How long the agents have to learn each other and to put the bridge program in place.
+const AGENT_SETTLE: Duration = Duration::from_secs(20);
 
 const USAGE: &str = "\
 overlay-bench: TCP throughput, UDP packet rate, ping and UDP RTT and CPU per Gbit, container to
 container, for the underlay alone, host-gw, the kernel vxlan device as flannel configures it,
-our eBPF datapath, and flannel's udp design (TUN + UDP socket in user space).
+our eBPF datapath (`overlay agent` on each host, with etcd in the lab), and flannel's udp design
+(TUN + UDP socket in user space).
 
 Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH] [--svg PATH]
                      [--backends NAME,NAME,...] [--underlay veth|bridge] [--bpf-stats]
@@ -78,7 +101,8 @@ Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH] [--s
   --bpf-stats       enable kernel.bpf_stats_enabled during the run and record the run time
                     of our programs in the 1-stream TCP test (costs some ns per packet)
 
-Needs root, iperf3 and ping, and the `overlay` binary next to this one (cargo build --release).
+Needs root, iperf3 and ping, the `overlay` binary next to this one (cargo build --release) and,
+for the eBPF backends, Debian's etcd (apt-get install etcd-server).
 The 64-byte test uses its own senders (sendmmsg, one thread per CPU) and receiver (recvmmsg),
 since iperf3 before 3.16 sends from one thread and is slower than the paths it measures.";
 
@@ -427,6 +451,11 @@ fn preflight(opts: &Options) -> anyhow::Result<()> {
         if !bin.exists() {
             bail!("{} not found: build it first (cargo build --release)", bin.display());
         }
+        if !Path::new(ETCD_BIN).exists() {
+            bail!(
+                "{ETCD_BIN} not found (the eBPF backends run `overlay agent` against etcd): apt-get install etcd-server"
+            );
+        }
     }
     if opts.bpf_stats
         && Command::new("bpftool")
@@ -470,10 +499,21 @@ struct Endpoint<'a> {
 /// Two hosts with one container each, wired for one backend.
 struct Topology {
     backend: BenchBackend,
-    // Field order is drop order: the datapaths stop before their namespaces are deleted.
+    // Field order is drop order: the agents stop, then etcd and the agents' files go, then the
+    // namespaces. `build` fills a Topology in place, so a failed setup unwinds in this order too.
+    /// Our `overlay agent` per host, for the eBPF backends.
     datapaths: Vec<OverlayProcess>,
     forwarders: Vec<TunUdp>,
+    control: Option<ControlPlane>,
     lab: Lab,
+}
+
+/// What the agents run against, held for its drop (etcd stopped, its data and the files
+/// removed): etcd in host1's namespace and a directory of per-host files (subnet files, bpffs
+/// pin directories).
+struct ControlPlane {
+    _etcd: Etcd,
+    _dir: tempfile::TempDir,
 }
 
 impl Topology {
@@ -490,8 +530,14 @@ impl Topology {
             h.add_containers(lab::static_subnet(h.index), backend.container_mtu(), 1)
                 .with_context(|| format!("adding a container to host{}", h.index))?;
         }
-        let mut datapaths = Vec::new();
-        let mut forwarders = Vec::new();
+        let mut topo = Topology {
+            backend,
+            datapaths: Vec::new(),
+            forwarders: Vec::new(),
+            control: None,
+            lab,
+        };
+        let lab = &topo.lab;
         match backend {
             BenchBackend::Underlay => {}
             BenchBackend::UserspaceUdp => {
@@ -503,7 +549,7 @@ impl Topology {
                         public_ip: h.public_ip,
                         port: TUN_UDP_PORT,
                         subnet: lab::static_subnet(h.index),
-                        network: "10.244.0.0/16".parse().expect("valid"),
+                        network: NETWORK.parse().expect("valid"),
                         mtu: backend.container_mtu(),
                     };
                     let forwarder =
@@ -514,7 +560,7 @@ impl Topology {
                     for peer in lab.hosts.iter().filter(|p| p.index != h.index) {
                         forwarder.upsert_peer(lab::static_subnet(peer.index), peer.public_ip);
                     }
-                    forwarders.push(forwarder);
+                    topo.forwarders.push(forwarder);
                 }
             }
             BenchBackend::HostGw => {
@@ -548,23 +594,113 @@ impl Topology {
                     }
                 }
             }
-            b => {
-                let (format, extra) = b.ebpf().expect("eBPF backend");
-                for h in &lab.hosts {
-                    let mut args = lab::static_datapath_args(&lab, h.index, format);
-                    args.extend(extra.iter().map(|s| s.to_string()));
-                    let p = OverlayProcess::start(&h.ns, &args, Duration::from_secs(20))
-                        .with_context(|| format!("starting `overlay datapath` on {}", h.name()))?;
-                    datapaths.push(p);
-                }
+            _ => topo.start_agents()?,
+        }
+        Ok(topo)
+    }
+
+    /// etcd in host1's namespace on its underlay address, the network config in it, then
+    /// `overlay agent` on each host, each made to lease the static subnet its container is on.
+    fn start_agents(&mut self) -> anyhow::Result<()> {
+        let (format, extra) = self.backend.ebpf().expect("eBPF backend");
+        let h1 = &self.lab.hosts[0];
+        let etcd = Etcd::try_start_in_netns(h1.ns.name(), h1.public_ip).context("starting etcd in host1")?;
+        let dir = tempfile::Builder::new()
+            .prefix("overlay-bench-")
+            .tempdir()
+            .context("creating a directory for the agents' files")?;
+        let endpoint = etcd.endpoint();
+        let dir_path = dir.path().to_path_buf();
+        self.control = Some(ControlPlane { _etcd: etcd, _dir: dir });
+        let overlay = lab::workspace_bin("overlay");
+        overlay_tests::netns::run(
+            h1.ns
+                .command(overlay.to_str().context("non-UTF-8 path of the overlay binary")?)
+                .args(["config", "set", "--etcd-endpoints", &endpoint, &network_config(format)]),
+        )
+        .context("writing the network config to etcd")?;
+
+        for h in &self.lab.hosts {
+            let subnet = lab::static_subnet(h.index);
+            let host_dir = dir_path.join(h.name());
+            std::fs::create_dir_all(&host_dir).with_context(|| format!("creating {}", host_dir.display()))?;
+            // The agent reuses the subnet its subnet file names, as flanneld does after a
+            // restart: this is how it comes to lease the subnet docker0 was made with.
+            let subnet_file = host_dir.join("subnet.env");
+            std::fs::write(&subnet_file, seeded_subnet_file(subnet, self.backend.container_mtu()))
+                .with_context(|| format!("writing {}", subnet_file.display()))?;
+            // A pin directory per host: the agent mounts a bpffs there (inside the private
+            // mount namespace `ip netns exec` gives it, so it goes when the agent exits).
+            let args = agent_args(&endpoint, &h.iface, &subnet_file, &host_dir.join("bpf"), extra);
+            let agent = OverlayProcess::start(&h.ns, &args, AGENT_READY)
+                .with_context(|| format!("starting `overlay agent` on {}", h.name()))?;
+            let leased = agent.ready["subnet"].as_str().unwrap_or("none").to_string();
+            let mtu = agent.ready["mtu"].as_u64();
+            self.datapaths.push(agent);
+            if leased != subnet.to_string() {
+                bail!(
+                    "the agent on {} leased {leased}, not {subnet}, the subnet its container is on \
+                     (pre-seeded in {}): the bench needs the agent to reuse the subnet of its subnet file",
+                    h.name(),
+                    subnet_file.display()
+                );
+            }
+            if mtu != Some(self.backend.container_mtu().into()) {
+                bail!(
+                    "the agent on {} reports MTU {mtu:?}; the container was made with {}",
+                    h.name(),
+                    self.backend.container_mtu()
+                );
             }
         }
-        Ok(Topology {
-            backend,
-            datapaths,
-            forwarders,
-            lab,
-        })
+        self.wait_agents_settled()
+    }
+
+    /// Wait until each agent has the other host as a peer and, with TC decap, until its tick
+    /// has attached the bridge program and copied the container's MAC: frames then leave
+    /// `docker0` straight for the container's port (`bridge_redirect`), as they will for the
+    /// whole measurement.
+    fn wait_agents_settled(&self) -> anyhow::Result<()> {
+        let hosts = &self.lab.hosts;
+        wait_until("each agent has the other host as a peer", AGENT_SETTLE, || {
+            for h in hosts {
+                let peers = agent_peers(&h.ns)?;
+                for other in hosts.iter().filter(|o| o.index != h.index) {
+                    let want = lab::static_subnet(other.index).to_string();
+                    if !peers.contains(&want) {
+                        bail!("{}'s agent has peers {peers:?}, not yet {want}", h.name());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let modes = self.xdp_modes();
+        if !modes.iter().any(|m| m == "tc") {
+            // XDP decap: no bridge program (the decapsulated skb carries no tunnel marking).
+            return Ok(());
+        }
+        wait_until(
+            "the agents' bridge program hands frames to the container ports",
+            AGENT_SETTLE,
+            || {
+                for (from, to) in [(0, 1), (1, 0)] {
+                    let (c_from, c_to) = (&hosts[from].containers[0], &hosts[to].containers[0]);
+                    traffic::ping(&c_from.ns, c_to.ip, 2, 56, false, "0.05")?;
+                }
+                let mut redirected = Vec::new();
+                for (agent, mode) in self.datapaths.iter().zip(&modes) {
+                    let n = agent.counters()?["counters"]["bridge_redirect"]["packets"]
+                        .as_u64()
+                        .unwrap_or(0);
+                    redirected.push((mode == "tc").then_some(n));
+                }
+                if redirected.iter().flatten().any(|&n| n == 0) {
+                    bail!("bridge_redirect packets per host (none: XDP decap): {redirected:?}");
+                }
+                Ok(())
+            },
+        )?;
+        Ok(())
     }
 
     /// Where traffic starts: c1, or host1 itself for the bare underlay.
@@ -590,21 +726,104 @@ impl Topology {
         }
     }
 
-    /// Decap hook per host as our datapath reported it: "tc", or the XDP attach mode
-    /// ("Driver" = native, "Skb" = generic).
+    /// Decap hook per host as the agent reported it: "tc", or the XDP attach mode ("Driver" =
+    /// native, "Skb" = generic), the words the table and earlier JSON use.
     fn xdp_modes(&self) -> Vec<String> {
         self.datapaths
             .iter()
-            .map(|p| match p.ready["decap"].as_str() {
-                Some("tc") => "tc".to_string(),
-                _ => p.ready["xdp_mode"].as_str().unwrap_or("?").to_string(),
-            })
+            .map(|p| decap_mode(p.ready["backend"].as_str().unwrap_or_default()).unwrap_or_else(|| "?".into()))
             .collect()
     }
 
-    /// Stop the datapaths and return their final counters, host by host.
+    /// Stop the agents and return their final counters, host by host.
     fn stop_datapaths(&mut self) -> anyhow::Result<Vec<Value>> {
         self.datapaths.drain(..).map(|p| p.stop()).collect()
+    }
+}
+
+/// The network config as flannel users write it, for our format.
+fn network_config(format: Backend) -> String {
+    format!(
+        r#"{{"Network":"{NETWORK}","SubnetLen":24,"Backend":{{"Type":"{}"}}}}"#,
+        format.name()
+    )
+}
+
+/// A subnet file as the agent (and flanneld) writes it for `subnet`: what a host has after a
+/// previous run, and where the agent looks for the subnet to ask for again.
+fn seeded_subnet_file(subnet: Ipv4Network, mtu: u32) -> String {
+    let first = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    format!(
+        "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={first}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
+        subnet.prefix()
+    )
+}
+
+/// The flags of `overlay agent` on one host: flanneld's, our per-host paths, /status on the
+/// host's loopback for the wait, then the backend's own (`--decap`, `--xdp-mode`).
+/// `--datapath ebpf`: fail rather than measure the kernel fallback. No FORWARD rules: the
+/// hosts' FORWARD policy is ACCEPT, and the baselines get none either (netfilter hooks in the
+/// path would cost our backends alone).
+fn agent_args(endpoint: &str, iface: &str, subnet_file: &Path, pin_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "agent".into(),
+        format!("--etcd-endpoints={endpoint}"),
+        format!("--iface={iface}"),
+        format!("--subnet-file={}", subnet_file.display()),
+        format!("--pin-dir={}", pin_dir.display()),
+        "--healthz-ip=127.0.0.1".into(),
+        format!("--healthz-port={HEALTHZ_PORT}"),
+        "--datapath=ebpf".into(),
+        "--iptables-forward-rules=false".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Peer subnets of the agent in `ns`, from its /status.
+fn agent_peers(ns: &Netns) -> anyhow::Result<Vec<String>> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTHZ_PORT));
+    let body = ns
+        .spawn(move || overlay::cli::status::http_get(addr, "/status"))
+        .join()
+        .map_err(|_| anyhow::anyhow!("/status thread panicked"))???;
+    let status: Value = serde_json::from_str(&body).context("unreadable /status")?;
+    Ok(status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["subnet"].as_str().map(String::from))
+        .collect())
+}
+
+/// The decap hook in the `backend` of an agent's ready line ("ebpf-vxlan (decap tc, device
+/// ovl0)", "... (decap xdp driver, ...)", "... (decap xdp skb, ...)"), in the words of the
+/// static datapath's ready line: "tc", or the XDP attach mode "Driver" or "Skb".
+fn decap_mode(backend: &str) -> Option<String> {
+    let mode = backend.split_once("(decap ")?.1.split([',', ')']).next()?.trim();
+    Some(match mode {
+        "xdp driver" => "Driver".into(),
+        "xdp skb" => "Skb".into(),
+        other => other.into(),
+    })
+}
+
+/// Poll `check` until it returns Ok; its error says what is not there yet, and is reported if
+/// `timeout` passes first. Stops at once when the run is interrupted.
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let why = match check() {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if STOP.load(Ordering::Relaxed) {
+            bail!("{what}: interrupted");
+        }
+        if start.elapsed() > timeout {
+            bail!("{what}: not after {timeout:?}: {why:#}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -613,11 +832,18 @@ impl Topology {
 fn run_backend(backend: BenchBackend, opts: &Options) -> Value {
     let mut run = json!({ "backend": backend.name(), "container_mtu": backend.container_mtu(), "errors": [] });
     let mut errors = Vec::new();
+    let setup = Instant::now();
     match Topology::build(backend, opts.underlay) {
+        // Ctrl-C reaches etcd and the agents too: their exit is not the error to report.
+        Err(_) if STOP.load(Ordering::Relaxed) => errors.push("interrupted during setup".into()),
         Err(e) => errors.push(format!("setup: {e:#}")),
         Ok(mut topo) => {
+            // For the eBPF backends this includes etcd, the agents and the wait for them.
+            run["setup_s"] = json!(setup.elapsed().as_secs_f64());
             if backend.ebpf().is_some() {
                 run["xdp_mode"] = json!(topo.xdp_modes());
+                let described: Vec<&Value> = topo.datapaths.iter().map(|p| &p.ready["backend"]).collect();
+                run["agent_backend"] = json!(described);
             }
             measure_all(&topo, opts, &mut run, &mut errors);
             if !topo.forwarders.is_empty() {
@@ -627,7 +853,7 @@ fn run_backend(backend: BenchBackend, opts: &Options) -> Value {
             if !topo.datapaths.is_empty() {
                 match topo.stop_datapaths() {
                     Ok(counters) => run["datapath_counters"] = json!(counters),
-                    Err(e) => errors.push(format!("stopping the datapath: {e:#}")),
+                    Err(e) => errors.push(format!("stopping the agents: {e:#}")),
                 }
             }
         }
@@ -1372,6 +1598,11 @@ fn report_json(opts: &Options, runs: &[Vec<Value>]) -> Value {
             "loadavg_at_end": read_trimmed("/proc/loadavg"),
             "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "topology": "two hosts on an underlay of MTU 1500 (veth: one veth pair; bridge: a bridge between them), one container per host behind docker0; c1 (host1) client, c2 (host2) server; underlay: host1 to host2 with no overlay",
+            "ebpf_setup": format!(
+                "ebpf-*: `overlay agent` on each host (--datapath=ebpf --iptables-forward-rules=false, plus the backend's --decap/--xdp-mode) against etcd ({ETCD_BIN}) in host1's namespace on its underlay address, network config {}; each agent reuses the static subnet pre-seeded in its subnet file; measured once each agent has the other host as a peer and, with TC decap, the bridge program redirects on both hosts",
+                network_config(Backend::Vxlan)
+            ),
+            "baselines_setup": "host-gw, kernel-vxlan, userspace-udp: programmed as flannel programs them, peer entries written directly",
             "udp64_sender": format!("{UDP_SENDERS} threads, one flow each, sendmmsg batches of {UDP_BATCH}"),
             "cpu": "machine-wide busy time (user+nice+system+irq+softirq from /proc/stat) during the 1-stream TCP test, per Gbit received",
             "machine": machine_description(),
@@ -1720,6 +1951,65 @@ mod tests {
         assert_eq!(BenchBackend::EbpfUdp.container_mtu(), 1472);
         assert_eq!(BenchBackend::EbpfVxlanGeneric.container_mtu(), 1450);
         assert_eq!(BenchBackend::UserspaceUdp.container_mtu(), 1472);
+    }
+
+    #[test]
+    fn decap_mode_from_the_agents_backend_line() {
+        assert_eq!(decap_mode("ebpf-vxlan (decap tc, device ovl0)").as_deref(), Some("tc"));
+        assert_eq!(decap_mode("ebpf-udp (decap tc, device ovl0)").as_deref(), Some("tc"));
+        assert_eq!(
+            decap_mode("ebpf-vxlan (decap xdp driver, device ovl0)").as_deref(),
+            Some("Driver")
+        );
+        assert_eq!(
+            decap_mode("ebpf-vxlan (decap xdp skb, device ovl0)").as_deref(),
+            Some("Skb")
+        );
+        assert_eq!(
+            decap_mode("ebpf-vxlan (decap xdp adopted, device ovl0)").as_deref(),
+            Some("xdp adopted")
+        );
+        assert_eq!(decap_mode("kernel vxlan"), None);
+    }
+
+    #[test]
+    fn seeded_subnet_file_is_reused_by_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnet.env");
+        for i in [1, 2] {
+            std::fs::write(&path, seeded_subnet_file(lab::static_subnet(i), 1450)).unwrap();
+            let (v4, v6) = overlay::subnet::file::read_previous_subnets(&path);
+            assert_eq!(v4, Some(lab::static_subnet(i)));
+            assert_eq!(v6, None);
+        }
+        let env = seeded_subnet_file(lab::static_subnet(2), 1472);
+        assert!(env.contains("FLANNEL_SUBNET=10.244.2.1/24\n"), "{env}");
+        assert!(env.contains("FLANNEL_MTU=1472\n"), "{env}");
+    }
+
+    #[test]
+    fn network_config_as_flannel_users_write_it() {
+        assert_eq!(
+            network_config(Backend::Vxlan),
+            r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#
+        );
+        let v: Value = serde_json::from_str(&network_config(Backend::Udp)).unwrap();
+        assert_eq!(v["Backend"]["Type"], "udp");
+        let args = agent_args(
+            "http://192.168.250.1:2379",
+            "eth0",
+            Path::new("/t/host1/subnet.env"),
+            Path::new("/t/host1/bpf"),
+            &["--decap", "xdp"],
+        );
+        assert_eq!(args[0], "agent");
+        for flag in [
+            "--etcd-endpoints=http://192.168.250.1:2379", "--iface=eth0", "--subnet-file=/t/host1/subnet.env",
+            "--pin-dir=/t/host1/bpf", "--datapath=ebpf",
+        ] {
+            assert!(args.iter().any(|a| a == flag), "{flag} missing from {args:?}");
+        }
+        assert_eq!(args[args.len() - 2..], ["--decap", "xdp"]);
     }
 
     #[test]
