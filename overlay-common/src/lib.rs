@@ -251,9 +251,9 @@ pub const fn subnet_contains(addr: [u8; 4], prefix_len: u8, ip: [u8; 4]) -> bool
     (u32::from_be_bytes(addr) & mask) == (u32::from_be_bytes(ip) & mask)
 }
 
-/// Hash of an inner flow (addresses, protocol, and the L4 ports or 0): what spreads tunnel
-/// flows over the receiver's queues. Our own few ALU operations rather than the kernel's flow
-/// dissector (bpf_get_hash_recalc), which costs more than the rest of the encapsulation.
+/// Hash of an inner flow (addresses, protocol, and the L4 ports where there are any, else 0):
+/// what spreads tunnel flows over the receiver's queues. A few ALU operations on headers we
+/// read anyway, rather than a run of the kernel's flow dissector (bpf_get_hash_recalc).
 pub const fn flow_hash(src: [u8; 4], dst: [u8; 4], protocol: u8, ports: u32) -> u32 {
     let mut h = u32::from_be_bytes(src) ^ u32::from_be_bytes(dst).rotate_left(16) ^ ports ^ protocol as u32;
     // murmur3's finaliser: every input bit moves about half the output bits.

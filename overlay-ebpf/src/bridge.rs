@@ -6,16 +6,17 @@
 //! clear that. A bridge device offers no offloads for encapsulated packets, so before the bridge
 //! forwards one the kernel checksums it in software, and segments it if it is a 64 KB GSO
 //! packet: the container's TCP then receives MSS-sized segments. A veth port offers those
-//! offloads. That flag is not visible to a TC program, and no tag survives from the underlay's
-//! ingress to here (forwarding clears tc_index; skb->mark belongs to iptables users), so every
-//! unicast frame to a known container takes this path; for the others it only saves the
-//! bridge's own work.
+//! offloads. That flag is not in `__sk_buff` (reading the kernel's skb takes a kfunc and CO-RE
+//! relocations, which aya-ebpf lacks), and no tag survives from the underlay's ingress to here
+//! (forwarding clears tc_index; skb->mark belongs to iptables users), so every unicast frame to a
+//! known container takes this path; for the others it only saves the bridge's own work.
 //!
 //! When we run, routing, netfilter (FORWARD, POSTROUTING) and the neighbour lookup are done; only
 //! the bridge's forwarding is replaced (so `tcpdump -i docker0` no longer shows these frames; the
 //! container's veth does). Broadcast, multicast, MACs we do not know and ports that are gone go on
-//! to the bridge as before.
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
+//! to the bridge as before. "Before" is TC_ACT_UNSPEC: programs and filters after ours on this
+//! hook still run (TC_ACT_OK would end the hook's chain).
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_redirect, programs::TcContext};
 use overlay_common::CounterIndex;
 
 use crate::{
@@ -26,10 +27,10 @@ use crate::{
 
 pub fn bridge_out(ctx: &TcContext) -> i32 {
     let Some(dst) = ctx.read::<[u8; 6]>(0) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_UNSPEC;
     };
     if dst[0] & 1 != 0 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_UNSPEC;
     }
     // SAFETY: the value is copied out at once.
     let port = unsafe { BRIDGE_FDB.get(&dst) }.copied();
@@ -40,7 +41,7 @@ pub fn bridge_out(ctx: &TcContext) -> i32 {
         }
         None => {
             count(CounterIndex::BridgeUnknownPort, ctx.len() as u64);
-            TC_ACT_OK as i32
+            TC_ACT_UNSPEC
         }
     }
 }

@@ -8,7 +8,7 @@
 //! decapsulated or dropped with a counted reason.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         xdp_action,
     },
     helpers::bpf_xdp_adjust_head,
@@ -164,7 +164,7 @@ pub fn decap_xdp(ctx: &XdpContext) -> Result<u32, CounterIndex> {
 /// unchanged (this NIC's MAC, IPv4); FIXED_GSO keeps gso_size, the inner MSS, as it is.
 pub fn decap_tc(ctx: &TcContext) -> Result<i32, CounterIndex> {
     let Some(acc) = classify(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_UNSPEC);
     };
     // DECAP_L4_UDP (kernels after 6.18) also clears the skb's tunnel offload state, as the
     // kernel's own tunnel devices do; older kernels refuse the unknown flag at once (EINVAL,
@@ -180,5 +180,6 @@ pub fn decap_tc(ctx: &TcContext) -> Result<i32, CounterIndex> {
             .map_err(|_| CounterIndex::DropDecapFailed)?;
     }
     count(CounterIndex::decap(acc.format), acc.inner_len as u64);
-    Ok(TC_ACT_OK as i32)
+    // On to the next program on this hook, if any, and then the stack.
+    Ok(TC_ACT_UNSPEC)
 }

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use overlay_common::{
     CounterIndex, Format, flow_hash, flow_src_port,
-    wire::{ETH_LEN, ETH_P_IP, Encap, IPV4_OFFSET_MASK},
+    wire::{ETH_LEN, ETH_P_IP, Encap, IPV4_MF, IPV4_OFFSET_MASK},
 };
 
 use crate::{
@@ -46,9 +46,10 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
     let peer_mac = peer.vtep_mac;
 
     // The inner flow picks the outer source port, so receivers spread tunnel flows over their
-    // queues as they do for the kernel's vxlan device. Non-first fragments have no ports.
-    let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & IPV4_OFFSET_MASK == 0;
-    let ports = if first_fragment {
+    // queues as they do for the kernel's vxlan device. Ports only where the protocol has them
+    // and the packet is whole: every fragment of a datagram must leave on the same port.
+    let whole = u16::from_be_bytes([ip[6], ip[7]]) & (IPV4_MF | IPV4_OFFSET_MASK) == 0;
+    let ports = if whole && has_ports(ip[9]) {
         ctx.read::<[u8; 4]>(ETH_LEN as usize + ihl)
             .map(u32::from_ne_bytes)
             .unwrap_or(0)
@@ -97,6 +98,12 @@ pub fn encap(ctx: &TcContext) -> Result<i32, CounterIndex> {
     let action = redirect_to_peer(ctx, cfg.underlay_ifindex, cfg.public_ip, peer_ip)?;
     count(CounterIndex::encap(format), inner_len as u64);
     Ok(action)
+}
+
+/// TCP, UDP, SCTP, UDP-Lite: the first four bytes after the IP header are the two ports.
+#[inline(always)]
+fn has_ports(protocol: u8) -> bool {
+    matches!(protocol, 6 | 17 | 132 | 136)
 }
 
 /// Write `value` at `offset` of the linear area.

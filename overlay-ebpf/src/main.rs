@@ -4,8 +4,9 @@
 //! - `overlay_decap` (XDP on the underlay) or `overlay_decap_tc` (TC ingress on the underlay),
 //!   one of the two: tunnel packets from known peers are unwrapped; everything else on the
 //!   tunnel port is dropped and counted; other traffic passes untouched.
-//! - `overlay_bridge_out` (TC egress of the container bridge): packets that TC decapsulation
-//!   let in go straight to their container's port, keeping their offloads.
+//! - `overlay_bridge_out` (TC egress of the container bridge): unicast frames for a known
+//!   container go straight to its port, keeping their offloads (which the bridge would drop for
+//!   packets TC decapsulation let in).
 #![no_std]
 #![no_main]
 

@@ -9,7 +9,8 @@ use overlay::datapath::{MacAddr, PeerEntry, Programs};
 use overlay_common::{CounterIndex, DatapathConfig, Format};
 use overlay_tests::netns::Netns;
 
-const TC_ACT_OK: u32 = 0;
+/// "Go on": the next program on the hook, then the stack (as u32, how test_run returns it).
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
@@ -279,7 +280,7 @@ impl Bench {
                 })?;
                 out.truncate(r.data_size_out as usize);
                 let verdict = match r.return_value {
-                    TC_ACT_OK => XDP_PASS,
+                    TC_ACT_UNSPEC => XDP_PASS,
                     TC_ACT_SHOT => XDP_DROP,
                     other => panic!("TC decap returned {other} on a {}-byte frame", frame.len()),
                 };
@@ -807,7 +808,7 @@ fn unconfigured_datapath_is_safe() {
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(r.return_value, TC_ACT_OK);
+        assert_eq!(r.return_value, TC_ACT_UNSPEC);
     });
 }
 
@@ -915,34 +916,34 @@ fn bridge_egress_table() {
                 &mut programs,
                 "unknown MAC",
                 &frame(UNKNOWN),
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 Some(CounterIndex::BridgeUnknownPort),
             );
             run_bridge(
                 &mut programs,
                 "known MAC, port never in the devmap",
                 &frame(ON_NO_DEVICE),
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 Some(CounterIndex::BridgeUnknownPort),
             );
-            run_bridge(&mut programs, "broadcast", &frame([0xff; 6]), TC_ACT_OK, None);
+            run_bridge(&mut programs, "broadcast", &frame([0xff; 6]), TC_ACT_UNSPEC, None);
             run_bridge(
                 &mut programs,
                 "IPv4 multicast",
                 &frame([0x01, 0x00, 0x5e, 0, 0, 1]),
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
             );
             run_bridge(
                 &mut programs,
                 "IPv6 multicast",
                 &frame([0x33, 0x33, 0, 0, 0, 1]),
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 None,
             );
             let mut arp = eth([0xff; 6], OVERLAY_MAC, 0x0806);
             arp.extend([0u8; 28]);
-            run_bridge(&mut programs, "ARP request", &arp, TC_ACT_OK, None);
+            run_bridge(&mut programs, "ARP request", &arp, TC_ACT_UNSPEC, None);
 
             // The container's port goes away (container stopped); nobody has updated the copy
             // yet: the kernel dropped the devmap entry, so the bridge gets the frame.
@@ -952,7 +953,7 @@ fn bridge_egress_table() {
                 &mut programs,
                 "known MAC, port device deleted",
                 &frame(ON_PORT1),
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 Some(CounterIndex::BridgeUnknownPort),
             );
             run_bridge(
@@ -979,7 +980,7 @@ fn bridge_egress_table() {
                 &mut programs,
                 "MAC no longer in the FDB",
                 &frame(ON_PORT0),
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 Some(CounterIndex::BridgeUnknownPort),
             );
             programs.sync_bridge_fdb(&mut mirror, &Default::default()).unwrap();
@@ -988,7 +989,7 @@ fn bridge_egress_table() {
                 &mut programs,
                 "empty copy",
                 &frame(ON_PORT1),
-                TC_ACT_OK,
+                TC_ACT_UNSPEC,
                 Some(CounterIndex::BridgeUnknownPort),
             );
         })
