@@ -136,7 +136,7 @@ impl Status {
             let _ = writeln!(
                 m,
                 "# HELP overlay_bridge_frames_total Unicast frames on the container bridge's egress: \
-                 handed straight to the container's port, or left to the bridge (MAC not known)."
+                 handed straight to the container's port, or left to the bridge (MAC or its port not known)."
             );
             let _ = writeln!(m, "# TYPE overlay_bridge_frames_total counter");
             for (idx, path) in [

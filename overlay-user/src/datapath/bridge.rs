@@ -1,6 +1,7 @@
-//! The container bridge (docker0, cni0) as the datapath sees it: which bridge holds our
-//! subnet's gateway address, and its forwarding database (container MAC -> port), mirrored
-//! into BPF maps so `overlay_bridge_out` can hand decapsulated packets straight to a port.
+//! The container bridge (docker0, cni0) as the datapath sees it: which bridge holds an address
+//! in our subnet (docker's `--bip`, the CNI gateway), and its forwarding database (container
+//! MAC -> port), mirrored into BPF maps so `overlay_bridge_out` can hand frames straight to a
+//! port.
 //!
 //! Both are read over rtnetlink, which answers for the caller's network namespace (sysfs may
 //! show another one), and are cheap enough to poll once a second.
@@ -22,11 +23,50 @@ pub struct BridgeDevice {
     pub ifindex: u32,
 }
 
-/// Remembers which interface names were checked for being a bridge, so the per-tick search
-/// runs `ip` only when an interface it has not seen appears.
+/// Remembers which interfaces were checked for being a usable bridge, so the per-tick search
+/// runs `ip` only when an interface it has not seen appears. Only answers are kept: a failed
+/// check is asked again next time.
 #[derive(Default)]
 pub struct BridgeFinder {
     kinds: HashMap<(String, u32), bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct IpLinkDetails {
+    linkinfo: Option<IpLinkInfo>,
+}
+
+#[derive(serde::Deserialize)]
+struct IpLinkInfo {
+    info_kind: Option<String>,
+    info_data: Option<BridgeData>,
+}
+
+#[derive(serde::Deserialize)]
+struct BridgeData {
+    vlan_filtering: Option<u8>,
+}
+
+/// Some(true) for a bridge we can work with: one without VLAN filtering, where a MAC names one
+/// port (with filtering, the same MAC may sit on different ports per VLAN, and ports untag;
+/// the bridge's own forwarding must decide). None if `ip` could not tell.
+fn usable_bridge(name: &str) -> Option<bool> {
+    let out = netdev::ip(&["-d", "-j", "link", "show", "dev", name]).ok()?;
+    let links: Vec<IpLinkDetails> = serde_json::from_str(&out).ok()?;
+    let Some(info) = links.into_iter().next()?.linkinfo else {
+        return Some(false);
+    };
+    if info.info_kind.as_deref() != Some("bridge") {
+        return Some(false);
+    }
+    let filtering = info.info_data.and_then(|d| d.vlan_filtering).unwrap_or(0) != 0;
+    if filtering {
+        tracing::warn!(
+            bridge = name,
+            "the container bridge filters VLANs: frames for containers take the bridge's own path"
+        );
+    }
+    Some(!filtering)
 }
 
 impl BridgeFinder {
@@ -51,11 +91,15 @@ impl BridgeFinder {
             let Ok(ifindex) = nix::net::if_::if_nametoindex(name.as_str()) else {
                 continue;
             };
-            let is_bridge = *self
-                .kinds
-                .entry((name.clone(), ifindex))
-                .or_insert_with(|| netdev::link_info(&name).is_ok_and(|l| l.kind.as_deref() == Some("bridge")));
-            if is_bridge {
+            let key = (name.clone(), ifindex);
+            let usable = match self.kinds.get(&key) {
+                Some(&known) => known,
+                None => match usable_bridge(&name) {
+                    Some(answer) => *self.kinds.entry(key).or_insert(answer),
+                    None => false,
+                },
+            };
+            if usable {
                 return Some(BridgeDevice { name, ifindex });
             }
         }
@@ -67,6 +111,21 @@ impl BridgeFinder {
 /// bridge's and its ports' own addresses: frames for this host) are left out.
 pub fn fdb(bridge_ifindex: u32) -> io::Result<HashMap<MacAddr, u32>> {
     let sock = netlink_socket()?;
+    // A dump that stalls must not hold the agent's loop: give up, the next tick asks again.
+    let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
+    // SAFETY: setting a plain option on a socket we own, from a value that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
     // ndmsg alone, family AF_BRIDGE: the kernel dumps every bridge's FDB (and each device's
     // own addresses); we keep the entries whose NDA_MASTER is our bridge.
     let mut req = [0u8; NLMSG_HDR + NDMSG_LEN];
@@ -96,20 +155,26 @@ pub fn fdb(bridge_ifindex: u32) -> io::Result<HashMap<MacAddr, u32>> {
         while msgs.len() >= NLMSG_HDR {
             let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
             let kind = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+            let flags = u16::from_ne_bytes(msgs[6..8].try_into().expect("2 bytes"));
             if len < NLMSG_HDR || len > msgs.len() {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
             }
+            if flags & NLM_F_DUMP_INTR != 0 {
+                // The table changed under the dump, which may have missed entries: next tick.
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "the FDB changed during the dump",
+                ));
+            }
+            // DONE and ERROR carry an errno (0: fine): a failed dump must not pass for a short one.
+            let code = msgs
+                .get(NLMSG_HDR..NLMSG_HDR + 4)
+                .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                .unwrap_or(0);
             match kind {
+                NLMSG_DONE | NLMSG_ERROR if code < 0 => return Err(io::Error::from_raw_os_error(-code)),
                 NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => {
-                    let code = msgs
-                        .get(NLMSG_HDR..NLMSG_HDR + 4)
-                        .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                        .unwrap_or(-libc::EIO);
-                    if code != 0 {
-                        return Err(io::Error::from_raw_os_error(-code));
-                    }
-                }
+                NLMSG_ERROR => {}
                 RTM_NEWNEIGH => {
                     if let Some((mac, port)) = parse_fdb_entry(&msgs[NLMSG_HDR..len], bridge_ifindex) {
                         out.insert(mac, port);
@@ -189,6 +254,7 @@ const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NDA_LLADDR: u16 = 2;
 const NDA_MASTER: u16 = 9;
 const NLA_TYPE_MASK: u16 = 0x3fff;

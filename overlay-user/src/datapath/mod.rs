@@ -219,11 +219,14 @@ impl Programs {
             name: PROG_DECAP_TC,
             source,
         })?;
+        // The bridge program only speeds things up: if this kernel refuses it, the datapath
+        // runs without it (sync_bridge reports that it cannot attach).
         let bridge_out: &mut SchedClassifier = program(&mut ebpf, PROG_BRIDGE_OUT)?;
-        bridge_out.load().map_err(|source| DatapathError::Program {
-            name: PROG_BRIDGE_OUT,
-            source,
-        })?;
+        if let Err(e) = bridge_out.load() {
+            tracing::warn!(
+                "eBPF program {PROG_BRIDGE_OUT} does not load; the container bridge keeps its own path: {e}"
+            );
+        }
         Ok(Self { ebpf })
     }
 
@@ -254,57 +257,76 @@ impl Programs {
         mirror: &mut bridge::Mirror,
         fdb: &HashMap<MacAddr, u32>,
     ) -> Result<(), DatapathError> {
-        let wanted_ports: HashSet<u32> = fdb.values().copied().collect();
-        {
-            let mut ports: DevMapHash<_> = typed_map(&mut self.ebpf, MAP_BRIDGE_PORTS)?;
-            for &port in wanted_ports.difference(&mirror.ports.clone()) {
-                match ports.insert(port, port, None, 0) {
-                    Ok(()) => {
-                        mirror.ports.insert(port);
-                    }
-                    Err(e) => tracing::debug!(port, "bridge port not added (gone?): {e}"),
-                }
-            }
-            for port in mirror.ports.clone().difference(&wanted_ports) {
-                // The kernel removes a port whose device went away: not found is fine.
-                match ports.remove(*port) {
-                    Ok(()) => {}
-                    Err(e) if not_found(&e) => {}
-                    Err(source) => {
-                        return Err(DatapathError::Map {
-                            name: MAP_BRIDGE_PORTS,
-                            source,
-                        });
-                    }
-                }
-                mirror.ports.remove(port);
-            }
-        }
-        let mut map: BpfHashMap<_, [u8; 6], u32> = typed_map(&mut self.ebpf, MAP_BRIDGE_FDB)?;
-        for (mac, &port) in fdb {
-            if mirror.fdb.get(mac) != Some(&port) {
-                map.insert(mac.0, port, 0).map_err(|source| DatapathError::Map {
-                    name: MAP_BRIDGE_FDB,
-                    source,
-                })?;
-                mirror.fdb.insert(*mac, port);
-            }
-        }
+        // Departed MACs go first, so a full table still takes the new ones. A MAC that cannot
+        // be written is left out (its frames take the bridge) and the first failure reported
+        // once the rest is done.
+        let mut failed = None;
+        let mut macs: BpfHashMap<_, [u8; 6], u32> = typed_map(&mut self.ebpf, MAP_BRIDGE_FDB)?;
         let gone: Vec<MacAddr> = mirror.fdb.keys().filter(|m| !fdb.contains_key(m)).copied().collect();
         for mac in gone {
-            match map.remove(&mac.0) {
-                Ok(()) => {}
-                Err(e) if not_found(&e) => {}
-                Err(source) => {
+            match macs.remove(&mac.0) {
+                Err(source) if !not_found(&source) => {
                     return Err(DatapathError::Map {
                         name: MAP_BRIDGE_FDB,
                         source,
                     });
                 }
+                _ => {}
             }
             mirror.fdb.remove(&mac);
         }
-        Ok(())
+        let wanted_ports: HashSet<u32> = fdb.values().copied().collect();
+        let mut ports: DevMapHash<_> = typed_map(&mut self.ebpf, MAP_BRIDGE_PORTS)?;
+        for &port in wanted_ports.difference(&mirror.ports.clone()) {
+            match ports.insert(port, port, None, 0) {
+                Ok(()) => {
+                    mirror.ports.insert(port);
+                }
+                // The port's device went away since the FDB reading, which drops it next time
+                // (the kernel says EINVAL for an ifindex with no device).
+                Err(aya::maps::xdp::XdpMapError::MapError(MapError::SyscallError(e)))
+                    if matches!(e.io_error.raw_os_error(), Some(libc::EINVAL | libc::ENODEV)) =>
+                {
+                    tracing::debug!(port, "bridge port gone before it was copied");
+                }
+                Err(e) => {
+                    failed.get_or_insert(DatapathError::Config(format!(
+                        "BPF map {MAP_BRIDGE_PORTS}: port ifindex {port}: {e}"
+                    )));
+                }
+            }
+        }
+        for port in mirror.ports.clone().difference(&wanted_ports) {
+            // The kernel removes a port whose device went away: not found is fine.
+            match ports.remove(*port) {
+                Err(source) if !not_found(&source) => {
+                    return Err(DatapathError::Map {
+                        name: MAP_BRIDGE_PORTS,
+                        source,
+                    });
+                }
+                _ => {}
+            }
+            mirror.ports.remove(port);
+        }
+        let mut macs: BpfHashMap<_, [u8; 6], u32> = typed_map(&mut self.ebpf, MAP_BRIDGE_FDB)?;
+        for (mac, &port) in fdb {
+            if mirror.fdb.get(mac) == Some(&port) {
+                continue;
+            }
+            match macs.insert(mac.0, port, 0) {
+                Ok(()) => {
+                    mirror.fdb.insert(*mac, port);
+                }
+                Err(source) => {
+                    failed.get_or_insert(DatapathError::Map {
+                        name: MAP_BRIDGE_FDB,
+                        source,
+                    });
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
@@ -360,6 +382,12 @@ impl Programs {
         let key = peer.public_ip.octets();
         match ips.get(&key, 0) {
             Ok(s) if s.addr == peer.subnet.network().octets() && s.prefix_len == peer.subnet.prefix() => {}
+            Err(source) if !not_found(&source) => {
+                return Err(DatapathError::Map {
+                    name: MAP_PEERS_BY_IP,
+                    source,
+                });
+            }
             _ => return Ok(()),
         }
         match ips.remove(&key) {
@@ -775,6 +803,12 @@ impl Datapath {
         if other_pin.exists() {
             unpin(&other_pin);
         }
+        // The programs now count in this version's table: the older one goes (its counts with it).
+        let legacy = dir.join(LEGACY_MAP_COUNTERS);
+        if legacy.exists() {
+            let _ = std::fs::remove_file(&legacy);
+            tracing::info!(map = %legacy.display(), "removed the previous version's counter table");
+        }
         self.links = Some(Links::Pinned);
         Ok(())
     }
@@ -884,6 +918,8 @@ impl Datapath {
             }
             // The PublicIP may have changed: drop the old reverse entry first.
             self.programs.remove_peer(&old)?;
+            self.peers.remove(&peer.subnet);
+            self.restore_public_ip(old.public_ip)?;
         }
         self.programs.upsert_peer(&peer)?;
         self.peers.insert(peer.subnet, peer);
@@ -896,12 +932,18 @@ impl Datapath {
             self.programs.remove_peer(&old)?;
             self.peers.remove(&subnet);
             tracing::debug!(%subnet, public_ip = %old.public_ip, "peer removed");
-            // Another lease of the same host (same PublicIP) takes the ingress entry back.
-            if let Some(other) = self.peers.values().find(|p| p.public_ip == old.public_ip).copied() {
-                self.programs.upsert_peer(&other)?;
-            }
+            self.restore_public_ip(old.public_ip)?;
         }
         Ok(())
+    }
+
+    /// After a peer's entries for `ip` went: another lease of the same host (same PublicIP)
+    /// takes the ingress entry back.
+    fn restore_public_ip(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        match self.peers.values().find(|p| p.public_ip == ip).copied() {
+            Some(other) => self.programs.upsert_peer(&other),
+            None => Ok(()),
+        }
     }
 
     pub fn counters(&mut self) -> Result<Counters, DatapathError> {
@@ -937,7 +979,7 @@ impl Datapath {
                     })
             }) {
                 Ok(link) => {
-                    tracing::info!(bridge = %device.name, "frames for containers go from the bridge straight to their ports");
+                    tracing::info!(bridge = %device.name, "frames for containers go straight to their ports");
                     self.bridge_warning = None;
                     self.bridge = Some(AttachedBridge {
                         device,
