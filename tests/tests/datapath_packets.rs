@@ -672,6 +672,26 @@ fn encapsulation_table() {
                 "{format:?}: 16 flows gave only {} outer source ports",
                 ports.len()
             );
+            // Only real ports count: echoes whose checksums differ are one flow, and every
+            // fragment of a datagram leaves on the same port as its first one.
+            let echo = |len| from_overlay_device(&Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 1).build(&icmp_echo(len)));
+            assert_eq!(
+                sport_of(&b.run_tc(&echo(8)).1),
+                sport_of(&b.run_tc(&echo(40)).1),
+                "{format:?}: two echoes of one ICMP flow"
+            );
+            let fragment = |frag: u16| {
+                let ip = Ip {
+                    frag,
+                    ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17)
+                };
+                from_overlay_device(&ip.build(&udp(1000 + frag, 80, &[0u8; 16])))
+            };
+            assert_eq!(
+                sport_of(&b.run_tc(&fragment(0x2000)).1),
+                sport_of(&b.run_tc(&fragment(0x0003)).1),
+                "{format:?}: first and last fragment of one datagram"
+            );
 
             // Peer whose neighbour is not resolved: handed to the kernel to resolve
             // (bpf_redirect_neigh), outer Ethernet left for it to fill.
