@@ -143,6 +143,22 @@ impl Etcd {
 
     /// As [`Self::start_in_netns`]; with `die_with_parent` false etcd outlives this process.
     pub fn start_in_netns_opts(netns: &str, host: Ipv4Addr, die_with_parent: bool) -> Self {
+        Self::spawn_in_netns(netns, host, die_with_parent)
+            .unwrap_or_else(|log| panic!("etcd did not start in {netns}:\n{log}"))
+    }
+
+    /// As [`Self::start_in_netns`], but a failed start is an error carrying the end of etcd's
+    /// log rather than a panic: for the benchmark, which reports a failed setup and goes on.
+    pub fn try_start_in_netns(netns: &str, host: Ipv4Addr) -> anyhow::Result<Self> {
+        Self::spawn_in_netns(netns, host, true).map_err(|log| {
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            anyhow::anyhow!("etcd did not start in {netns}:\n{tail}")
+        })
+    }
+
+    /// A failed start gives etcd's log; its data directory goes with the dropped value.
+    fn spawn_in_netns(netns: &str, host: Ipv4Addr, die_with_parent: bool) -> Result<Self, String> {
         let mut e = Etcd {
             die_with_parent,
             child: None,
@@ -154,32 +170,7 @@ impl Etcd {
             tls: None,
             starts: 0,
         };
-        if let Err(log) = e.spawn() {
-            panic!("etcd did not start in {netns}:\n{log}");
-        }
-        e
-    }
-
-    /// As [`Self::start_in_netns`], but a failed start is an error carrying etcd's log rather
-    /// than a panic: for the benchmark, which reports a failed setup and goes on.
-    pub fn try_start_in_netns(netns: &str, host: Ipv4Addr) -> anyhow::Result<Self> {
-        let mut e = Etcd {
-            die_with_parent: true,
-            child: None,
-            netns: Some(netns.to_string()),
-            host,
-            data: temp_dir(),
-            client_port: 2379,
-            peer_port: 2380,
-            tls: None,
-            starts: 0,
-        };
-        e.spawn().map_err(|log| {
-            // The end of etcd's log says why; its data directory (and the log) goes with `e`.
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-            anyhow::anyhow!("etcd did not start in {netns}:\n{tail}")
-        })?;
+        e.spawn()?;
         Ok(e)
     }
 
