@@ -28,6 +28,11 @@ use crate::{
 /// BPF_F_ADJ_ROOM_DECAP_L4_UDP: in the kernel's UAPI after 6.18, not in our bindings yet.
 const ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 
+/// Set once this kernel has refused DECAP_L4_UDP, so later packets do not ask again (a global
+/// of this load of the programs; a racing first packet on another CPU only asks once more).
+#[unsafe(no_mangle)]
+static mut DECAP_L4_UDP_REFUSED: u8 = 0;
+
 /// A tunnel packet accepted for decapsulation.
 pub struct Accepted {
     format: Format,
@@ -172,10 +177,17 @@ pub fn decap_tc(ctx: &TcContext) -> Result<i32, CounterIndex> {
     // bridge program (bridge.rs) keeps the container bridge from segmenting it in software.
     let flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64;
     let len = -(acc.strip as i32);
-    if ctx
-        .adjust_room(len, BPF_ADJ_ROOM_MAC, flags | ADJ_ROOM_DECAP_L4_UDP)
-        .is_err()
+    // SAFETY: a byte in the program's global data; any value read is valid.
+    let refused = unsafe { core::ptr::read_volatile(&raw const DECAP_L4_UDP_REFUSED) } != 0;
+    if refused
+        || ctx
+            .adjust_room(len, BPF_ADJ_ROOM_MAC, flags | ADJ_ROOM_DECAP_L4_UDP)
+            .is_err()
     {
+        if !refused {
+            // SAFETY: as above; a lost race between CPUs writes the same value.
+            unsafe { core::ptr::write_volatile(&raw mut DECAP_L4_UDP_REFUSED, 1) };
+        }
         ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, flags)
             .map_err(|_| CounterIndex::DropDecapFailed)?;
     }

@@ -31,42 +31,21 @@ pub struct BridgeFinder {
     kinds: HashMap<(String, u32), bool>,
 }
 
-#[derive(serde::Deserialize)]
-struct IpLinkDetails {
-    linkinfo: Option<IpLinkInfo>,
-}
-
-#[derive(serde::Deserialize)]
-struct IpLinkInfo {
-    info_kind: Option<String>,
-    info_data: Option<BridgeData>,
-}
-
-#[derive(serde::Deserialize)]
-struct BridgeData {
-    vlan_filtering: Option<u8>,
-}
-
 /// Some(true) for a bridge we can work with: one without VLAN filtering, where a MAC names one
 /// port (with filtering, the same MAC may sit on different ports per VLAN, and ports untag;
 /// the bridge's own forwarding must decide). None if `ip` could not tell.
 fn usable_bridge(name: &str) -> Option<bool> {
-    let out = netdev::ip(&["-d", "-j", "link", "show", "dev", name]).ok()?;
-    let links: Vec<IpLinkDetails> = serde_json::from_str(&out).ok()?;
-    let Some(info) = links.into_iter().next()?.linkinfo else {
-        return Some(false);
-    };
-    if info.info_kind.as_deref() != Some("bridge") {
+    let link = netdev::link_info(name).ok()?;
+    if link.kind.as_deref() != Some("bridge") {
         return Some(false);
     }
-    let filtering = info.info_data.and_then(|d| d.vlan_filtering).unwrap_or(0) != 0;
-    if filtering {
+    if link.vlan_filtering {
         tracing::warn!(
             bridge = name,
             "the container bridge filters VLANs: frames for containers take the bridge's own path"
         );
     }
-    Some(!filtering)
+    Some(!link.vlan_filtering)
 }
 
 impl BridgeFinder {
@@ -94,10 +73,13 @@ impl BridgeFinder {
             let key = (name.clone(), ifindex);
             let usable = match self.kinds.get(&key) {
                 Some(&known) => known,
-                None => match usable_bridge(&name) {
-                    Some(answer) => *self.kinds.entry(key).or_insert(answer),
-                    None => false,
-                },
+                None => {
+                    let answer = usable_bridge(&name);
+                    if let Some(a) = answer {
+                        self.kinds.insert(key, a);
+                    }
+                    answer.unwrap_or(false)
+                }
             };
             if usable {
                 return Some(BridgeDevice { name, ifindex });
@@ -248,17 +230,18 @@ const fn align4(n: usize) -> usize {
 
 const NLMSG_HDR: usize = 16;
 const NDMSG_LEN: usize = size_of::<libc::c_int>() * 3;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const RTM_NEWNEIGH: u16 = 28;
-const RTM_GETNEIGH: u16 = 30;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_DUMP_INTR: u16 = 0x10;
-const NDA_LLADDR: u16 = 2;
-const NDA_MASTER: u16 = 9;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-const NUD_PERMANENT: u16 = 0x80;
+// libc's netlink constants, in the widths the wire uses (libc gives several as c_int).
+const NLMSG_ERROR: u16 = libc::NLMSG_ERROR as u16;
+const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
+const RTM_NEWNEIGH: u16 = libc::RTM_NEWNEIGH;
+const RTM_GETNEIGH: u16 = libc::RTM_GETNEIGH;
+const NLM_F_REQUEST: u16 = libc::NLM_F_REQUEST as u16;
+const NLM_F_DUMP: u16 = libc::NLM_F_DUMP as u16;
+const NLM_F_DUMP_INTR: u16 = libc::NLM_F_DUMP_INTR as u16;
+const NDA_LLADDR: u16 = libc::NDA_LLADDR;
+const NDA_MASTER: u16 = libc::NDA_MASTER;
+const NLA_TYPE_MASK: u16 = libc::NLA_TYPE_MASK as u16;
+const NUD_PERMANENT: u16 = libc::NUD_PERMANENT;
 
 #[cfg(test)]
 mod tests {

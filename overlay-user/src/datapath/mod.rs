@@ -950,11 +950,6 @@ impl Datapath {
         self.programs.counters()
     }
 
-    /// The container bridge whose egress hands frames to container ports, if attached.
-    pub fn bridge(&self) -> Option<&str> {
-        self.bridge.as_ref().map(|b| b.device.name.as_str())
-    }
-
     /// Follow the container bridge: attach our egress program to the bridge that holds our
     /// subnet's gateway address (once docker or the CNI plugin has made it, again if it is
     /// recreated) and copy its forwarding database into the maps. Call it every second or so;

@@ -16,6 +16,8 @@ pub struct LinkInfo {
     pub mac: Option<MacAddr>,
     /// Driver kind of a virtual device (`veth`, `bridge`, `dummy`...); None for hardware NICs.
     pub kind: Option<String>,
+    /// A bridge that filters VLANs (`vlan_filtering 1`).
+    pub vlan_filtering: bool,
 }
 
 impl LinkInfo {
@@ -36,6 +38,12 @@ struct IpLink {
 #[derive(Deserialize)]
 struct IpLinkKind {
     info_kind: Option<String>,
+    info_data: Option<IpLinkData>,
+}
+
+#[derive(Deserialize)]
+struct IpLinkData {
+    vlan_filtering: Option<u8>,
 }
 
 pub fn ip(args: &[&str]) -> Result<String, DatapathError> {
@@ -86,6 +94,12 @@ pub fn link_info(name: &str) -> Result<LinkInfo, DatapathError> {
         ifindex: l.ifindex,
         mtu: l.mtu,
         mac: l.address.and_then(|a| a.parse().ok()),
+        vlan_filtering: l
+            .linkinfo
+            .as_ref()
+            .and_then(|k| k.info_data.as_ref())
+            .and_then(|d| d.vlan_filtering)
+            .is_some_and(|v| v != 0),
         kind: l.linkinfo.and_then(|k| k.info_kind),
     })
 }
