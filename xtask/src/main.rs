@@ -43,7 +43,8 @@ enum Cmd {
     Setup,
     /// Set up and build everything (release).
     Build,
-    /// Set up, build and run all tests (needs root: they load programs and create namespaces).
+    /// Set up, check formatting and clippy, build and run all tests (needs root: they load
+    /// programs and create namespaces).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -73,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             require_root("the tests")?;
             setup()?;
+            lint()?;
             build()?;
             let mut cmd = cargo();
             cmd.args(["test", "--release"]).args(&args);
@@ -115,6 +117,13 @@ fn cargo() -> Command {
 
 fn build() -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "--bins", "--tests"]))
+}
+
+/// What review asks of every change, checked before the tests: formatting, and clippy with
+/// warnings as errors.
+fn lint() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"])).context("`cargo fmt --all` would change files")?;
+    run(cargo().args(["clippy", "--release", "--all-targets", "--", "-D", "warnings"])).context("clippy found problems")
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
