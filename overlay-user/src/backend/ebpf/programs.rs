@@ -13,7 +13,7 @@ use overlay_common::{
     PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
 };
 
-use crate::host::{Counters, HostError};
+use crate::host::{Counters, HostError, netdev};
 
 /// The compiled programs, embedded at build time (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
@@ -54,11 +54,13 @@ impl Programs {
         Self::load_pinned(None)
     }
 
-    /// Load with the maps pinned in `pin_dir` (a bpffs directory): maps already pinned there
-    /// by a previous run are reused with their contents, missing ones are created and pinned.
+    /// Load with the maps pinned in `pin_dir` (on a bpffs, mounted there if none is): maps
+    /// already pinned there by a previous run are reused with their contents, missing ones are
+    /// created and pinned.
     pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
+            netdev::ensure_bpffs(dir)?;
             for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
                 loader.map_pin_path(name, dir.join(name));
             }
