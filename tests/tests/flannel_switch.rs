@@ -1,0 +1,271 @@
+//! Switching a flannel host in place: the agent started as flanneld's unit file starts it, on
+//! hosts as they are (no bpffs mounted, flanneld's flags and variables, its rules and MTU).
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use overlay_tests::{
+    cluster::{Cluster, HEALTHZ_PORT},
+    lab::{OverlayProcess, workspace_bin},
+    netns::{Netns, run},
+    traffic::{parse_ping, ping},
+};
+use tempfile::TempDir;
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+
+/// The flags a flanneld unit file from the guides passes, one dash each, and no `--pin-dir`:
+/// the agent pins under its default, /sys/fs/bpf/overlay.
+fn unit_file_flags(c: &Cluster, index: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "agent".into(),
+        format!("-etcd-endpoints={}", c.endpoint()),
+        "-etcd-prefix=/coreos.com/network".into(),
+        "-iface=eth0".into(),
+        "-ip-masq".into(),
+        format!("-subnet-file={}", c.subnet_file(index).display()),
+        "-healthz-ip=127.0.0.1".into(),
+        format!("-healthz-port={HEALTHZ_PORT}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// 150 pings 20 ms apart from `from` to `to`, on a thread: (transmitted, received).
+fn ping_across(from: &Netns, to: std::net::Ipv4Addr) -> std::thread::JoinHandle<anyhow::Result<(u32, u32)>> {
+    let from = from.name().to_string();
+    std::thread::spawn(move || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &from, "ping", "-n", "-c", "150", "-i", "0.02", "-W", "1"])
+            .arg(to.to_string())
+            .output()?;
+        let r = parse_ping(&String::from_utf8_lossy(&out.stdout))?;
+        Ok((r.transmitted, r.received))
+    })
+}
+
+/// A host's own mount namespace that outlives each agent, as a real host's does: made once
+/// with a fresh sysfs of the host's network namespace (so /sys/fs/bpf is not mounted, as on a
+/// host without systemd), kept alive by a bind mount of its namespace file, entered with
+/// `nsenter` for every agent start.
+struct HostMountNs {
+    dir: TempDir,
+    netns: String,
+}
+
+impl HostMountNs {
+    fn new(ns: &Netns) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("overlay-mntns-").tempdir()?;
+        let path = dir.path().to_str().context("utf-8 temp dir")?.to_string();
+        // A namespace file can only be bound on a mount that does not propagate.
+        run(Command::new("mount").args(["--bind", &path, &path]))?;
+        let ns_file = format!("{path}/mnt");
+        let made = (|| {
+            run(Command::new("mount").args(["--make-private", &path]))?;
+            std::fs::File::create(&ns_file)?;
+            run(Command::new("unshare").args([
+                &format!("--mount={ns_file}"),
+                "--propagation=slave",
+                "nsenter",
+                &format!("--net=/run/netns/{}", ns.name()),
+                "sh",
+                "-c",
+                "umount -l /sys && mount -t sysfs sysfs /sys",
+            ]))
+        })();
+        let me = HostMountNs {
+            dir,
+            netns: ns.name().to_string(),
+        };
+        made?;
+        Ok(me)
+    }
+
+    fn ns_file(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    /// `program` run in this host: its network and mount namespaces.
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--mount={}", self.ns_file().display()))
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(program);
+        c
+    }
+}
+
+impl Drop for HostMountNs {
+    fn drop(&mut self) {
+        // The namespace, its bpffs and pins go with the last reference.
+        let _ = Command::new("umount").arg(self.ns_file()).output();
+        let _ = Command::new("umount").arg(self.dir.path()).output();
+    }
+}
+
+/// An agent started by a command of ours (not `ip netns exec`); SIGTERM on drop.
+struct Agent {
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    ready: serde_json::Value,
+}
+
+impl Agent {
+    fn start(mut cmd: Command, timeout: Duration) -> anyhow::Result<Self> {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .env("RUST_LOG", std::env::var("OVERLAY_LOG").unwrap_or_else(|_| "warn".into()));
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(|| {
+                overlay_tests::netns::unblock_signals();
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut line = String::new();
+            let r = stdout.read_line(&mut line).map(|_| line);
+            let _ = tx.send(r);
+            stdout
+        });
+        let line = match rx.recv_timeout(timeout) {
+            Ok(Ok(line)) if !line.is_empty() => line,
+            Ok(_) => bail!("{cmd:?} exited before ready: {}", child.wait()?),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{cmd:?} not ready after {timeout:?}");
+            }
+        };
+        let stdout = reader.join().expect("reader thread");
+        Ok(Agent {
+            child,
+            _stdout: stdout,
+            ready: serde_json::from_str(line.trim()).with_context(|| format!("ready line {line:?}"))?,
+        })
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "agent exited with {status}");
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn adopted(ready: &serde_json::Value) -> bool {
+    ready["backend"].as_str().is_some_and(|b| b.contains("adopted"))
+}
+
+/// The default pin dir under `ip netns exec`, whose fresh /sys has no bpffs at /sys/fs/bpf
+/// (plain sysfs refuses the mkdir): the agent mounts one there and starts. Each `ip netns exec`
+/// is its own mount namespace, so that bpffs and its pins go when the agent exits: a restart
+/// under a new `ip netns exec` loads the datapath afresh (keeping its subnet and VtepMAC).
+#[test]
+fn default_pin_dir_under_ip_netns_exec() -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, VXLAN)?;
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let a = OverlayProcess::start(&c.lab.host(i).ns, &unit_file_flags(&c, i, &[]), Duration::from_secs(30))?;
+        c.add_containers(i, &a, 1)?;
+        agents.push(a);
+    }
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let (h1, h2) = (c.lab.host(1), c.lab.host(2));
+    let r = ping(&h2.containers[0].ns, h1.containers[0].ip, 3, 56, false, "0.05")?;
+    assert_eq!(r.received, 3, "{r:?}");
+
+    let first = agents.remove(0);
+    let subnet = first.ready["subnet"].clone();
+    let lease: serde_json::Value = serde_json::from_str(first.ready["lease"].as_str().unwrap())?;
+    first.stop()?;
+    let again = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
+    assert!(
+        !adopted(&again.ready),
+        "a new `ip netns exec` should not see the previous one's private bpffs: {}",
+        again.ready
+    );
+    assert_eq!(again.ready["subnet"], subnet);
+    let lease_again: serde_json::Value = serde_json::from_str(again.ready["lease"].as_str().unwrap())?;
+    assert_eq!(lease_again["BackendData"], lease["BackendData"], "VtepMAC kept");
+    c.wait_until("host1 reaches host2 again", Duration::from_secs(10), || {
+        Ok(ping(&h1.containers[0].ns, h2.containers[0].ip, 1, 56, false, "0.05")?.received == 1)
+    })?;
+    Ok(())
+}
+
+/// The default pin dir on a host whose mount namespace outlives the agent (a real host, here
+/// a persistent mount namespace with /sys/fs/bpf not mounted): the first agent mounts the
+/// bpffs at /sys/fs/bpf, a restarted agent adopts the pinned datapath, no ping lost.
+#[test]
+fn default_pin_dir_restart_adopts_on_a_host_without_bpffs() -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, VXLAN)?;
+    let mounts = HostMountNs::new(&c.lab.host(1).ns)?;
+    let bin = workspace_bin("overlay");
+    let before = run(mounts.command(Path::new("stat")).args(["-f", "-c", "%T", "/sys/fs/bpf"]))?;
+    assert_eq!(before.trim(), "sysfs", "the emulated host starts without a bpffs");
+
+    let mut a1 = Agent::start(
+        {
+            let mut cmd = mounts.command(&bin);
+            cmd.args(unit_file_flags(&c, 1, &[]));
+            cmd
+        },
+        Duration::from_secs(30),
+    )?;
+    assert!(!adopted(&a1.ready), "{}", a1.ready);
+    let subnet = a1.ready["subnet"].as_str().context("subnet")?.parse()?;
+    let mtu = a1.ready["mtu"].as_u64().context("mtu")? as u32;
+    c.lab.hosts[0].add_containers(subnet, mtu, 1)?;
+    let a2 = OverlayProcess::start(&c.lab.host(2).ns, &unit_file_flags(&c, 2, &[]), Duration::from_secs(30))?;
+    c.add_containers(2, &a2, 1)?;
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let after = run(mounts.command(Path::new("stat")).args(["-f", "-c", "%T", "/sys/fs/bpf"]))?;
+    assert_eq!(after.trim(), "bpf_fs", "the agent mounts a bpffs at /sys/fs/bpf");
+    let pins = run(mounts.command(Path::new("ls")).arg("/sys/fs/bpf/overlay"))?;
+    assert!(pins.contains("link"), "pins under the default dir: {pins}");
+
+    let pinger = ping_across(&c.lab.host(2).containers[0].ns, c.lab.host(1).containers[0].ip);
+    std::thread::sleep(Duration::from_millis(500));
+    a1.stop()?;
+    a1 = Agent::start(
+        {
+            let mut cmd = mounts.command(&bin);
+            cmd.args(unit_file_flags(&c, 1, &[]));
+            cmd
+        },
+        Duration::from_secs(30),
+    )?;
+    let (sent, received) = pinger.join().expect("pinger")?;
+    assert!(adopted(&a1.ready), "the restart adopts the pinned datapath: {}", a1.ready);
+    assert_eq!((sent, received), (150, 150), "pings lost across the restart");
+    drop((a1, a2));
+    Ok(())
+}
