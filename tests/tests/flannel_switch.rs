@@ -269,3 +269,189 @@ fn default_pin_dir_restart_adopts_on_a_host_without_bpffs() -> anyhow::Result<()
     drop((a1, a2));
     Ok(())
 }
+
+/// Run `cmd` until it exits (at most `timeout`): exit code, stdout, stderr.
+fn run_to_exit(mut cmd: Command, timeout: Duration) -> anyhow::Result<(Option<i32>, String, String)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let deadline = Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn agent_command(c: &Cluster, index: usize, args: &[String]) -> Command {
+    let mut cmd = c.lab.host(index).ns.command(workspace_bin("overlay").to_str().expect("utf-8"));
+    cmd.args(args).env("RUST_LOG", "warn");
+    cmd
+}
+
+fn set_config(c: &Cluster, json: &str) -> anyhow::Result<()> {
+    c.etcdctl(&["put", "/coreos.com/network/config", json]).map(|_| ())
+}
+
+/// flanneld exits 1 when its config names a backend it does not have; so do we, naming the
+/// type and ours. `--version`, and Kubernetes refused with the reason.
+#[test]
+fn unsupported_backends_version_and_kubernetes_exit_as_flanneld() -> anyhow::Result<()> {
+    let c = Cluster::new(1, VXLAN)?;
+    for t in ["wireguard", "ipip", "ipsec", "alloc", "extension", "tencent-vpc"] {
+        set_config(&c, &format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{t}"}}}}"#))?;
+        let (code, _, stderr) = run_to_exit(agent_command(&c, 1, &unit_file_flags(&c, 1, &[])), Duration::from_secs(20))?;
+        assert_eq!(code, Some(1), "{t}: {stderr}");
+        assert!(
+            stderr.contains(&format!("\"{t}\"")) && stderr.contains("vxlan, host-gw, udp"),
+            "{t}: {stderr}"
+        );
+    }
+    // `overlay config set` refuses what the agent would refuse.
+    let refused = c.overlay_on_switch(&[
+        "config", "set", "--etcd-endpoints", &c.endpoint(),
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+    ]);
+    assert!(refused.is_err(), "config set stored a wireguard config");
+
+    for flag in ["--version", "-version", "-version=true"] {
+        let (code, stdout, stderr) =
+            run_to_exit(agent_command(&c, 1, &["agent".into(), flag.into()]), Duration::from_secs(10))?;
+        assert_eq!(code, Some(0), "{flag}: {stderr}");
+        assert!(stdout.starts_with("overlay "), "{flag}: {stdout}");
+    }
+    let (code, _, stderr) = run_to_exit(
+        agent_command(&c, 1, &unit_file_flags(&c, 1, &["-kube-subnet-mgr"])),
+        Duration::from_secs(10),
+    )?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--kube-subnet-mgr") && stderr.contains("etcd"), "{stderr}");
+    // Go's flag errors exit 2.
+    let (code, _, stderr) =
+        run_to_exit(agent_command(&c, 1, &unit_file_flags(&c, 1, &["-ip-masq=maybe"])), Duration::from_secs(10))?;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("-ip-masq") && stderr.contains("maybe"), "{stderr}");
+    Ok(())
+}
+
+/// Flags flanneld accepts that stopped our agent with exit 2, as a unit file and an
+/// environment file would give them.
+#[test]
+fn flanneld_flags_and_variables_start_the_agent() -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, VXLAN)?;
+    let flags = unit_file_flags(
+        &c,
+        1,
+        &[
+            "-iptables-resync=2", "-ip-masq=True", "-ip-masq-fully-random-disable=t", "-public-ipv6=fd00::1",
+            "-ip-blackhole-route=0", "-vmodule=main=2", "-log_backtrace_at=main.go:1", "-net-config-path",
+            "/etc/kube-flannel/net-conf.json", "-kube-subnet-mgr=false", "-kube-api-url=", "-kubeconfig-file=",
+            "-kube-annotation-prefix=flannel.alpha.coreos.com", "-set-node-network-unavailable=0", "-v", "1",
+            "--iptables-forward-rules=1",
+        ],
+    );
+    let a1 = OverlayProcess::start_env(
+        &c.lab.host(1).ns,
+        &flags,
+        &[
+            ("FLANNELD_PUBLIC_IP", ""),
+            ("FLANNELD_ETCD_CAFILE", ""),
+            ("FLANNELD_IFACE_CAN_REACH", "192.168.250.254"),
+            ("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "0x1e"),
+            ("FLANNELD_IP_MASQ", "false"),
+        ],
+        Duration::from_secs(30),
+    )?;
+    c.add_containers(1, &a1, 1)?;
+    let env = std::fs::read_to_string(c.subnet_file(1))?;
+    assert!(env.contains("FLANNEL_IPMASQ=true"), "the command line wins over FLANNELD_IP_MASQ:\n{env}");
+    let nat = c.lab.host(1).ns.exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
+    assert!(
+        nat.contains("MASQUERADE") && !nat.contains("random-fully"),
+        "-ip-masq-fully-random-disable: {nat}"
+    );
+    // --iface-can-reach alone, from the environment, picks eth0 (the way to the switch).
+    let only_can_reach: Vec<String> = unit_file_flags(&c, 2, &[])
+        .into_iter()
+        .filter(|f| f != "-iface=eth0")
+        .collect();
+    let a2 = OverlayProcess::start_env(
+        &c.lab.host(2).ns,
+        &only_can_reach,
+        &[("FLANNELD_IFACE_CAN_REACH", "192.168.250.254"), ("FLANNELD_IFACE", "")],
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(a2.ready["public_ip"], "192.168.250.2", "{}", a2.ready);
+    c.add_containers(2, &a2, 1)?;
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let r = ping(&c.lab.host(1).containers[0].ns, c.lab.host(2).containers[0].ip, 3, 56, false, "0.05")?;
+    assert_eq!(r.received, 3, "{r:?}");
+    drop((a1, a2));
+    Ok(())
+}
+
+/// flannel's vxlan `MTU` is the MTU before encapsulation: device and FLANNEL_MTU are MTU - 50,
+/// with our datapath and with the kernel's.
+#[test]
+fn vxlan_mtu_is_before_encapsulation_on_both_datapaths() -> anyhow::Result<()> {
+    let mut c = Cluster::new(
+        2,
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","MTU":1400}}"#,
+    )?;
+    let a1 = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
+    let a2 = OverlayProcess::start(
+        &c.lab.host(2).ns,
+        &unit_file_flags(&c, 2, &["--datapath=kernel"]),
+        Duration::from_secs(30),
+    )?;
+    for (i, a, device) in [(1, &a1, "ovl0"), (2, &a2, "flannel.1")] {
+        assert_eq!(a.ready["mtu"], 1350, "host{i}: {}", a.ready);
+        let env = std::fs::read_to_string(c.subnet_file(i))?;
+        assert!(env.contains("FLANNEL_MTU=1350"), "host{i}:\n{env}");
+        let link = c.lab.host(i).ns.ip(&["link", "show", device])?;
+        assert!(link.contains("mtu 1350 "), "host{i}: {link}");
+    }
+    c.add_containers(1, &a1, 1)?;
+    c.add_containers(2, &a2, 1)?;
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    // The largest unfragmented packet the containers may send crosses both ways.
+    let (h1, h2) = (c.lab.host(1), c.lab.host(2));
+    let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 2, 1350 - 28, true, "0.05")?;
+    assert_eq!(r.received, 2, "{r:?}");
+    let r = ping(&h2.containers[0].ns, h1.containers[0].ip, 2, 1350 - 28, true, "0.05")?;
+    assert_eq!(r.received, 2, "{r:?}");
+    drop((a1, a2));
+    Ok(())
+}
+
+/// --public-ip alone finds the interface that holds it (these hosts have no default route);
+/// host-gw refuses a PublicIP that is not on the interface, with flannel's reason.
+#[test]
+fn interface_from_public_ip_and_host_gw_refuses_nat() -> anyhow::Result<()> {
+    let c = Cluster::new(1, r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#)?;
+    let flags: Vec<String> = unit_file_flags(&c, 1, &["-public-ip=192.168.250.1"])
+        .into_iter()
+        .filter(|f| f != "-iface=eth0")
+        .collect();
+    let a = OverlayProcess::start(&c.lab.host(1).ns, &flags, Duration::from_secs(30))?;
+    assert_eq!(a.ready["public_ip"], "192.168.250.1");
+    drop(a);
+    let (code, _, stderr) = run_to_exit(
+        agent_command(&c, 1, &unit_file_flags(&c, 1, &["-public-ip=203.0.113.7"])),
+        Duration::from_secs(20),
+    )?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("203.0.113.7") && stderr.contains("NAT"), "{stderr}");
+    Ok(())
+}

@@ -43,6 +43,11 @@ pub const KERNEL_VXLAN_DEVICE: &str = "flannel.1";
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if args.version {
+        println!("overlay {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    args.check().map_err(anyhow::Error::msg)?;
     if args.cleanup {
         return cleanup(&args);
     }
@@ -350,9 +355,16 @@ fn make_backend(
             bridge_redirect: args.bridge_redirect,
         })
     };
+    config.check_supported()?;
     match &config.backend {
-        BackendConfig::HostGw => Ok(Box::new(HostGw::new(iface, public_ip)?)),
+        BackendConfig::Unsupported(_) => unreachable!("refused by check_supported"),
+        BackendConfig::HostGw => {
+            iface::check_host_gw(iface, public_ip)?;
+            Ok(Box::new(HostGw::new(iface, public_ip)?))
+        }
         BackendConfig::Vxlan { vni, port, mtu, .. } => {
+            // 0: from the interface.
+            let mtu = BackendConfig::vxlan_container_mtu(*mtu).unwrap_or(0);
             let port = if *port == 0 {
                 Format::Vxlan.default_port()
             } else {
@@ -360,13 +372,13 @@ fn make_backend(
             };
             let kernel = || -> anyhow::Result<Box<dyn Backend>> {
                 Ok(Box::new(KernelVxlan::new(
-                    KERNEL_VXLAN_DEVICE, iface, public_ip, *vni, port, *mtu,
+                    KERNEL_VXLAN_DEVICE, iface, public_ip, *vni, port, mtu,
                 )?))
             };
             match args.datapath {
                 DatapathChoice::Kernel => kernel(),
-                DatapathChoice::Ebpf => Ok(Box::new(ebpf(Format::Vxlan, port, *vni, *mtu)?)),
-                DatapathChoice::Auto => match ebpf(Format::Vxlan, port, *vni, *mtu) {
+                DatapathChoice::Ebpf => Ok(Box::new(ebpf(Format::Vxlan, port, *vni, mtu)?)),
+                DatapathChoice::Auto => match ebpf(Format::Vxlan, port, *vni, mtu) {
                     Ok(b) => Ok(Box::new(b)),
                     Err(e @ BackendError::Unavailable(_)) => {
                         tracing::warn!("{e}; falling back to the kernel vxlan device");
