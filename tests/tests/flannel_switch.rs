@@ -401,6 +401,148 @@ fn flanneld_flags_and_variables_start_the_agent() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn nat_rules(ns: &Netns) -> anyhow::Result<String> {
+    ns.exec("iptables", &["-t", "nat", "-S"])
+}
+
+/// The last rule of `chain` in `table` (flannel appends its jumps).
+fn last_rule(ns: &Netns, table: &str, chain: &str) -> anyhow::Result<String> {
+    let rules = ns.exec("iptables", &["-t", table, "-S", chain])?;
+    Ok(rules.lines().last().unwrap_or_default().to_string())
+}
+
+/// flannel's chains, rules and comments, its jumps appended; deleted rules come back within
+/// --iptables-resync; the rules stay across a stop and restart (one jump each, not two);
+/// --cleanup removes them. The blackhole route comes where no route holds the subnet.
+#[test]
+fn iptables_rules_as_flannel_writes_and_keeps_them() -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, VXLAN)?;
+    // Rules already there are kept before flannel's jumps, which are appended.
+    c.lab.host(1).ns.exec("iptables", &["-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "RETURN"])?;
+    let a1 = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &["-iptables-resync=1"]), Duration::from_secs(30))?;
+    let subnet = a1.ready["subnet"].as_str().context("subnet")?.to_string();
+    let h1 = &c.lab.host(1).ns;
+    let chain = h1.exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
+    let c_ = "-m comment --comment \"flanneld masq\"";
+    let n = "10.244.0.0/16";
+    let expected = [
+        "-N FLANNEL-POSTRTG".to_string(),
+        format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {c_} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {subnet} -d {n} {c_} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {n} -d {subnet} {c_} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG ! -s {n} -d {subnet} {c_} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {n} ! -d 224.0.0.0/4 {c_} -j MASQUERADE --random-fully"),
+        format!("-A FLANNEL-POSTRTG ! -s {n} -d {n} {c_} -j MASQUERADE --random-fully"),
+    ];
+    assert_eq!(chain.lines().collect::<Vec<_>>(), expected, "{chain}");
+    assert_eq!(
+        last_rule(h1, "nat", "POSTROUTING")?,
+        format!("-A POSTROUTING {c_} -j FLANNEL-POSTRTG")
+    );
+    let fwd = h1.exec("iptables", &["-S", "FLANNEL-FWD"])?;
+    let fc = "-m comment --comment \"flanneld forward\"";
+    assert_eq!(
+        fwd.lines().collect::<Vec<_>>(),
+        [
+            "-N FLANNEL-FWD".to_string(),
+            format!("-A FLANNEL-FWD -s {n} {fc} -j ACCEPT"),
+            format!("-A FLANNEL-FWD -d {n} {fc} -j ACCEPT"),
+        ]
+    );
+    assert_eq!(last_rule(h1, "filter", "FORWARD")?, format!("-A FORWARD {fc} -j FLANNEL-FWD"));
+
+    // A firewall reload: everything flushed; back within the resync period.
+    let before = nat_rules(h1)?;
+    for args in [vec!["-t", "nat", "-F"], vec!["-F", "FORWARD"], vec!["-F", "FLANNEL-FWD"]] {
+        h1.exec("iptables", &args)?;
+    }
+    c.wait_until("flushed rules are put back", Duration::from_secs(4), || {
+        Ok(last_rule(h1, "filter", "FORWARD")?.ends_with("-j FLANNEL-FWD")
+            && h1.exec("iptables", &["-S", "FLANNEL-FWD"])?.lines().count() == 3
+            && nat_rules(h1)?.contains("-j MASQUERADE --random-fully")
+            && last_rule(h1, "nat", "POSTROUTING")?.ends_with("-j FLANNEL-POSTRTG"))
+    })?;
+
+    // Stop: the rules stay. Restart: the same rules, one jump each.
+    a1.stop()?;
+    let kept = nat_rules(h1)?;
+    assert!(kept.contains("-j FLANNEL-POSTRTG") && kept.contains("MASQUERADE"), "{kept}");
+    let a1 = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
+    let again = nat_rules(h1)?;
+    assert_eq!(again.matches("-j FLANNEL-POSTRTG").count(), 1, "{again}");
+    assert_eq!(h1.exec("iptables", &["-S", "FORWARD"])?.matches("-j FLANNEL-FWD").count(), 1);
+    assert_eq!(
+        again.lines().filter(|l| l.contains("FLANNEL")).count(),
+        before.lines().filter(|l| l.contains("FLANNEL")).count()
+    );
+    drop(a1);
+    let (code, _, stderr) = run_to_exit(
+        agent_command(&c, 1, &unit_file_flags(&c, 1, &["--cleanup"])),
+        Duration::from_secs(20),
+    )?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let all = format!("{}{}", nat_rules(h1)?, h1.exec("iptables", &["-S"])?);
+    assert!(!all.contains("FLANNEL") && !all.contains("flanneld"), "left after --cleanup:\n{all}");
+
+    // host2 has no container bridge: --ip-blackhole-route adds the route for its subnet.
+    let a2 = OverlayProcess::start(
+        &c.lab.host(2).ns,
+        &unit_file_flags(&c, 2, &["-ip-blackhole-route", "-iptables-resync=1"]),
+        Duration::from_secs(30),
+    )?;
+    let subnet2 = a2.ready["subnet"].as_str().context("subnet")?.to_string();
+    let h2 = &c.lab.host(2).ns;
+    c.wait_until("the blackhole route appears", Duration::from_secs(4), || {
+        Ok(h2.ip(&["route", "show", "type", "blackhole"])?.contains(&subnet2))
+    })?;
+    drop(a2);
+    Ok(())
+}
+
+/// `"EnableNFTables": true`: flannel's nftables table and chains instead of iptables, kept
+/// up the same way, traffic flowing.
+#[test]
+fn nftables_rules_when_the_config_asks() -> anyhow::Result<()> {
+    let mut c = Cluster::new(
+        2,
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#,
+    )?;
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let a = OverlayProcess::start(&c.lab.host(i).ns, &unit_file_flags(&c, i, &["-iptables-resync=1"]), Duration::from_secs(30))?;
+        c.add_containers(i, &a, 1)?;
+        agents.push(a);
+    }
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let h1 = &c.lab.host(1).ns;
+    let table = h1.exec("nft", &["list", "table", "ip", "flannel-ipv4"])?;
+    for needle in [
+        "chain postrtg", "type nat hook postrouting priority srcnat", "chain forward",
+        "type filter hook forward priority filter", "ip saddr 10.244.0.0/16 accept", "masquerade fully-random",
+        "meta mark & 0x00004000 == 0x00004000 return",
+    ] {
+        assert!(table.contains(needle), "{needle} missing:\n{table}");
+    }
+    let ipt = format!("{}{}", nat_rules(h1)?, h1.exec("iptables", &["-S"])?);
+    assert!(!ipt.contains("FLANNEL"), "iptables rules next to nftables:\n{ipt}");
+    let r = ping(&c.lab.host(1).containers[0].ns, c.lab.host(2).containers[0].ip, 3, 56, false, "0.05")?;
+    assert_eq!(r.received, 3, "{r:?}");
+
+    h1.exec("nft", &["flush", "chain", "ip", "flannel-ipv4", "postrtg"])?;
+    c.wait_until("the flushed nftables chain is put back", Duration::from_secs(4), || {
+        Ok(h1.exec("nft", &["list", "chain", "ip", "flannel-ipv4", "postrtg"])?.contains("masquerade"))
+    })?;
+    agents.remove(0).stop()?;
+    assert!(h1.exec("nft", &["list", "table", "ip", "flannel-ipv4"]).is_ok(), "the table stays on stop");
+    let (code, _, stderr) = run_to_exit(
+        agent_command(&c, 1, &unit_file_flags(&c, 1, &["--cleanup"])),
+        Duration::from_secs(20),
+    )?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(h1.exec("nft", &["list", "table", "ip", "flannel-ipv4"]).is_err(), "the table is left after --cleanup");
+    Ok(())
+}
+
 /// flannel's vxlan `MTU` is the MTU before encapsulation: device and FLANNEL_MTU are MTU - 50,
 /// with our datapath and with the kernel's.
 #[test]

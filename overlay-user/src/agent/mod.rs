@@ -131,7 +131,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         s.lease_expires = lease.expires;
     }
 
-    activate(&mut *backend, &args, &config, &lease, network, &status)?;
+    let rules = iptables::Upkeep::start(Duration::from_secs(args.iptables_resync));
+    activate(&mut *backend, &args, &config, &lease, network, &status, &rules)?;
     notify::notify("READY=1");
     // One JSON line on stdout when ready, for scripts and tests (systemd gets READY=1).
     println!(
@@ -205,7 +206,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                         LeaseEvent::Reacquired(l) => {
                             tracing::warn!(subnet = %l.subnet(), "our lease was lost and leased again");
                             own_subnet = l.subnet();
-                            if let Err(e) = activate(&mut *backend, &args, &config, &l, network, &status) {
+                            if let Err(e) = activate(&mut *backend, &args, &config, &l, network, &status, &rules) {
                                 break 'agent Err(e);
                             }
                             dirty = true;
@@ -246,10 +247,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(c) = backend.counters() {
         println!("{}", serde_json::json!({ "counters": c.to_json() }));
     }
-    if args.ip_masq {
-        // As flanneld: masquerading goes with the agent (the next start puts it back at once).
-        iptables::remove_masquerade();
-    }
+    // The rules stay, as flanneld leaves them: no gap for masqueraded traffic across a restart.
     drop(backend);
     result
 }
@@ -277,18 +275,23 @@ fn activate(
     lease: &Lease,
     network: Ipv4Network,
     status: &health::SharedStatus,
+    rules: &iptables::Upkeep,
 ) -> anyhow::Result<()> {
     let subnet = lease.subnet();
     backend
         .activate(subnet, network)
         .with_context(|| format!("programming {}", backend.describe()))?;
     status.lock().expect("status").datapath_attached = true;
-    if args.iptables_forward_rules {
-        iptables::install_forward(network)?;
-    }
-    if args.ip_masq {
-        iptables::install_masquerade(network, subnet)?;
-    }
+    rules.apply(iptables::RuleSet {
+        network,
+        subnet,
+        masquerade: args.ip_masq,
+        random_fully: !args.ip_masq_fully_random_disable
+            && (config.enable_nftables || iptables::iptables_has_random_fully()),
+        forward: args.iptables_forward_rules,
+        nftables: config.enable_nftables,
+        blackhole: args.ip_blackhole_route,
+    })?;
     subnet::file::write_subnet_file(&args.subnet_file, config, &lease.key, backend.mtu(), args.ip_masq)
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
     tracing::info!(file = %args.subnet_file.display(), mtu = backend.mtu(), "subnet file written");
@@ -429,8 +432,7 @@ fn cleanup(args: &AgentArgs) -> anyhow::Result<()> {
         }
     }
     let _ = netdev::ip(&["route", "flush", "proto", crate::backend::ROUTE_PROTO]);
-    iptables::remove_masquerade();
-    iptables::remove_forward();
+    iptables::remove_all();
     if args.subnet_file.exists() {
         std::fs::remove_file(&args.subnet_file).with_context(|| format!("removing {}", args.subnet_file.display()))?;
     }
