@@ -1,109 +1,552 @@
-//! Masquerading and FORWARD rules with flannel's meaning, in chains of our own so they can be
-//! replaced whole and removed on `--cleanup`.
-use std::process::Command;
+//! Masquerading and FORWARD rules as flanneld v0.28.9 writes them: the same chains
+//! (`FLANNEL-POSTRTG` in nat, `FLANNEL-FWD` in filter), rules and comments, jumps appended to
+//! POSTROUTING and FORWARD; or, with `"EnableNFTables": true`, its nftables table `flannel-ipv4`
+//! with chains `postrtg` and `forward`. Being flannel's own rules, flanneld and this agent each
+//! take over the other's. They stay when the agent stops (a restart leaves no gap for
+//! masqueraded traffic), a background check puts back what a firewall reload deleted, and
+//! `--cleanup` removes them.
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use ipnetwork::Ipv4Network;
 
-const NAT_CHAIN: &str = "OVERLAY-POSTRTG";
-const FWD_CHAIN: &str = "OVERLAY-FWD";
+pub const NAT_CHAIN: &str = "FLANNEL-POSTRTG";
+pub const FWD_CHAIN: &str = "FLANNEL-FWD";
+pub const NFT_TABLE: &str = "flannel-ipv4";
+const NFT_NAT_CHAIN: &str = "postrtg";
+const NFT_FWD_CHAIN: &str = "forward";
+/// kube-proxy marks packets it wants masqueraded itself; flannel leaves them alone.
+const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
+const MASQ_COMMENT: &str = "flanneld masq";
+const FWD_COMMENT: &str = "flanneld forward";
+/// Chains of earlier versions of this agent, removed when flannel's are installed.
+const OLD_CHAINS: [(&str, &str, &str); 2] = [
+    ("nat", "OVERLAY-POSTRTG", "POSTROUTING"),
+    ("filter", "OVERLAY-FWD", "FORWARD"),
+];
 
 #[derive(Debug, thiserror::Error)]
-#[error("`iptables {args}` failed: {message}")]
+#[error("`{command}` failed: {message}")]
 pub struct IptablesError {
-    args: String,
+    command: String,
     message: String,
 }
 
-fn iptables(args: &[&str]) -> Result<(), IptablesError> {
-    let out = Command::new("iptables")
-        .arg("-w")
-        .args(args)
-        .output()
-        .map_err(|e| IptablesError {
-            args: args.join(" "),
-            message: format!("cannot run iptables (install the iptables package): {e}"),
-        })?;
-    if !out.status.success() {
-        return Err(IptablesError {
-            args: args.join(" "),
-            message: String::from_utf8_lossy(&out.stderr).trim().into(),
-        });
-    }
-    Ok(())
+/// What the agent keeps installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSet {
+    pub network: Ipv4Network,
+    pub subnet: Ipv4Network,
+    /// `--ip-masq`.
+    pub masquerade: bool,
+    /// `--random-fully` on MASQUERADE (flannel: unless --ip-masq-fully-random-disable).
+    pub random_fully: bool,
+    /// `--iptables-forward-rules`.
+    pub forward: bool,
+    /// `"EnableNFTables": true` in the network config.
+    pub nftables: bool,
+    /// `--ip-blackhole-route`.
+    pub blackhole: bool,
 }
 
-/// Create (or empty) `chain` in `table`, fill it with `rules`, and jump to it from `from`.
-fn install_chain(table: &str, chain: &str, from: &str, rules: &[Vec<String>]) -> Result<(), IptablesError> {
-    if iptables(&["-t", table, "-N", chain]).is_err() {
-        iptables(&["-t", table, "-F", chain])?;
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+    let command = || format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| IptablesError {
+            command: command(),
+            message: format!("cannot run {program} (install the iptables or nftables package): {e}"),
+        })?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("piped");
+        pipe.write_all(input.as_bytes()).map_err(|e| IptablesError {
+            command: command(),
+            message: format!("writing its input: {e}"),
+        })?;
     }
-    for rule in rules {
-        let mut args = vec!["-t", table, "-A", chain];
-        args.extend(rule.iter().map(String::as_str));
-        iptables(&args)?;
+    let out = child.wait_with_output().map_err(|e| IptablesError {
+        command: command(),
+        message: e.to_string(),
+    })?;
+    if !out.status.success() {
+        let detail = match stdin {
+            Some(input) => format!("{}\ninput was:\n{input}", String::from_utf8_lossy(&out.stderr).trim()),
+            None => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        };
+        return Err(IptablesError {
+            command: command(),
+            message: detail,
+        });
     }
-    let jump = ["-t", table, "-C", from, "-j", chain];
-    if iptables(&jump).is_err() {
-        iptables(&["-t", table, "-I", from, "1", "-j", chain])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn iptables(args: &[&str]) -> Result<String, IptablesError> {
+    let mut all = vec!["-w"];
+    all.extend_from_slice(args);
+    run("iptables", &all, None)
+}
+
+/// One iptables rule: table, chain and the rule's arguments.
+struct Rule {
+    table: &'static str,
+    chain: &'static str,
+    spec: Vec<String>,
+}
+
+fn rule(table: &'static str, chain: &'static str, spec: &[&str]) -> Rule {
+    Rule {
+        table,
+        chain,
+        spec: spec.iter().map(|s| s.to_string()).collect(),
     }
-    Ok(())
+}
+
+/// flannel's `masqRules`: its own subnet's traffic within the network, the network's traffic
+/// to its subnet, and traffic from outside to its subnet keep their addresses; traffic from
+/// the network to the outside (multicast excepted) and from outside to other hosts' subnets
+/// is masqueraded (so replies come back through this host). kube-proxy's marked packets are
+/// left to kube-proxy.
+fn masquerade_rules(set: &RuleSet) -> Vec<Rule> {
+    let (n, s) = (set.network.to_string(), set.subnet.to_string());
+    let c = ["-m", "comment", "--comment", MASQ_COMMENT];
+    let masq: &[&str] = if set.random_fully {
+        &["-j", "MASQUERADE", "--random-fully"]
+    } else {
+        &["-j", "MASQUERADE"]
+    };
+    fn with<'a>(head: &[&'a str], comment: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
+        [head, comment, tail].concat()
+    }
+    vec![
+        rule(
+            "nat",
+            NAT_CHAIN,
+            &with(&["-m", "mark", "--mark", KUBE_PROXY_MARK], &c, &["-j", "RETURN"]),
+        ),
+        rule("nat", NAT_CHAIN, &with(&["-s", &s, "-d", &n], &c, &["-j", "RETURN"])),
+        rule("nat", NAT_CHAIN, &with(&["-s", &n, "-d", &s], &c, &["-j", "RETURN"])),
+        rule(
+            "nat",
+            NAT_CHAIN,
+            &with(&["!", "-s", &n, "-d", &s], &c, &["-j", "RETURN"]),
+        ),
+        rule("nat", NAT_CHAIN, &with(&["-s", &n, "!", "-d", "224.0.0.0/4"], &c, masq)),
+        rule("nat", NAT_CHAIN, &with(&["!", "-s", &n, "-d", &n], &c, masq)),
+    ]
+}
+
+fn masquerade_jump() -> Rule {
+    rule(
+        "nat",
+        "POSTROUTING",
+        &["-m", "comment", "--comment", MASQ_COMMENT, "-j", NAT_CHAIN],
+    )
+}
+
+/// flannel's `forwardRules`: accept the network's traffic whatever FORWARD's policy (Docker sets DROP).
+fn forward_rules(set: &RuleSet) -> Vec<Rule> {
+    let n = set.network.to_string();
+    vec![
+        rule(
+            "filter",
+            FWD_CHAIN,
+            &["-s", &n, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"],
+        ),
+        rule(
+            "filter",
+            FWD_CHAIN,
+            &["-d", &n, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"],
+        ),
+    ]
+}
+
+fn forward_jump() -> Rule {
+    rule(
+        "filter",
+        "FORWARD",
+        &["-m", "comment", "--comment", FWD_COMMENT, "-j", FWD_CHAIN],
+    )
+}
+
+/// An argument as iptables-restore reads it.
+fn quoted(arg: &str) -> String {
+    if arg.contains(' ') {
+        format!("\"{arg}\"")
+    } else {
+        arg.to_string()
+    }
+}
+
+/// Lines of `iptables -S <chain>` that jump to `target`, as `-D` lines for iptables-restore.
+fn jumps_to(table: &str, chain: &str, target: &str) -> Result<Vec<String>, IptablesError> {
+    let listing = iptables(&["-t", table, "-S", chain])?;
+    Ok(listing
+        .lines()
+        .filter(|l| l.ends_with(&format!("-j {target}")))
+        .filter_map(|l| l.strip_prefix("-A "))
+        .map(|l| format!("-D {l}"))
+        .collect())
+}
+
+/// Whether iptables' MASQUERADE knows --random-fully (iptables 1.6.2 and later).
+pub fn iptables_has_random_fully() -> bool {
+    let Ok(version) = iptables(&["--version"]) else {
+        return false;
+    };
+    let numbers: Vec<u32> = version
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .unwrap_or("")
+        .split('.')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    numbers >= vec![1, 6, 2]
+}
+
+/// Put `chain` in `table` in one iptables-restore transaction: the chain emptied and refilled,
+/// every jump to it from `from` removed and one appended at the end, as flannel does.
+fn restore_chain(table: &str, chain: &str, from: &str, jump: &Rule, rules: &[Rule]) -> Result<(), IptablesError> {
+    let mut script = format!("*{table}\n:{chain} - [0:0]\n");
+    for delete in jumps_to(table, from, chain).unwrap_or_default() {
+        script += &format!("{delete}\n");
+    }
+    for r in std::iter::once(jump).chain(rules) {
+        let spec: Vec<String> = r.spec.iter().map(|a| quoted(a)).collect();
+        script += &format!("-A {} {}\n", r.chain, spec.join(" "));
+    }
+    script += "COMMIT\n";
+    run("iptables-restore", &["-w", "--noflush"], Some(&script)).map(|_| ())
 }
 
 fn remove_chain(table: &str, chain: &str, from: &str) {
-    while iptables(&["-t", table, "-D", from, "-j", chain]).is_ok() {}
+    for delete in jumps_to(table, from, chain).unwrap_or_default() {
+        let args: Vec<String> = shell_words(&delete);
+        let mut all = vec!["-t", table];
+        all.extend(args.iter().map(String::as_str));
+        let _ = iptables(&all);
+    }
     let _ = iptables(&["-t", table, "-F", chain]);
     let _ = iptables(&["-t", table, "-X", chain]);
 }
 
-fn rule(parts: &[&str]) -> Vec<String> {
-    parts.iter().map(|s| s.to_string()).collect()
+/// Split an `iptables -S` line into arguments (it quotes comments with double quotes).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut in_quotes = false;
+    for ch in line.chars() {
+        match ch {
+            '"' => in_quotes = !in_quotes,
+            ' ' if !in_quotes => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            _ => current.push(ch),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words
 }
 
-/// flannel's masquerade rules: traffic within the overlay network keeps its addresses;
-/// traffic from the network to the outside (multicast excepted) is masqueraded, and so is
-/// traffic from outside the network to remote subnets, so replies come back through us.
-pub fn install_masquerade(network: Ipv4Network, subnet: Ipv4Network) -> Result<(), IptablesError> {
-    let (n, s) = (network.to_string(), subnet.to_string());
-    let rules = [
-        rule(&[
-            "-s", &n, "-d", &n, "-m", "comment", "--comment", "overlay: within the network", "-j", "RETURN",
-        ]),
-        rule(&[
-            "-s", &n, "!", "-d", "224.0.0.0/4", "-m", "comment", "--comment", "overlay: leaving the network", "-j",
-            "MASQUERADE",
-        ]),
-        rule(&[
-            "!", "-s", &n, "-d", &s, "-m", "comment", "--comment", "overlay: to our subnet", "-j", "RETURN",
-        ]),
-        rule(&[
-            "!", "-s", &n, "-d", &n, "-m", "comment", "--comment", "overlay: to remote subnets", "-j", "MASQUERADE",
-        ]),
-    ];
-    install_chain("nat", NAT_CHAIN, "POSTROUTING", &rules)?;
-    tracing::info!(%network, "installed masquerading rules (chain {NAT_CHAIN})");
+/// flannel's nftables rules, as one `nft -f` script that replaces the table atomically.
+fn nft_script(set: &RuleSet, random_fully: bool) -> String {
+    let (n, s) = (set.network, set.subnet);
+    let t = format!("ip {NFT_TABLE}");
+    // Adding the table before deleting it makes the delete succeed when there is none.
+    let mut script =
+        format!("add table {t}\ndelete table {t}\nadd table {t} {{ comment \"rules for {NFT_TABLE}\" ; }}\n");
+    if set.masquerade {
+        let masq = if random_fully {
+            "masquerade fully-random"
+        } else {
+            "masquerade"
+        };
+        script += &format!(
+            "add chain {t} {NFT_NAT_CHAIN} {{ type nat hook postrouting priority srcnat ; \
+             comment \"chain to manage traffic masquerading by flannel\" ; }}\n"
+        );
+        for r in [
+            "meta mark & 0x4000 == 0x4000 return".to_string(),
+            format!("ip saddr {s} ip daddr {n} return"),
+            format!("ip saddr {n} ip daddr {s} return"),
+            format!("ip saddr != {n} ip daddr {s} return"),
+            format!("ip saddr {n} ip daddr != 224.0.0.0/4 {masq}"),
+            format!("ip saddr != {n} ip daddr {n} {masq}"),
+        ] {
+            script += &format!("add rule {t} {NFT_NAT_CHAIN} {r}\n");
+        }
+    }
+    if set.forward {
+        script += &format!(
+            "add chain {t} {NFT_FWD_CHAIN} {{ type filter hook forward priority filter ; \
+             comment \"chain to accept flannel traffic\" ; }}\n"
+        );
+        script += &format!("add rule {t} {NFT_FWD_CHAIN} ip saddr {n} accept\n");
+        script += &format!("add rule {t} {NFT_FWD_CHAIN} ip daddr {n} accept\n");
+    }
+    script
+}
+
+fn nft_expected_rules(set: &RuleSet) -> [(&'static str, usize); 2] {
+    [
+        (NFT_NAT_CHAIN, if set.masquerade { 6 } else { 0 }),
+        (NFT_FWD_CHAIN, if set.forward { 2 } else { 0 }),
+    ]
+}
+
+fn nft_install(set: &RuleSet) -> Result<(), IptablesError> {
+    if set.random_fully {
+        match run("nft", &["-f", "-"], Some(&nft_script(set, true))) {
+            Ok(_) => return Ok(()),
+            Err(e) => tracing::warn!("nftables refused masquerade fully-random, masquerading without it: {e}"),
+        }
+    }
+    run("nft", &["-f", "-"], Some(&nft_script(set, false))).map(|_| ())
+}
+
+fn nft_remove() {
+    let t = format!("ip {NFT_TABLE}");
+    let _ = run("nft", &["-f", "-"], Some(&format!("add table {t}\ndelete table {t}\n")));
+}
+
+/// What of `set` is missing in the nftables table, if anything.
+fn nft_missing(set: &RuleSet) -> Option<String> {
+    let listing = match run("nft", &["-j", "list", "table", "ip", NFT_TABLE], None) {
+        Ok(l) => l,
+        Err(_) => return Some(format!("nftables table ip {NFT_TABLE}")),
+    };
+    let parsed: serde_json::Value = serde_json::from_str(&listing).ok()?;
+    let items = parsed["nftables"].as_array()?;
+    for (chain, expected) in nft_expected_rules(set) {
+        if expected == 0 {
+            continue;
+        }
+        let count = items.iter().filter(|i| i["rule"]["chain"] == chain).count();
+        if count != expected {
+            return Some(format!(
+                "nftables chain {NFT_TABLE} {chain} ({count} of {expected} rules)"
+            ));
+        }
+    }
+    None
+}
+
+/// Install `set`, replacing what an earlier start left, and remove the rules of the other mode.
+pub fn install(set: &RuleSet) -> Result<(), IptablesError> {
+    for (table, chain, from) in OLD_CHAINS {
+        remove_chain(table, chain, from);
+    }
+    if set.nftables {
+        remove_iptables();
+        nft_install(set)?;
+        tracing::info!(
+            table = NFT_TABLE,
+            masquerade = set.masquerade,
+            forward = set.forward,
+            "installed nftables rules"
+        );
+        return Ok(());
+    }
+    nft_remove();
+    if set.forward {
+        restore_chain("filter", FWD_CHAIN, "FORWARD", &forward_jump(), &forward_rules(set))?;
+        tracing::info!(network = %set.network, "installed FORWARD accept rules (chain {FWD_CHAIN})");
+    } else {
+        remove_chain("filter", FWD_CHAIN, "FORWARD");
+    }
+    if set.masquerade {
+        restore_chain(
+            "nat",
+            NAT_CHAIN,
+            "POSTROUTING",
+            &masquerade_jump(),
+            &masquerade_rules(set),
+        )?;
+        tracing::info!(
+            network = %set.network,
+            random_fully = set.random_fully,
+            "installed masquerading rules (chain {NAT_CHAIN})"
+        );
+    } else {
+        remove_chain("nat", NAT_CHAIN, "POSTROUTING");
+    }
     Ok(())
 }
 
-/// Accept the network's forwarded traffic whatever FORWARD's policy (Docker sets DROP).
-pub fn install_forward(network: Ipv4Network) -> Result<(), IptablesError> {
-    let n = network.to_string();
-    let rules = [
-        rule(&[
-            "-s", &n, "-m", "comment", "--comment", "overlay: from the network", "-j", "ACCEPT",
-        ]),
-        rule(&[
-            "-d", &n, "-m", "comment", "--comment", "overlay: to the network", "-j", "ACCEPT",
-        ]),
-    ];
-    install_chain("filter", FWD_CHAIN, "FORWARD", &rules)?;
-    tracing::info!(%network, "installed FORWARD accept rules (chain {FWD_CHAIN})");
-    Ok(())
+/// The first rule of `set` that is not installed, described for the log.
+pub fn missing(set: &RuleSet) -> Option<String> {
+    if set.nftables {
+        return nft_missing(set);
+    }
+    let mut wanted = Vec::new();
+    if set.forward {
+        wanted.push(forward_jump());
+        wanted.extend(forward_rules(set));
+    }
+    if set.masquerade {
+        wanted.push(masquerade_jump());
+        wanted.extend(masquerade_rules(set));
+    }
+    wanted.into_iter().find_map(|r| {
+        let mut args = vec!["-t", r.table, "-C", r.chain];
+        args.extend(r.spec.iter().map(String::as_str));
+        iptables(&args)
+            .is_err()
+            .then(|| format!("iptables -t {} -A {} {}", r.table, r.chain, r.spec.join(" ")))
+    })
 }
 
-pub fn remove_masquerade() {
+fn remove_iptables() {
     remove_chain("nat", NAT_CHAIN, "POSTROUTING");
+    remove_chain("filter", FWD_CHAIN, "FORWARD");
 }
 
-pub fn remove_forward() {
-    remove_chain("filter", FWD_CHAIN, "FORWARD");
+/// Remove every rule this agent (or flanneld) installs, in both modes: `--cleanup`.
+pub fn remove_all() {
+    remove_iptables();
+    for (table, chain, from) in OLD_CHAINS {
+        remove_chain(table, chain, from);
+    }
+    nft_remove();
+}
+
+/// flannel's `-ip-blackhole-route`: a blackhole route for our subnet where no route for it
+/// exists (with the container bridge holding the subnet, the bridge's route wins and this adds
+/// nothing, as in flanneld).
+fn ensure_blackhole(subnet: Ipv4Network) {
+    let s = subnet.to_string();
+    let existing = run("ip", &["-4", "route", "show", "exact", &s, "type", "blackhole"], None).unwrap_or_default();
+    if existing.trim().is_empty() {
+        match run("ip", &["route", "add", "blackhole", &s], None) {
+            Ok(_) => tracing::info!(subnet = %s, "added the blackhole route for our subnet"),
+            Err(e) => tracing::debug!("blackhole route for {s}: {e}"),
+        }
+    }
+}
+
+/// Keeps the current [`RuleSet`] installed: every `period` (flannel's `--iptables-resync`)
+/// a rule found missing (`iptables -F`, a firewall reload) has the set put back.
+#[derive(Clone)]
+pub struct Upkeep {
+    current: Arc<Mutex<Option<RuleSet>>>,
+}
+
+impl Upkeep {
+    pub fn start(period: Duration) -> Self {
+        let current: Arc<Mutex<Option<RuleSet>>> = Arc::default();
+        let watched = current.clone();
+        std::thread::Builder::new()
+            .name("rules-resync".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(period);
+                    let Some(set) = watched.lock().expect("rules").clone() else {
+                        continue;
+                    };
+                    if let Some(what) = missing(&set) {
+                        tracing::warn!("{what} is missing: putting the rules back");
+                        if let Err(e) = install(&set) {
+                            tracing::warn!("restoring the rules failed (will retry): {e}");
+                        }
+                    }
+                    if set.blackhole {
+                        ensure_blackhole(set.subnet);
+                    }
+                }
+            })
+            .expect("spawning the rules thread");
+        Upkeep { current }
+    }
+
+    /// Install `set` now and keep it installed from here on.
+    pub fn apply(&self, set: RuleSet) -> Result<(), IptablesError> {
+        install(&set)?;
+        *self.current.lock().expect("rules") = Some(set);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> RuleSet {
+        RuleSet {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            masquerade: true,
+            random_fully: true,
+            forward: true,
+            nftables: false,
+            blackhole: false,
+        }
+    }
+
+    #[test]
+    fn masquerade_rules_are_flannels_in_its_order() {
+        let lines: Vec<String> = masquerade_rules(&set()).iter().map(|r| r.spec.join(" ")).collect();
+        let c = "-m comment --comment flanneld masq";
+        assert_eq!(
+            lines,
+            [
+                format!("-m mark --mark 0x4000/0x4000 {c} -j RETURN"),
+                format!("-s 10.244.3.0/24 -d 10.244.0.0/16 {c} -j RETURN"),
+                format!("-s 10.244.0.0/16 -d 10.244.3.0/24 {c} -j RETURN"),
+                format!("! -s 10.244.0.0/16 -d 10.244.3.0/24 {c} -j RETURN"),
+                format!("-s 10.244.0.0/16 ! -d 224.0.0.0/4 {c} -j MASQUERADE --random-fully"),
+                format!("! -s 10.244.0.0/16 -d 10.244.0.0/16 {c} -j MASQUERADE --random-fully"),
+            ]
+        );
+        let plain = RuleSet {
+            random_fully: false,
+            ..set()
+        };
+        assert!(
+            masquerade_rules(&plain)
+                .iter()
+                .all(|r| !r.spec.contains(&"--random-fully".to_string()))
+        );
+    }
+
+    #[test]
+    fn iptables_listing_lines_split_like_a_shell() {
+        assert_eq!(
+            shell_words(r#"-D POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#),
+            [
+                "-D", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq", "-j", "FLANNEL-POSTRTG"
+            ]
+        );
+    }
+
+    #[test]
+    fn nft_script_replaces_the_table_with_flannels_chains() {
+        let s = nft_script(&set(), true);
+        assert!(
+            s.starts_with("add table ip flannel-ipv4\ndelete table ip flannel-ipv4\n"),
+            "{s}"
+        );
+        assert!(s.contains("add chain ip flannel-ipv4 postrtg { type nat hook postrouting priority srcnat"));
+        assert!(s.contains("add chain ip flannel-ipv4 forward { type filter hook forward priority filter"));
+        assert!(s.contains("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"));
+        let no_masq = nft_script(
+            &RuleSet {
+                masquerade: false,
+                ..set()
+            },
+            false,
+        );
+        assert!(!no_masq.contains("postrtg") && no_masq.contains("forward"));
+    }
 }

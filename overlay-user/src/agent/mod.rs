@@ -3,6 +3,7 @@
 //! ([`peers`]).
 pub mod args;
 pub mod health;
+pub mod iface;
 pub mod iptables;
 pub mod notify;
 pub mod peers;
@@ -13,8 +14,9 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 pub use args::{AgentArgs, DatapathChoice};
+use iface::{interface_addresses, pick_interface};
 use ipnetwork::Ipv4Network;
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
@@ -39,6 +41,11 @@ pub const KERNEL_VXLAN_DEVICE: &str = "flannel.1";
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if args.version {
+        println!("overlay {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    args.check().map_err(anyhow::Error::msg)?;
     if args.cleanup {
         return cleanup(&args);
     }
@@ -95,7 +102,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         s.subnet = Some(lease.subnet().to_string());
         s.lease_expires = lease.expires;
     }
-    activate(&mut *backend, &args, &config, &lease, network, &status)?;
+    let rules = iptables::Upkeep::start(Duration::from_secs(args.iptables_resync));
+    activate(&mut *backend, &args, &config, &lease, network, &status, &rules)?;
     notify::notify("READY=1");
     // One JSON line on stdout when ready, for scripts and tests (systemd gets READY=1).
     println!(
@@ -121,6 +129,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         config: &config,
         network,
         status: &status,
+        rules: &rules,
         peers: PeerSync::new(kind, status.clone()),
     };
     let result = agent.follow_leases(own_subnet, rx, lease_task, &mut stop).await;
@@ -130,10 +139,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(c) = backend.counters() {
         println!("{}", serde_json::json!({ "counters": c.to_json() }));
     }
-    if args.ip_masq {
-        // As flanneld: masquerading goes with the agent (the next start puts it back at once).
-        iptables::remove_masquerade();
-    }
+    // The rules stay, as flanneld leaves them: no gap for masqueraded traffic across a restart.
     drop(backend);
     result
 }
@@ -194,6 +200,7 @@ struct Agent<'a> {
     config: &'a NetworkConfig,
     network: Ipv4Network,
     status: &'a health::SharedStatus,
+    rules: &'a iptables::Upkeep,
     peers: PeerSync,
 }
 
@@ -258,7 +265,9 @@ impl Agent<'_> {
             LeaseEvent::Removed(l) => self.peers.lease_removed(self.backend, l.subnet()),
             LeaseEvent::Reacquired(l) => {
                 tracing::warn!(subnet = %l.subnet(), "our lease was lost and leased again");
-                activate(self.backend, self.args, self.config, &l, self.network, self.status)?;
+                activate(
+                    self.backend, self.args, self.config, &l, self.network, self.status, self.rules,
+                )?;
                 self.peers.mark_dirty();
                 return Ok(Some(l.subnet()));
             }
@@ -290,18 +299,23 @@ fn activate(
     lease: &Lease,
     network: Ipv4Network,
     status: &health::SharedStatus,
+    rules: &iptables::Upkeep,
 ) -> anyhow::Result<()> {
     let subnet = lease.subnet();
     backend
         .activate(subnet, network)
         .with_context(|| format!("programming {}", backend.describe()))?;
     status.lock().expect("status").datapath_attached = true;
-    if args.iptables_forward_rules {
-        iptables::install_forward(network)?;
-    }
-    if args.ip_masq {
-        iptables::install_masquerade(network, subnet)?;
-    }
+    rules.apply(iptables::RuleSet {
+        network,
+        subnet,
+        masquerade: args.ip_masq,
+        random_fully: !args.ip_masq_fully_random_disable
+            && (config.enable_nftables || iptables::iptables_has_random_fully()),
+        forward: args.iptables_forward_rules,
+        nftables: config.enable_nftables,
+        blackhole: args.ip_blackhole_route,
+    })?;
     subnet::file::write_subnet_file(&args.subnet_file, config, &lease.key, backend.mtu(), args.ip_masq)
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
     tracing::info!(file = %args.subnet_file.display(), mtu = backend.mtu(), "subnet file written");
@@ -354,9 +368,16 @@ fn make_backend(
             },
         }
     };
+    config.check_supported()?;
     match &config.backend {
-        BackendConfig::HostGw => Ok((Box::new(HostGw::new(iface, public_ip)?), BackendKind::HostGw)),
+        BackendConfig::Unsupported(_) => unreachable!("refused by check_supported"),
+        BackendConfig::HostGw => {
+            iface::check_host_gw(iface, public_ip)?;
+            Ok((Box::new(HostGw::new(iface, public_ip)?), BackendKind::HostGw))
+        }
         BackendConfig::Vxlan { vni, port, mtu, .. } => {
+            // 0: from the interface.
+            let mtu = &BackendConfig::vxlan_container_mtu(*mtu).unwrap_or(0);
             let kernel_port = if *port == 0 {
                 Format::Vxlan.default_port()
             } else {
@@ -394,84 +415,6 @@ fn udp_fallback(iface: &str, public_ip: Ipv4Addr, port: u16) -> anyhow::Result<B
     Ok(Box::new(UserspaceUdp::new(iface, public_ip, bind_ip, port)?))
 }
 
-/// `--iface` (names or addresses, first that exists), else `--iface-regex`, else the
-/// interface of the default route; the PublicIP is `--public-ip` or that interface's address.
-fn pick_interface(args: &AgentArgs) -> anyhow::Result<(String, Ipv4Addr)> {
-    let addrs = interface_addresses()?;
-    let mut chosen: Option<(String, Ipv4Addr)> = None;
-    if !args.iface.is_empty() {
-        for want in &args.iface {
-            let found = match want.parse::<Ipv4Addr>() {
-                Ok(ip) => addrs.iter().find(|(_, a)| *a == ip).cloned(),
-                Err(_) => addrs.iter().find(|(n, _)| n == want).cloned(),
-            };
-            if found.is_some() {
-                chosen = found;
-                break;
-            }
-        }
-        if chosen.is_none() {
-            bail!(
-                "none of --iface {} is an interface with an IPv4 address here",
-                args.iface.join(",")
-            );
-        }
-    } else if !args.iface_regex.is_empty() {
-        for pattern in &args.iface_regex {
-            let re = regex::Regex::new(pattern)
-                .with_context(|| format!("--iface-regex {pattern:?} is not a valid regex"))?;
-            if let Some(found) = addrs
-                .iter()
-                .find(|(n, a)| re.is_match(n) || re.is_match(&a.to_string()))
-            {
-                chosen = Some(found.clone());
-                break;
-            }
-        }
-        if chosen.is_none() {
-            bail!("no interface matches --iface-regex {}", args.iface_regex.join(","));
-        }
-    } else {
-        let out = netdev::ip(&["-j", "-4", "route", "show", "default"])?;
-        let routes: serde_json::Value = serde_json::from_str(&out).context("reading the default route")?;
-        let dev = routes
-            .as_array()
-            .and_then(|r| r.first())
-            .and_then(|r| r["dev"].as_str())
-            .context(
-                "no default route: pass --iface (or --iface-regex) to name the interface for inter-host traffic",
-            )?;
-        chosen = addrs.iter().find(|(n, _)| n == dev).cloned();
-        if chosen.is_none() {
-            bail!("the default route's interface {dev} has no IPv4 address: pass --iface");
-        }
-    }
-    let (name, addr) = chosen.expect("set above");
-    Ok((name, args.public_ip.unwrap_or(addr)))
-}
-
-/// (interface, first IPv4 address) for every interface that has one.
-fn interface_addresses() -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
-    let out = netdev::ip(&["-j", "-4", "addr", "show"])?;
-    let links: serde_json::Value = serde_json::from_str(&out).context("reading interface addresses")?;
-    let mut v = Vec::new();
-    for link in links.as_array().into_iter().flatten() {
-        let Some(name) = link["ifname"].as_str() else {
-            continue;
-        };
-        let addr = link["addr_info"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a["local"].as_str()?.parse::<Ipv4Addr>().ok())
-            .next();
-        if let Some(addr) = addr {
-            v.push((name.to_string(), addr));
-        }
-    }
-    Ok(v)
-}
-
 /// Remove what the agent installed: the pinned eBPF datapath and its device, flannel's vxlan
 /// device, routes with our protocol number, iptables chains, the subnet file.
 fn cleanup(args: &AgentArgs) -> anyhow::Result<()> {
@@ -486,8 +429,7 @@ fn cleanup(args: &AgentArgs) -> anyhow::Result<()> {
         }
     }
     let _ = netdev::ip(&["route", "flush", "proto", crate::backend::ROUTE_PROTO]);
-    iptables::remove_masquerade();
-    iptables::remove_forward();
+    iptables::remove_all();
     if args.subnet_file.exists() {
         std::fs::remove_file(&args.subnet_file).with_context(|| format!("removing {}", args.subnet_file.display()))?;
     }

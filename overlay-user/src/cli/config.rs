@@ -91,7 +91,9 @@ pub async fn get(reg: &impl Registry, effective: bool) -> anyhow::Result<String>
 
 /// Validate, then store the JSON as given (so fields this agent does not know survive).
 pub async fn set(reg: &impl Registry, json: &str) -> anyhow::Result<NetworkConfig> {
-    let cfg = NetworkConfig::parse(json).context("refusing to store an invalid network config")?;
+    let cfg = NetworkConfig::parse(json)
+        .and_then(|c| c.check_supported().map(|()| c))
+        .context("refusing to store an invalid network config")?;
     reg.put_config(json.trim()).await?;
     Ok(cfg)
 }

@@ -151,25 +151,52 @@ pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<
     link_info(name)
 }
 
-/// Make sure `dir` is on a bpffs, mounting one there if not: pins live only on bpffs, and a
-/// namespace started with `ip netns exec` sees a fresh /sys without /sys/fs/bpf mounted.
+/// Where systemd (and Cilium) mount the bpffs.
+const SYSTEM_BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &std::path::Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(at: &std::path::Path) -> Result<(), HostError> {
+    nix::mount::mount(Some("bpf"), at, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| HostError::Setup(format!("mounting a bpffs at {}: {e}", at.display())))?;
+    tracing::info!(dir = %at.display(), "mounted a bpffs for pinned maps and links");
+    // Outside the init mount namespace (`ip netns exec`, a unit with private mounts) the
+    // mount, and with it every pin, goes when the last process in that namespace exits.
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    if own.is_some() && own != std::fs::read_link("/proc/1/ns/mnt").ok() {
+        tracing::warn!(
+            dir = %at.display(),
+            "this bpffs lives in a private mount namespace (`ip netns exec`?): the pinned datapath goes \
+             with it when the agent exits, so the next start loads it afresh; mount a bpffs that outlives \
+             the agent, or keep the mount namespace, for restarts without a gap"
+        );
+    }
+    Ok(())
+}
+
+/// Make sure `dir` exists on a bpffs: pins live only there. A pin directory under an
+/// unmounted /sys/fs/bpf gets a bpffs mounted at /sys/fs/bpf, as systemd does at boot (plain
+/// sysfs refuses mkdir, and `ip netns exec` gives a fresh /sys without it); any other directory
+/// gets one mounted on itself.
 pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), HostError> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let system = std::path::Path::new(SYSTEM_BPFFS);
+    if dir.starts_with(system) && !is_bpffs(system) {
+        if !system.is_dir() {
+            return Err(HostError::Setup(format!(
+                "pin directory {} lies under {SYSTEM_BPFFS}, which does not exist here (is /sys mounted? \
+                 is the kernel built with BPF?): pass --pin-dir on a bpffs",
+                dir.display()
+            )));
+        }
+        mount_bpffs(system)?;
+    }
     std::fs::create_dir_all(dir)
         .map_err(|e| HostError::Setup(format!("creating pin directory {}: {e}", dir.display())))?;
-    let is_bpffs = nix::sys::statfs::statfs(dir)
-        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-        .unwrap_or(false);
-    if !is_bpffs {
-        nix::mount::mount(
-            Some("bpf"),
-            dir,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| HostError::Setup(format!("mounting bpffs at {}: {e}", dir.display())))?;
-        tracing::info!(dir = %dir.display(), "mounted bpffs for pinned maps and links");
+    if !is_bpffs(dir) {
+        mount_bpffs(dir)?;
     }
     Ok(())
 }

@@ -91,16 +91,34 @@ pub enum Backend {
         port: u16,
     },
     HostGw,
+    /// A `Type` flannel knows (or not) that this agent does not implement: the config parses,
+    /// as in flanneld, and the agent stops when it picks the backend (flanneld exits 1 there).
+    Unsupported(String),
 }
+
+/// The types this agent implements, as error messages list them.
+pub const SUPPORTED_BACKENDS: &str = "vxlan, host-gw, udp";
+/// Bytes vxlan adds to each packet (outer Ethernet 14, IPv4 20, UDP 8, VXLAN 8), as flannel counts.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The smallest container MTU IPv4 allows hosts to assume (RFC 791).
+const MIN_CONTAINER_MTU: u32 = 576;
 
 impl Backend {
     /// The `Type` string flannel uses, also written as a lease's `BackendType`.
-    pub fn type_name(&self) -> &'static str {
+    pub fn type_name(&self) -> &str {
         match self {
             Backend::Vxlan { .. } => "vxlan",
             Backend::Udp { .. } => "udp",
             Backend::HostGw => "host-gw",
+            Backend::Unsupported(t) => t,
         }
+    }
+
+    /// The MTU of vxlan's device and containers (`FLANNEL_MTU`): flannel's `Backend.MTU` is the
+    /// MTU before encapsulation (vxlan/device.go sets the device to `MTU - 50`, and
+    /// vxlan_network.go's `MTU()` reports the same). None: from the interface.
+    pub fn vxlan_container_mtu(config_mtu: u32) -> Option<u32> {
+        (config_mtu > 0).then(|| config_mtu.saturating_sub(VXLAN_OVERHEAD))
     }
 }
 
@@ -274,6 +292,47 @@ impl NetworkConfig {
         })
     }
 
+    /// Refuse what this agent does not do, naming the type or field: a backend type it does not
+    /// implement, and vxlan options it would otherwise ignore.
+    pub fn check_supported(&self) -> Result<(), ConfigError> {
+        match &self.backend {
+            Backend::Unsupported(t) => Err(ConfigError::field(
+                "Backend.Type",
+                format!("unsupported backend {t:?}; this agent supports {SUPPORTED_BACKENDS}"),
+            )),
+            Backend::Vxlan {
+                gbp,
+                learning,
+                direct_routing,
+                ..
+            } => {
+                let refused = [
+                    (
+                        *gbp, "Backend.GBP", "Group Based Policy marks are not carried by this agent",
+                    ),
+                    (
+                        *learning,
+                        "Backend.Learning",
+                        "the vxlan device's address learning is not implemented here",
+                    ),
+                    (
+                        *direct_routing,
+                        "Backend.DirectRouting",
+                        "routing to peers on the same subnet without encapsulation is not implemented here",
+                    ),
+                ];
+                match refused.into_iter().find(|(on, _, _)| *on) {
+                    Some((_, field, why)) => Err(ConfigError::field(
+                        field,
+                        format!("true is refused: {why}; remove it or set false"),
+                    )),
+                    None => Ok(()),
+                }
+            }
+            Backend::Udp { .. } | Backend::HostGw => Ok(()),
+        }
+    }
+
     /// The config with every default spelled out, in flannel's field names.
     pub fn to_effective_json(&self) -> Value {
         let mut m = Map::new();
@@ -309,6 +368,7 @@ impl NetworkConfig {
             }),
             Backend::Udp { port } => json!({ "Type": "udp", "Port": port }),
             Backend::HostGw => json!({ "Type": "host-gw" }),
+            Backend::Unsupported(t) => json!({ "Type": t }),
         };
         m.insert("Backend".into(), backend);
         Value::Object(m)
@@ -490,7 +550,8 @@ fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
     };
     match f.string("Type")? {
         None => Err(ConfigError::field(
-            "Backend.Type", "missing; one of vxlan, host-gw, udp",
+            "Backend.Type",
+            format!("missing; one of {SUPPORTED_BACKENDS}"),
         )),
         Some("vxlan") => Ok(Backend::Vxlan {
             vni: f.uint("VNI", VNI_MAX)?.map_or(1, |v| v as u32),
@@ -498,16 +559,26 @@ fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
             gbp: f.bool("GBP", false)?,
             learning: f.bool("Learning", false)?,
             direct_routing: f.bool("DirectRouting", false)?,
-            mtu: f.uint("MTU", u64::from(u32::MAX))?.unwrap_or(0) as u32,
+            mtu: match f.uint("MTU", u64::from(u16::MAX))?.unwrap_or(0) as u32 {
+                mtu @ 1.. if mtu < MIN_CONTAINER_MTU + VXLAN_OVERHEAD => {
+                    return Err(ConfigError::field(
+                        "Backend.MTU",
+                        format!(
+                            "{mtu} leaves {} for containers after vxlan's {VXLAN_OVERHEAD} bytes; \
+                             it is the MTU before encapsulation and must be at least {}",
+                            mtu.saturating_sub(VXLAN_OVERHEAD),
+                            MIN_CONTAINER_MTU + VXLAN_OVERHEAD
+                        ),
+                    ));
+                }
+                mtu => mtu,
+            },
         }),
         Some("udp") => Ok(Backend::Udp {
             port: port(UDP_DEFAULT_PORT)?,
         }),
         Some("host-gw") => Ok(Backend::HostGw),
-        Some(other) => Err(ConfigError::field(
-            "Backend.Type",
-            format!("unsupported backend {other:?}; this agent supports vxlan, host-gw and udp"),
-        )),
+        Some(other) => Ok(Backend::Unsupported(other.to_string())),
     }
 }
 
@@ -673,9 +744,9 @@ mod tests {
             ),
             (r#"{"Network":"10.1.0.0/16","Backend":{}}"#, "Backend.Type", "missing"),
             (
-                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard"}}"#,
-                "Backend.Type",
-                "unsupported",
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","MTU":600}}"#,
+                "Backend.MTU",
+                "before encapsulation",
             ),
             (
                 r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#,
@@ -706,6 +777,46 @@ mod tests {
         }
         assert!(matches!(NetworkConfig::parse("{"), Err(ConfigError::Json(_))));
         assert!(matches!(NetworkConfig::parse("[]"), Err(ConfigError::NotAnObject(_))));
+    }
+
+    #[test]
+    fn unsupported_types_and_ignored_vxlan_fields_are_refused_by_name() {
+        for t in [
+            "wireguard", "ipip", "ipsec", "alloc", "extension", "tencent-vpc", "gce", "aws-vpc", "ali-vpc", "banana",
+        ] {
+            let c = NetworkConfig::parse(&format!(r#"{{"Network":"10.1.0.0/16","Backend":{{"Type":"{t}"}}}}"#))
+                .expect("flanneld parses any type");
+            let e = c.check_supported().expect_err(t);
+            let msg = e.to_string();
+            assert_eq!(e.field_name(), Some("Backend.Type"));
+            assert!(
+                msg.contains(&format!("{t:?}")) && msg.contains(SUPPORTED_BACKENDS),
+                "{msg}"
+            );
+        }
+        for field in ["GBP", "Learning", "DirectRouting"] {
+            let c = NetworkConfig::parse(&format!(
+                r#"{{"Network":"10.1.0.0/16","Backend":{{"Type":"vxlan","{field}":true}}}}"#
+            ))
+            .unwrap();
+            let e = c.check_supported().expect_err(field);
+            assert_eq!(e.field_name(), Some(format!("Backend.{field}").as_str()), "{e}");
+        }
+        for ok in [VXLAN_CONFIG_WITH_FALSE_OPTIONS, r#"{"Network":"10.1.0.0/16"}"#] {
+            NetworkConfig::parse(ok).unwrap().check_supported().unwrap();
+        }
+    }
+
+    const VXLAN_CONFIG_WITH_FALSE_OPTIONS: &str =
+        r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GBP":false,"Learning":false,"DirectRouting":false}}"#;
+
+    #[test]
+    fn vxlan_mtu_is_before_encapsulation() {
+        assert_eq!(Backend::vxlan_container_mtu(0), None);
+        assert_eq!(Backend::vxlan_container_mtu(9000), Some(8950));
+        assert_eq!(Backend::vxlan_container_mtu(626), Some(576));
+        let c = NetworkConfig::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","MTU":626}}"#).unwrap();
+        assert!(matches!(c.backend, Backend::Vxlan { mtu: 626, .. }));
     }
 
     #[test]

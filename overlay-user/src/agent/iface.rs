@@ -1,0 +1,286 @@
+//! Which interface carries inter-host traffic, and its address, chosen as flanneld v0.28.9
+//! chooses (main.go and pkg/ipmatch): each `--iface` (a name, or an address held by an
+//! interface), then each `--iface-regex` (against addresses, then names), then
+//! `--iface-can-reach` (the interface `ip route get` picks); with none of them, the interface
+//! holding `--public-ip`, else the default route's interface.
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, bail};
+
+use super::AgentArgs;
+use crate::host::netdev;
+
+/// The interface with the address it is reached at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chosen {
+    pub name: String,
+    /// The interface's own address (flannel's IfaceAddr).
+    pub addr: Ipv4Addr,
+}
+
+/// Interfaces in kernel order with all their IPv4 addresses.
+fn interfaces() -> anyhow::Result<Vec<(String, Vec<Ipv4Addr>)>> {
+    let out = netdev::ip(&["-j", "-4", "addr", "show"])?;
+    let links: serde_json::Value = serde_json::from_str(&out).context("reading interface addresses")?;
+    let mut v = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        let Some(name) = link["ifname"].as_str() else {
+            continue;
+        };
+        let addrs = link["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["local"].as_str()?.parse::<Ipv4Addr>().ok())
+            .collect();
+        v.push((name.to_string(), addrs));
+    }
+    Ok(v)
+}
+
+/// The choice among `ifaces`, or why each way found nothing (flanneld logs those and exits 1).
+pub fn choose(
+    args: &AgentArgs,
+    ifaces: &[(String, Vec<Ipv4Addr>)],
+    route_get: &dyn Fn(Ipv4Addr) -> anyhow::Result<(String, Option<Ipv4Addr>)>,
+    default_route: &dyn Fn() -> anyhow::Result<String>,
+) -> anyhow::Result<Chosen> {
+    let first_addr = |name: &str| -> Result<Chosen, String> {
+        match ifaces.iter().find(|(n, _)| n == name) {
+            None => Err(format!("no interface {name}")),
+            Some((_, addrs)) => addrs
+                .first()
+                .map(|a| Chosen {
+                    name: name.into(),
+                    addr: *a,
+                })
+                .ok_or(format!("interface {name} has no IPv4 address")),
+        }
+    };
+    let holding = |ip: Ipv4Addr| {
+        ifaces
+            .iter()
+            .find(|(_, addrs)| addrs.contains(&ip))
+            .map(|(n, _)| Chosen {
+                name: n.clone(),
+                addr: ip,
+            })
+    };
+    let given = !args.iface.is_empty() || !args.iface_regex.is_empty() || args.iface_can_reach.is_some();
+    if !given {
+        if let Some(ip) = args.public_ip {
+            if let Some(found) = holding(ip) {
+                return Ok(found);
+            }
+            // flanneld stops here; a host behind NAT gets the default route's interface.
+            tracing::info!(%ip, "no interface holds --public-ip: using the default route's interface");
+        }
+        let dev = default_route()?;
+        return first_addr(&dev).map_err(|why| anyhow::anyhow!("the default route's interface: {why}: pass --iface"));
+    }
+    let mut tried = Vec::new();
+    for want in &args.iface {
+        let found = match want.parse::<Ipv4Addr>() {
+            Ok(ip) => holding(ip).ok_or(format!("no interface holds {ip}")),
+            Err(_) => first_addr(want),
+        };
+        match found {
+            Ok(c) => return Ok(c),
+            Err(why) => tried.push(format!("--iface {want}: {why}")),
+        }
+    }
+    for pattern in &args.iface_regex {
+        let re =
+            regex::Regex::new(pattern).with_context(|| format!("--iface-regex {pattern:?} is not a valid regex"))?;
+        let by_addr = ifaces.iter().find_map(|(n, addrs)| {
+            addrs.iter().find(|a| re.is_match(&a.to_string())).map(|a| Chosen {
+                name: n.clone(),
+                addr: *a,
+            })
+        });
+        let found = by_addr
+            .map(Ok)
+            .or_else(|| ifaces.iter().find(|(n, _)| re.is_match(n)).map(|(n, _)| first_addr(n)));
+        match found {
+            Some(Ok(c)) => return Ok(c),
+            Some(Err(why)) => tried.push(format!("--iface-regex {pattern}: {why}")),
+            None => tried.push(format!("--iface-regex {pattern}: matches no interface name or address")),
+        }
+    }
+    if let Some(target) = args.iface_can_reach {
+        match route_get(target) {
+            Ok((dev, src)) => {
+                let found = match src {
+                    Some(src) => Ok(Chosen { name: dev, addr: src }),
+                    None => first_addr(&dev),
+                };
+                match found {
+                    Ok(c) => return Ok(c),
+                    Err(why) => tried.push(format!("--iface-can-reach {target}: {why}")),
+                }
+            }
+            Err(e) => tried.push(format!("--iface-can-reach {target}: {e:#}")),
+        }
+    }
+    let available: Vec<String> = ifaces.iter().map(|(n, a)| format!("{n} {a:?}")).collect();
+    bail!(
+        "no interface matches the given --iface / --iface-regex / --iface-can-reach ({}); interfaces here: {}",
+        tried.join("; "),
+        available.join(", ")
+    )
+}
+
+fn route_get(target: Ipv4Addr) -> anyhow::Result<(String, Option<Ipv4Addr>)> {
+    let out = netdev::ip(&["-j", "-4", "route", "get", &target.to_string()])?;
+    let routes: serde_json::Value = serde_json::from_str(&out).context("reading `ip route get`")?;
+    let route = routes.as_array().and_then(|r| r.first()).context("no route")?;
+    let dev = route["dev"].as_str().context("the route has no device")?.to_string();
+    Ok((dev, route["prefsrc"].as_str().and_then(|s| s.parse().ok())))
+}
+
+fn default_route() -> anyhow::Result<String> {
+    let out = netdev::ip(&["-j", "-4", "route", "show", "default"])?;
+    let routes: serde_json::Value = serde_json::from_str(&out).context("reading the default route")?;
+    routes
+        .as_array()
+        .and_then(|r| r.first())
+        .and_then(|r| r["dev"].as_str())
+        .map(String::from)
+        .context("no default route: pass --iface (or --iface-regex, --iface-can-reach) to name the interface for inter-host traffic")
+}
+
+/// The interface and the PublicIP: `--public-ip`, or the interface's address.
+pub fn pick_interface(args: &AgentArgs) -> anyhow::Result<(String, Ipv4Addr)> {
+    let chosen = choose(args, &interfaces()?, &route_get, &default_route)?;
+    Ok((chosen.name.clone(), args.public_ip.unwrap_or(chosen.addr)))
+}
+
+/// (interface, first IPv4 address) for every interface that has one.
+pub fn interface_addresses() -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
+    Ok(interfaces()?
+        .into_iter()
+        .filter_map(|(n, addrs)| addrs.first().map(|a| (n, *a)))
+        .collect())
+}
+
+/// host-gw routes to each peer's PublicIP as a next hop on the shared link: a PublicIP that is
+/// not an address of the interface means NAT, which host-gw cannot work through (flanneld's
+/// reasoning, and its refusal).
+pub fn check_host_gw(iface: &str, public_ip: Ipv4Addr) -> anyhow::Result<()> {
+    let held = interfaces()?
+        .into_iter()
+        .any(|(n, addrs)| n == iface && addrs.contains(&public_ip));
+    if !held {
+        bail!(
+            "host-gw: PublicIP {public_ip} is not an address of {iface}: a PublicIP that differs from the \
+             interface's address probably means NAT, which host-gw cannot route through (peers reach \
+             this host's subnet via its PublicIP as a next hop on the same link). Use vxlan, or drop --public-ip"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Agent {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn args(flags: &[&str]) -> AgentArgs {
+        Agent::parse_from(std::iter::once("agent").chain(flags.iter().copied())).args
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn lab() -> Vec<(String, Vec<Ipv4Addr>)> {
+        vec![
+            ("lo".into(), vec![ip("127.0.0.1")]),
+            ("eth0".into(), vec![ip("192.168.1.10"), ip("192.168.1.11")]),
+            ("eth1".into(), vec![ip("10.0.0.5")]),
+            ("wg0".into(), vec![]),
+        ]
+    }
+
+    fn pick(flags: &[&str]) -> anyhow::Result<Chosen> {
+        choose(
+            &args(flags),
+            &lab(),
+            &|target| {
+                if target.octets()[0] == 10 {
+                    Ok(("eth1".into(), Some(ip("10.0.0.5"))))
+                } else {
+                    anyhow::bail!("unreachable")
+                }
+            },
+            &|| Ok("eth0".into()),
+        )
+    }
+
+    fn chosen(name: &str, addr: &str) -> Chosen {
+        Chosen {
+            name: name.into(),
+            addr: ip(addr),
+        }
+    }
+
+    #[test]
+    fn flannels_order_and_matching() {
+        let cases: &[(&[&str], Chosen)] = &[
+            (&[], chosen("eth0", "192.168.1.10")),
+            (&["--iface=eth1"], chosen("eth1", "10.0.0.5")),
+            // An address picks its interface and is the interface address.
+            (&["--iface=192.168.1.11"], chosen("eth0", "192.168.1.11")),
+            // The first that exists wins; a missing or address-less one is skipped.
+            (
+                &["--iface=eth9", "--iface=wg0", "--iface=eth1"],
+                chosen("eth1", "10.0.0.5"),
+            ),
+            // --iface before --iface-regex before --iface-can-reach.
+            (
+                &["--iface=eth9", "--iface-regex=^eth0$", "--iface-can-reach=10.1.1.1"],
+                chosen("eth0", "192.168.1.10"),
+            ),
+            (
+                &["--iface=eth9", "--iface-can-reach=10.1.1.1"],
+                chosen("eth1", "10.0.0.5"),
+            ),
+            // A regex is tried on addresses first, then on names.
+            (&["--iface-regex=^192\\.168\\.1\\.11$"], chosen("eth0", "192.168.1.11")),
+            (
+                &["--iface-regex=^10\\.", "--iface-regex=^eth0$"],
+                chosen("eth1", "10.0.0.5"),
+            ),
+            (&["--iface-regex=th1"], chosen("eth1", "10.0.0.5")),
+            // --public-ip alone: the interface holding it.
+            (&["--public-ip=10.0.0.5"], chosen("eth1", "10.0.0.5")),
+            // ...or, behind NAT, the default route's.
+            (&["--public-ip=203.0.113.9"], chosen("eth0", "192.168.1.10")),
+        ];
+        for (flags, want) in cases {
+            let got = pick(flags).unwrap_or_else(|e| panic!("{flags:?}: {e:#}"));
+            assert_eq!(&got, want, "{flags:?}");
+        }
+    }
+
+    #[test]
+    fn nothing_found_names_every_attempt() {
+        let e = pick(&["--iface=eth9", "--iface-regex=^zz", "--iface-can-reach=192.0.2.1"])
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "--iface eth9", "--iface-regex ^zz", "--iface-can-reach 192.0.2.1", "eth1 [10.0.0.5]",
+        ] {
+            assert!(e.contains(part), "{part} missing from: {e}");
+        }
+        let e = pick(&["--iface-regex=("]).unwrap_err();
+        assert!(format!("{e:#}").contains("not a valid regex"), "{e:#}");
+    }
+}
