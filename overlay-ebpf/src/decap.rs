@@ -114,8 +114,8 @@ pub fn classify<P: Packet>(pkt: &P) -> Result<Option<Accepted>, DropReason> {
         return Err(DropReason::Fragment);
     }
     // Read in place, not copied (the copy cost 30 instructions per packet). SAFETY: any bytes
-    // are a valid PeerSubnet; an update racing this packet can only give it the old or the new
-    // subnet, which the peer held either way.
+    // are a valid PeerSubnet; an update racing this packet judges it by the peer's old or new
+    // subnet.
     let sender = unsafe { PEERS_BY_IP.get(&ip.src_addr) };
     let our_subnet = Ipv4Subnet {
         addr: cfg.subnet_addr,
