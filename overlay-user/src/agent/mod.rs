@@ -26,6 +26,7 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 use crate::{
     backend::{
         Backend, BackendError, PeerLease,
+        direct_routing::DirectRouting,
         ebpf::{EbpfBackend, EbpfOptions},
         host_gw::HostGw,
         kernel_vxlan::KernelVxlan,
@@ -365,7 +366,13 @@ fn make_backend(
             iface::check_host_gw(iface, public_ip)?;
             Ok(Box::new(HostGw::new(iface, public_ip)?))
         }
-        BackendConfig::Vxlan { vni, port, mtu, .. } => {
+        BackendConfig::Vxlan {
+            vni,
+            port,
+            mtu,
+            direct_routing,
+            ..
+        } => {
             // 0: from the interface.
             let mtu = BackendConfig::vxlan_container_mtu(*mtu).unwrap_or(0);
             let port = if *port == 0 {
@@ -378,7 +385,7 @@ fn make_backend(
                     KERNEL_VXLAN_DEVICE, iface, public_ip, *vni, port, mtu,
                 )?))
             };
-            match args.datapath {
+            let vxlan: anyhow::Result<Box<dyn Backend>> = match args.datapath {
                 DatapathChoice::Kernel => kernel(),
                 DatapathChoice::Ebpf => Ok(Box::new(ebpf(Format::Vxlan, port, *vni, mtu)?)),
                 DatapathChoice::Auto => match ebpf(Format::Vxlan, port, *vni, mtu) {
@@ -389,7 +396,11 @@ fn make_backend(
                     }
                     Err(e) => Err(e.into()),
                 },
+            };
+            if *direct_routing {
+                return Ok(Box::new(DirectRouting::new(vxlan?, iface)));
             }
+            vxlan
         }
         BackendConfig::Udp { port } => {
             let port = if *port == 0 { Format::Udp.default_port() } else { *port };

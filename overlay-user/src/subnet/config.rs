@@ -300,23 +300,22 @@ impl NetworkConfig {
                 "Backend.Type",
                 format!("unsupported backend {t:?}; this agent supports {SUPPORTED_BACKENDS}"),
             )),
-            Backend::Vxlan {
-                gbp,
-                learning,
-                direct_routing,
-                ..
-            } => {
+            Backend::Vxlan { gbp, learning, .. } => {
                 let refused = [
-                    (*gbp, "Backend.GBP", "Group Based Policy marks are not carried by this agent"),
-                    (*learning, "Backend.Learning", "the vxlan device's address learning is not implemented here"),
                     (
-                        *direct_routing,
-                        "Backend.DirectRouting",
-                        "routing to peers on the same subnet without encapsulation is not implemented here",
+                        *gbp, "Backend.GBP", "Group Based Policy marks are not carried by this agent",
+                    ),
+                    (
+                        *learning,
+                        "Backend.Learning",
+                        "the vxlan device's address learning is not implemented here",
                     ),
                 ];
                 match refused.into_iter().find(|(on, _, _)| *on) {
-                    Some((_, field, why)) => Err(ConfigError::field(field, format!("true is refused: {why}; remove it or set false"))),
+                    Some((_, field, why)) => Err(ConfigError::field(
+                        field,
+                        format!("true is refused: {why}; remove it or set false"),
+                    )),
                     None => Ok(()),
                 }
             }
@@ -780,9 +779,12 @@ mod tests {
             let e = c.check_supported().expect_err(t);
             let msg = e.to_string();
             assert_eq!(e.field_name(), Some("Backend.Type"));
-            assert!(msg.contains(&format!("{t:?}")) && msg.contains(SUPPORTED_BACKENDS), "{msg}");
+            assert!(
+                msg.contains(&format!("{t:?}")) && msg.contains(SUPPORTED_BACKENDS),
+                "{msg}"
+            );
         }
-        for field in ["GBP", "Learning", "DirectRouting"] {
+        for field in ["GBP", "Learning"] {
             let c = NetworkConfig::parse(&format!(
                 r#"{{"Network":"10.1.0.0/16","Backend":{{"Type":"vxlan","{field}":true}}}}"#
             ))
@@ -790,7 +792,11 @@ mod tests {
             let e = c.check_supported().expect_err(field);
             assert_eq!(e.field_name(), Some(format!("Backend.{field}").as_str()), "{e}");
         }
-        for ok in [VXLAN_CONFIG_WITH_FALSE_OPTIONS, r#"{"Network":"10.1.0.0/16"}"#] {
+        for ok in [
+            VXLAN_CONFIG_WITH_FALSE_OPTIONS,
+            r#"{"Network":"10.1.0.0/16"}"#,
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        ] {
             NetworkConfig::parse(ok).unwrap().check_supported().unwrap();
         }
     }
