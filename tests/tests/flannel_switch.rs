@@ -40,7 +40,9 @@ fn ping_across(from: &Netns, to: std::net::Ipv4Addr) -> std::thread::JoinHandle<
     let from = from.name().to_string();
     std::thread::spawn(move || {
         let out = Command::new("ip")
-            .args(["netns", "exec", &from, "ping", "-n", "-c", "150", "-i", "0.02", "-W", "1"])
+            .args([
+                "netns", "exec", &from, "ping", "-n", "-c", "150", "-i", "0.02", "-W", "1",
+            ])
             .arg(to.to_string())
             .output()?;
         let r = parse_ping(&String::from_utf8_lossy(&out.stdout))?;
@@ -116,9 +118,10 @@ struct Agent {
 
 impl Agent {
     fn start(mut cmd: Command, timeout: Duration) -> anyhow::Result<Self> {
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .env("RUST_LOG", std::env::var("OVERLAY_LOG").unwrap_or_else(|_| "warn".into()));
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).env(
+            "RUST_LOG",
+            std::env::var("OVERLAY_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         unsafe {
             use std::os::unix::process::CommandExt as _;
             cmd.pre_exec(|| {
@@ -229,7 +232,9 @@ fn default_pin_dir_restart_adopts_on_a_host_without_bpffs() -> anyhow::Result<()
     let mut c = Cluster::new(2, VXLAN)?;
     let mounts = HostMountNs::new(&c.lab.host(1).ns)?;
     let bin = workspace_bin("overlay");
-    let before = run(mounts.command(Path::new("stat")).args(["-f", "-c", "%T", "/sys/fs/bpf"]))?;
+    let before = run(mounts
+        .command(Path::new("stat"))
+        .args(["-f", "-c", "%T", "/sys/fs/bpf"]))?;
     assert_eq!(before.trim(), "sysfs", "the emulated host starts without a bpffs");
 
     let mut a1 = Agent::start(
@@ -247,7 +252,9 @@ fn default_pin_dir_restart_adopts_on_a_host_without_bpffs() -> anyhow::Result<()
     let a2 = OverlayProcess::start(&c.lab.host(2).ns, &unit_file_flags(&c, 2, &[]), Duration::from_secs(30))?;
     c.add_containers(2, &a2, 1)?;
     c.wait_full_mesh(2, Duration::from_secs(10))?;
-    let after = run(mounts.command(Path::new("stat")).args(["-f", "-c", "%T", "/sys/fs/bpf"]))?;
+    let after = run(mounts
+        .command(Path::new("stat"))
+        .args(["-f", "-c", "%T", "/sys/fs/bpf"]))?;
     assert_eq!(after.trim(), "bpf_fs", "the agent mounts a bpffs at /sys/fs/bpf");
     let pins = run(mounts.command(Path::new("ls")).arg("/sys/fs/bpf/overlay"))?;
     assert!(pins.contains("link"), "pins under the default dir: {pins}");
@@ -264,7 +271,11 @@ fn default_pin_dir_restart_adopts_on_a_host_without_bpffs() -> anyhow::Result<()
         Duration::from_secs(30),
     )?;
     let (sent, received) = pinger.join().expect("pinger")?;
-    assert!(adopted(&a1.ready), "the restart adopts the pinned datapath: {}", a1.ready);
+    assert!(
+        adopted(&a1.ready),
+        "the restart adopts the pinned datapath: {}",
+        a1.ready
+    );
     assert_eq!((sent, received), (150, 150), "pings lost across the restart");
     drop((a1, a2));
     Ok(())
@@ -295,7 +306,11 @@ fn run_to_exit(mut cmd: Command, timeout: Duration) -> anyhow::Result<(Option<i3
 }
 
 fn agent_command(c: &Cluster, index: usize, args: &[String]) -> Command {
-    let mut cmd = c.lab.host(index).ns.command(workspace_bin("overlay").to_str().expect("utf-8"));
+    let mut cmd = c
+        .lab
+        .host(index)
+        .ns
+        .command(workspace_bin("overlay").to_str().expect("utf-8"));
     cmd.args(args).env("RUST_LOG", "warn");
     cmd
 }
@@ -310,8 +325,14 @@ fn set_config(c: &Cluster, json: &str) -> anyhow::Result<()> {
 fn unsupported_backends_version_and_kubernetes_exit_as_flanneld() -> anyhow::Result<()> {
     let c = Cluster::new(1, VXLAN)?;
     for t in ["wireguard", "ipip", "ipsec", "alloc", "extension", "tencent-vpc"] {
-        set_config(&c, &format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{t}"}}}}"#))?;
-        let (code, _, stderr) = run_to_exit(agent_command(&c, 1, &unit_file_flags(&c, 1, &[])), Duration::from_secs(20))?;
+        set_config(
+            &c,
+            &format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{t}"}}}}"#),
+        )?;
+        let (code, _, stderr) = run_to_exit(
+            agent_command(&c, 1, &unit_file_flags(&c, 1, &[])),
+            Duration::from_secs(20),
+        )?;
         assert_eq!(code, Some(1), "{t}: {stderr}");
         assert!(
             stderr.contains(&format!("\"{t}\"")) && stderr.contains("vxlan, host-gw, udp"),
@@ -320,14 +341,19 @@ fn unsupported_backends_version_and_kubernetes_exit_as_flanneld() -> anyhow::Res
     }
     // `overlay config set` refuses what the agent would refuse.
     let refused = c.overlay_on_switch(&[
-        "config", "set", "--etcd-endpoints", &c.endpoint(),
+        "config",
+        "set",
+        "--etcd-endpoints",
+        &c.endpoint(),
         r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
     ]);
     assert!(refused.is_err(), "config set stored a wireguard config");
 
     for flag in ["--version", "-version", "-version=true"] {
-        let (code, stdout, stderr) =
-            run_to_exit(agent_command(&c, 1, &["agent".into(), flag.into()]), Duration::from_secs(10))?;
+        let (code, stdout, stderr) = run_to_exit(
+            agent_command(&c, 1, &["agent".into(), flag.into()]),
+            Duration::from_secs(10),
+        )?;
         assert_eq!(code, Some(0), "{flag}: {stderr}");
         assert!(stdout.starts_with("overlay "), "{flag}: {stdout}");
     }
@@ -336,10 +362,15 @@ fn unsupported_backends_version_and_kubernetes_exit_as_flanneld() -> anyhow::Res
         Duration::from_secs(10),
     )?;
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("--kube-subnet-mgr") && stderr.contains("etcd"), "{stderr}");
+    assert!(
+        stderr.contains("--kube-subnet-mgr") && stderr.contains("etcd"),
+        "{stderr}"
+    );
     // Go's flag errors exit 2.
-    let (code, _, stderr) =
-        run_to_exit(agent_command(&c, 1, &unit_file_flags(&c, 1, &["-ip-masq=maybe"])), Duration::from_secs(10))?;
+    let (code, _, stderr) = run_to_exit(
+        agent_command(&c, 1, &unit_file_flags(&c, 1, &["-ip-masq=maybe"])),
+        Duration::from_secs(10),
+    )?;
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("-ip-masq") && stderr.contains("maybe"), "{stderr}");
     Ok(())
@@ -375,8 +406,15 @@ fn flanneld_flags_and_variables_start_the_agent() -> anyhow::Result<()> {
     )?;
     c.add_containers(1, &a1, 1)?;
     let env = std::fs::read_to_string(c.subnet_file(1))?;
-    assert!(env.contains("FLANNEL_IPMASQ=true"), "the command line wins over FLANNELD_IP_MASQ:\n{env}");
-    let nat = c.lab.host(1).ns.exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
+    assert!(
+        env.contains("FLANNEL_IPMASQ=true"),
+        "the command line wins over FLANNELD_IP_MASQ:\n{env}"
+    );
+    let nat = c
+        .lab
+        .host(1)
+        .ns
+        .exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
     assert!(
         nat.contains("MASQUERADE") && !nat.contains("random-fully"),
         "-ip-masq-fully-random-disable: {nat}"
@@ -395,7 +433,14 @@ fn flanneld_flags_and_variables_start_the_agent() -> anyhow::Result<()> {
     assert_eq!(a2.ready["public_ip"], "192.168.250.2", "{}", a2.ready);
     c.add_containers(2, &a2, 1)?;
     c.wait_full_mesh(2, Duration::from_secs(10))?;
-    let r = ping(&c.lab.host(1).containers[0].ns, c.lab.host(2).containers[0].ip, 3, 56, false, "0.05")?;
+    let r = ping(
+        &c.lab.host(1).containers[0].ns,
+        c.lab.host(2).containers[0].ip,
+        3,
+        56,
+        false,
+        "0.05",
+    )?;
     assert_eq!(r.received, 3, "{r:?}");
     drop((a1, a2));
     Ok(())
@@ -416,10 +461,17 @@ fn last_rule(ns: &Netns, table: &str, chain: &str) -> anyhow::Result<String> {
 /// --cleanup removes them. The blackhole route comes where no route holds the subnet.
 #[test]
 fn iptables_rules_as_flannel_writes_and_keeps_them() -> anyhow::Result<()> {
-    let mut c = Cluster::new(2, VXLAN)?;
+    let c = Cluster::new(2, VXLAN)?;
     // Rules already there are kept before flannel's jumps, which are appended.
-    c.lab.host(1).ns.exec("iptables", &["-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "RETURN"])?;
-    let a1 = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &["-iptables-resync=1"]), Duration::from_secs(30))?;
+    c.lab.host(1).ns.exec(
+        "iptables",
+        &["-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "RETURN"],
+    )?;
+    let a1 = OverlayProcess::start(
+        &c.lab.host(1).ns,
+        &unit_file_flags(&c, 1, &["-iptables-resync=1"]),
+        Duration::from_secs(30),
+    )?;
     let subnet = a1.ready["subnet"].as_str().context("subnet")?.to_string();
     let h1 = &c.lab.host(1).ns;
     let chain = h1.exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
@@ -449,11 +501,18 @@ fn iptables_rules_as_flannel_writes_and_keeps_them() -> anyhow::Result<()> {
             format!("-A FLANNEL-FWD -d {n} {fc} -j ACCEPT"),
         ]
     );
-    assert_eq!(last_rule(h1, "filter", "FORWARD")?, format!("-A FORWARD {fc} -j FLANNEL-FWD"));
+    assert_eq!(
+        last_rule(h1, "filter", "FORWARD")?,
+        format!("-A FORWARD {fc} -j FLANNEL-FWD")
+    );
 
     // A firewall reload: everything flushed; back within the resync period.
     let before = nat_rules(h1)?;
-    for args in [vec!["-t", "nat", "-F"], vec!["-F", "FORWARD"], vec!["-F", "FLANNEL-FWD"]] {
+    for args in [
+        vec!["-t", "nat", "-F"],
+        vec!["-F", "FORWARD"],
+        vec!["-F", "FLANNEL-FWD"],
+    ] {
         h1.exec("iptables", &args)?;
     }
     c.wait_until("flushed rules are put back", Duration::from_secs(4), || {
@@ -466,11 +525,19 @@ fn iptables_rules_as_flannel_writes_and_keeps_them() -> anyhow::Result<()> {
     // Stop: the rules stay. Restart: the same rules, one jump each.
     a1.stop()?;
     let kept = nat_rules(h1)?;
-    assert!(kept.contains("-j FLANNEL-POSTRTG") && kept.contains("MASQUERADE"), "{kept}");
+    assert!(
+        kept.contains("-j FLANNEL-POSTRTG") && kept.contains("MASQUERADE"),
+        "{kept}"
+    );
     let a1 = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
     let again = nat_rules(h1)?;
     assert_eq!(again.matches("-j FLANNEL-POSTRTG").count(), 1, "{again}");
-    assert_eq!(h1.exec("iptables", &["-S", "FORWARD"])?.matches("-j FLANNEL-FWD").count(), 1);
+    assert_eq!(
+        h1.exec("iptables", &["-S", "FORWARD"])?
+            .matches("-j FLANNEL-FWD")
+            .count(),
+        1
+    );
     assert_eq!(
         again.lines().filter(|l| l.contains("FLANNEL")).count(),
         before.lines().filter(|l| l.contains("FLANNEL")).count()
@@ -482,7 +549,10 @@ fn iptables_rules_as_flannel_writes_and_keeps_them() -> anyhow::Result<()> {
     )?;
     assert_eq!(code, Some(0), "{stderr}");
     let all = format!("{}{}", nat_rules(h1)?, h1.exec("iptables", &["-S"])?);
-    assert!(!all.contains("FLANNEL") && !all.contains("flanneld"), "left after --cleanup:\n{all}");
+    assert!(
+        !all.contains("FLANNEL") && !all.contains("flanneld"),
+        "left after --cleanup:\n{all}"
+    );
 
     // host2 has no container bridge: --ip-blackhole-route adds the route for its subnet.
     let a2 = OverlayProcess::start(
@@ -509,7 +579,11 @@ fn nftables_rules_when_the_config_asks() -> anyhow::Result<()> {
     )?;
     let mut agents = Vec::new();
     for i in 1..=2 {
-        let a = OverlayProcess::start(&c.lab.host(i).ns, &unit_file_flags(&c, i, &["-iptables-resync=1"]), Duration::from_secs(30))?;
+        let a = OverlayProcess::start(
+            &c.lab.host(i).ns,
+            &unit_file_flags(&c, i, &["-iptables-resync=1"]),
+            Duration::from_secs(30),
+        )?;
         c.add_containers(i, &a, 1)?;
         agents.push(a);
     }
@@ -525,21 +599,36 @@ fn nftables_rules_when_the_config_asks() -> anyhow::Result<()> {
     }
     let ipt = format!("{}{}", nat_rules(h1)?, h1.exec("iptables", &["-S"])?);
     assert!(!ipt.contains("FLANNEL"), "iptables rules next to nftables:\n{ipt}");
-    let r = ping(&c.lab.host(1).containers[0].ns, c.lab.host(2).containers[0].ip, 3, 56, false, "0.05")?;
+    let r = ping(
+        &c.lab.host(1).containers[0].ns,
+        c.lab.host(2).containers[0].ip,
+        3,
+        56,
+        false,
+        "0.05",
+    )?;
     assert_eq!(r.received, 3, "{r:?}");
 
     h1.exec("nft", &["flush", "chain", "ip", "flannel-ipv4", "postrtg"])?;
     c.wait_until("the flushed nftables chain is put back", Duration::from_secs(4), || {
-        Ok(h1.exec("nft", &["list", "chain", "ip", "flannel-ipv4", "postrtg"])?.contains("masquerade"))
+        Ok(h1
+            .exec("nft", &["list", "chain", "ip", "flannel-ipv4", "postrtg"])?
+            .contains("masquerade"))
     })?;
     agents.remove(0).stop()?;
-    assert!(h1.exec("nft", &["list", "table", "ip", "flannel-ipv4"]).is_ok(), "the table stays on stop");
+    assert!(
+        h1.exec("nft", &["list", "table", "ip", "flannel-ipv4"]).is_ok(),
+        "the table stays on stop"
+    );
     let (code, _, stderr) = run_to_exit(
         agent_command(&c, 1, &unit_file_flags(&c, 1, &["--cleanup"])),
         Duration::from_secs(20),
     )?;
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(h1.exec("nft", &["list", "table", "ip", "flannel-ipv4"]).is_err(), "the table is left after --cleanup");
+    assert!(
+        h1.exec("nft", &["list", "table", "ip", "flannel-ipv4"]).is_err(),
+        "the table is left after --cleanup"
+    );
     Ok(())
 }
 
@@ -581,7 +670,10 @@ fn vxlan_mtu_is_before_encapsulation_on_both_datapaths() -> anyhow::Result<()> {
 /// host-gw refuses a PublicIP that is not on the interface, with flannel's reason.
 #[test]
 fn interface_from_public_ip_and_host_gw_refuses_nat() -> anyhow::Result<()> {
-    let c = Cluster::new(1, r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#)?;
+    let c = Cluster::new(
+        1,
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#,
+    )?;
     let flags: Vec<String> = unit_file_flags(&c, 1, &["-public-ip=192.168.250.1"])
         .into_iter()
         .filter(|f| f != "-iface=eth0")
@@ -595,5 +687,133 @@ fn interface_from_public_ip_and_host_gw_refuses_nat() -> anyhow::Result<()> {
     )?;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("203.0.113.7") && stderr.contains("NAT"), "{stderr}");
+    Ok(())
+}
+
+/// vxlan `DirectRouting`: a peer on our link is routed via its PublicIP without encapsulation
+/// (our datapath and the kernel's), a peer behind a gateway stays encapsulated.
+#[test]
+fn direct_routing_skips_encapsulation_on_the_same_link_only() -> anyhow::Result<()> {
+    let mut c = Cluster::new(
+        3,
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+    )?;
+    // host1 reaches host3 through host2 as a router: "behind a gateway".
+    c.lab.host(1).ns.ip(&[
+        "route", "add", "192.168.250.3/32", "via", "192.168.250.2", "dev", "eth0",
+    ])?;
+    let datapaths = [(1, "--datapath=ebpf"), (2, "--datapath=kernel"), (3, "--datapath=ebpf")];
+    let mut agents = Vec::new();
+    for (i, datapath) in datapaths {
+        let a = OverlayProcess::start(
+            &c.lab.host(i).ns,
+            &unit_file_flags(&c, i, &[datapath]),
+            Duration::from_secs(30),
+        )?;
+        c.add_containers(i, &a, 1)?;
+        agents.push(a);
+    }
+    c.wait_full_mesh(3, Duration::from_secs(10))?;
+    let subnet = |i: usize| c.lab.host(i).subnet.expect("subnet").to_string();
+    let route1 = c.lab.host(1).ns.ip(&["route", "show", &subnet(2)])?;
+    assert!(
+        route1.contains("via 192.168.250.2 dev eth0"),
+        "host1 -> host2 direct: {route1}"
+    );
+    let route1_3 = c.lab.host(1).ns.ip(&["route", "show", &subnet(3)])?;
+    assert!(
+        !route1_3.contains("via 192.168.250.3"),
+        "host1 -> host3 is behind a gateway: {route1_3}"
+    );
+    let route2 = c.lab.host(2).ns.ip(&["route", "show", &subnet(1)])?;
+    assert!(
+        route2.contains("via 192.168.250.1 dev eth0"),
+        "kernel datapath, direct: {route2}"
+    );
+
+    let encapsulated = |a: &OverlayProcess| -> anyhow::Result<u64> {
+        Ok(a.counters()?["counters"]["encap_vxlan"]["packets"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let before = encapsulated(&agents[0])?;
+    let (h1, h2, h3) = (c.lab.host(1), c.lab.host(2), c.lab.host(3));
+    let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 5, 56, false, "0.05")?;
+    assert_eq!(r.received, 5, "to the direct peer: {r:?}");
+    let after_direct = encapsulated(&agents[0])?;
+    assert_eq!(
+        after_direct, before,
+        "packets to the peer on our link were encapsulated"
+    );
+    let r = ping(&h1.containers[0].ns, h3.containers[0].ip, 5, 56, false, "0.05")?;
+    assert_eq!(r.received, 5, "to the peer behind a gateway: {r:?}");
+    let after_gateway = encapsulated(&agents[0])?;
+    assert!(
+        after_gateway >= after_direct + 5,
+        "the peer behind a gateway was not encapsulated ({after_direct} -> {after_gateway})"
+    );
+    drop(agents);
+    Ok(())
+}
+
+/// Taking over a host where flannel's vxlan datapath runs (our kernel datapath is flannel's:
+/// flannel.1, its per-peer routes, fdb and neighbour entries, left in place when the agent
+/// stops, as flanneld leaves them). The eBPF agent started in its place removes flannel.1 once
+/// attached and traffic moves over. Pings every 20 ms from a container on the switched host
+/// across `stop flanneld; start overlay`: under 1 s lost.
+#[test]
+fn taking_over_a_flannel_host_loses_under_a_second() -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, VXLAN)?;
+    let flannel = OverlayProcess::start(
+        &c.lab.host(1).ns,
+        &unit_file_flags(&c, 1, &["--datapath=kernel"]),
+        Duration::from_secs(30),
+    )?;
+    c.add_containers(1, &flannel, 1)?;
+    let a2 = OverlayProcess::start(&c.lab.host(2).ns, &unit_file_flags(&c, 2, &[]), Duration::from_secs(30))?;
+    c.add_containers(2, &a2, 1)?;
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let (h1, h2) = (c.lab.host(1), c.lab.host(2));
+    let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 3, 56, false, "0.05")?;
+    assert_eq!(r.received, 3, "before the switch: {r:?}");
+
+    let from = h1.containers[0].ns.name().to_string();
+    let to = h2.containers[0].ip;
+    let pinger = std::thread::spawn(move || -> anyhow::Result<(u32, u32)> {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &from, "ping", "-n", "-c", "250", "-i", "0.02", "-W", "1",
+            ])
+            .arg(to.to_string())
+            .output()?;
+        let r = parse_ping(&String::from_utf8_lossy(&out.stdout))?;
+        Ok((r.transmitted, r.received))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    flannel.stop()?;
+    assert!(
+        h1.ns.ip(&["link", "show", "flannel.1"]).is_ok(),
+        "flannel's device stays when it stops"
+    );
+    let ours = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
+    let (sent, received) = pinger.join().expect("pinger")?;
+    let lost = sent - received;
+    println!(
+        "takeover outage: {lost} of {sent} pings lost at 20 ms intervals (about {} ms)",
+        lost * 20
+    );
+    assert!(
+        h1.ns.ip(&["link", "show", "flannel.1"]).is_err(),
+        "flannel.1 left after the takeover"
+    );
+    let route = h1.ns.ip(&["route", "get", &to.to_string()])?;
+    assert!(route.contains("dev ovl0"), "traffic still on flannel's path: {route}");
+    assert!(
+        lost < 50,
+        "{lost} pings lost (20 ms apart): the switch took a second or more"
+    );
+    let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 3, 56, false, "0.05")?;
+    assert_eq!(r.received, 3, "after the switch: {r:?}");
+    drop((ours, a2));
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod health;
 pub mod iface;
 pub mod iptables;
 pub mod notify;
+pub mod takeover;
 
 use std::{
     collections::BTreeMap,
@@ -118,6 +119,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| p.network)
         .context("the network config has no IPv4 network")?;
+    let flannel_leftovers = takeover::find(&config);
     let mut backend = make_backend(&config, &args, &iface, public_ip)?;
     tracing::info!(backend = %backend.describe(), %network, "network config read");
 
@@ -134,6 +136,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 
     let rules = iptables::Upkeep::start(Duration::from_secs(args.iptables_resync));
     activate(&mut *backend, &args, &config, &lease, network, &status, &rules)?;
+    takeover::finish(flannel_leftovers, &backend.describe());
     notify::notify("READY=1");
     // One JSON line on stdout when ready, for scripts and tests (systemd gets READY=1).
     println!(
