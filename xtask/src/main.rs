@@ -22,7 +22,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping, in tests and the demo"),
     ("procps", "sysctl, in the test lab"),
     ("iptables", "masquerading and FORWARD rules of the agent"),
-    ("nftables", "nft, for the agent's rules when the config sets EnableNFTables"),
+    ("nftables", "nft: the agent's rules with EnableNFTables"),
     ("ethtool", "offload settings in the test lab"),
     ("iperf3", "traffic for the benchmarks"),
     ("etcd-server", "etcd, started by the tests and the demo"),

@@ -92,13 +92,21 @@ pub struct AgentArgs {
     #[arg(long = "kube-api-url", hide = true)]
     pub kube_api_url: Option<String>,
     /// Only with --kube-subnet-mgr (accepted and unused, as flanneld without it).
-    #[arg(long = "kube-annotation-prefix", default_value = "flannel.alpha.coreos.com", hide = true)]
+    #[arg(
+        long = "kube-annotation-prefix",
+        default_value = "flannel.alpha.coreos.com",
+        hide = true
+    )]
     pub kube_annotation_prefix: String,
     /// Only with --kube-subnet-mgr (accepted and unused, as flanneld without it).
     #[arg(long = "kubeconfig-file", hide = true)]
     pub kubeconfig_file: Option<String>,
     /// Only with --kube-subnet-mgr (accepted and unused, as flanneld without it).
-    #[arg(long = "net-config-path", default_value = "/etc/kube-flannel/net-conf.json", hide = true)]
+    #[arg(
+        long = "net-config-path",
+        default_value = "/etc/kube-flannel/net-conf.json",
+        hide = true
+    )]
     pub net_config_path: PathBuf,
     /// Only with --kube-subnet-mgr (accepted and unused, as flanneld without it).
     #[arg(long = "set-node-network-unavailable", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set, hide = true)]
@@ -140,16 +148,20 @@ impl AgentArgs {
     /// Refuse what we do not do, saying why; note flags accepted for flanneld's sake only.
     pub fn check(&self) -> Result<(), String> {
         if self.kube_subnet_mgr {
-            return Err("--kube-subnet-mgr: this agent keeps leases in etcd, as flanneld does without that flag; \
+            return Err(
+                "--kube-subnet-mgr: this agent keeps leases in etcd, as flanneld does without that flag; \
                  flannel's Kubernetes subnet manager (node annotations through the API server) is not \
                  implemented. Drop the flag and give --etcd-endpoints, or run flanneld on Kubernetes"
-                .into());
+                    .into(),
+            );
         }
         if self.public_ipv6.is_some() {
             tracing::warn!("--public-ipv6 is accepted but unused: this agent carries IPv4 only");
         }
         if self.vmodule.as_deref().is_some_and(|v| !v.is_empty()) {
-            tracing::warn!("-vmodule names Go source files: no equivalent here, use RUST_LOG (e.g. overlay::agent=debug)");
+            tracing::warn!(
+                "-vmodule names Go source files: no equivalent here, use RUST_LOG (e.g. overlay::agent=debug)"
+            );
         }
         Ok(())
     }
@@ -294,7 +306,9 @@ pub fn parse_go_int(s: &str) -> Option<i64> {
 /// A flag or variable that Go's `flag` rules (or flanneld's) refuse.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GoFlagError {
-    #[error("-{flag}: invalid boolean {value:?} (Go's flag rules take 1, 0, t, f, true, false, TRUE, FALSE, True, False)")]
+    #[error(
+        "-{flag}: invalid boolean {value:?} (Go's flag rules take 1, 0, t, f, true, false, TRUE, FALSE, True, False)"
+    )]
     Bool { flag: String, value: String },
     #[error("-{flag}: invalid integer {value:?}")]
     Int { flag: String, value: String },
@@ -370,9 +384,18 @@ pub fn go_agent_args(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> R
             }
             break;
         }
-        let Some(body) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')).filter(|b| !b.is_empty()) else {
-            let after = previous_bool.map(|f| format!(" after the boolean -{f}")).unwrap_or_default();
-            return Err(GoFlagError::Positional { arg: arg.clone(), after });
+        let Some(body) = arg
+            .strip_prefix("--")
+            .or_else(|| arg.strip_prefix('-'))
+            .filter(|b| !b.is_empty())
+        else {
+            let after = previous_bool
+                .map(|f| format!(" after the boolean -{f}"))
+                .unwrap_or_default();
+            return Err(GoFlagError::Positional {
+                arg: arg.clone(),
+                after,
+            });
         };
         if body.starts_with('-') || body.starts_with('=') {
             return Err(GoFlagError::Syntax(arg.clone()));
@@ -399,7 +422,9 @@ pub fn go_agent_args(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> R
                 "true".to_string()
             }
             (_, None) => {
-                let v = args.get(i).ok_or_else(|| GoFlagError::MissingValue { flag: name.into() })?;
+                let v = args
+                    .get(i)
+                    .ok_or_else(|| GoFlagError::MissingValue { flag: name.into() })?;
                 i += 1;
                 v.clone()
             }
@@ -498,7 +523,9 @@ mod tests {
     /// A value flanneld accepts for each of its flags, and what it must set here.
     fn sample(name: &str) -> (&'static str, fn(&AgentArgs) -> bool) {
         match name {
-            "etcd-endpoints" => ("http://10.0.0.1:2379,http://10.0.0.2:2379", |a| a.etcd.endpoints.len() == 2),
+            "etcd-endpoints" => ("http://10.0.0.1:2379,http://10.0.0.2:2379", |a| {
+                a.etcd.endpoints.len() == 2
+            }),
             "etcd-prefix" => ("/my/net", |a| a.etcd.prefix == "/my/net"),
             "etcd-keyfile" => ("/k.pem", |a| a.etcd.keyfile.as_deref() == Some(Path::new("/k.pem"))),
             "etcd-certfile" => ("/c.pem", |a| a.etcd.certfile.as_deref() == Some(Path::new("/c.pem"))),
@@ -515,7 +542,9 @@ mod tests {
             "ip-masq" => ("t", |a| a.ip_masq),
             "ip-masq-fully-random-disable" => ("TRUE", |a| a.ip_masq_fully_random_disable),
             "kube-subnet-mgr" => ("false", |a| !a.kube_subnet_mgr),
-            "kube-api-url" => ("https://k:6443", |a| a.kube_api_url.as_deref() == Some("https://k:6443")),
+            "kube-api-url" => ("https://k:6443", |a| {
+                a.kube_api_url.as_deref() == Some("https://k:6443")
+            }),
             "kube-annotation-prefix" => ("x.io", |a| a.kube_annotation_prefix == "x.io"),
             "kubeconfig-file" => ("/kc", |a| a.kubeconfig_file.as_deref() == Some("/kc")),
             "version" => ("True", |a| a.version),
@@ -540,10 +569,7 @@ mod tests {
         assert_eq!(FLANNELD_FLAGS.len(), 31, "flanneld v0.28.9 defines 31 flags");
         for (name, kind) in FLANNELD_FLAGS {
             let (value, holds) = sample(name);
-            let mut forms: Vec<Vec<String>> = vec![
-                vec![format!("-{name}={value}")],
-                vec![format!("--{name}={value}")],
-            ];
+            let mut forms: Vec<Vec<String>> = vec![vec![format!("-{name}={value}")], vec![format!("--{name}={value}")]];
             if *kind != GoKind::Bool {
                 forms.push(vec![format!("-{name}"), value.to_string()]);
                 forms.push(vec![format!("--{name}"), value.to_string()]);
@@ -563,8 +589,18 @@ mod tests {
     #[test]
     fn go_booleans() {
         for (value, expected) in [
-            ("1", true), ("t", true), ("T", true), ("true", true), ("TRUE", true), ("True", true), ("0", false),
-            ("f", false), ("F", false), ("false", false), ("FALSE", false), ("False", false),
+            ("1", true),
+            ("t", true),
+            ("T", true),
+            ("true", true),
+            ("TRUE", true),
+            ("True", true),
+            ("0", false),
+            ("f", false),
+            ("F", false),
+            ("false", false),
+            ("FALSE", false),
+            ("False", false),
         ] {
             let a = parse(&[&format!("-ip-masq={value}")], &[]).unwrap();
             assert_eq!(a.ip_masq, expected, "-ip-masq={value}");
@@ -577,7 +613,10 @@ mod tests {
         assert!(e.contains("-ip-masq") && e.contains("\"yes\""), "{e}");
         // A Go boolean never takes the next argument: flanneld would stop reading flags there.
         let e = parse(&["-ip-masq", "true", "-iface=eth0"], &[]).unwrap_err();
-        assert!(e.contains("\"true\"") && e.contains("after the boolean -ip-masq"), "{e}");
+        assert!(
+            e.contains("\"true\"") && e.contains("after the boolean -ip-masq"),
+            "{e}"
+        );
         let a = parse(&["-ip-masq", "-iface", "eth0"], &[]).unwrap();
         assert!(a.ip_masq && a.iface == ["eth0"]);
         let e = parse(&[], &[("FLANNELD_IPTABLES_FORWARD_RULES", "nope")]).unwrap_err();
@@ -592,17 +631,33 @@ mod tests {
         // The command line wins over the environment; empty variables are unset.
         let a = parse(
             &["-iface=eth9"],
-            &[("FLANNELD_IFACE", "eth1"), ("FLANNELD_PUBLIC_IP", ""), ("FLANNELD_IP_MASQ", "")],
+            &[
+                ("FLANNELD_IFACE", "eth1"),
+                ("FLANNELD_PUBLIC_IP", ""),
+                ("FLANNELD_IP_MASQ", ""),
+            ],
         )
         .unwrap();
         assert_eq!(a.iface, ["eth9"]);
         assert_eq!(a.public_ip, None);
         assert!(!a.ip_masq);
         // An empty string flag is "not set", as its Go default is "".
-        let a = parse(&["-public-ip=", "-etcd-cafile=", "-iface-can-reach=10.1.1.1", "-iface-can-reach="], &[]).unwrap();
+        let a = parse(
+            &[
+                "-public-ip=", "-etcd-cafile=", "-iface-can-reach=10.1.1.1", "-iface-can-reach=",
+            ],
+            &[],
+        )
+        .unwrap();
         assert_eq!((a.public_ip, a.etcd.cafile, a.iface_can_reach), (None, None, None));
         // Repeated: last wins; --iface and --iface-regex accumulate.
-        let a = parse(&["-v=1", "-v", "3", "-iface=a", "-iface", "b", "-iface-regex=x,y", "-iface-regex=z"], &[]).unwrap();
+        let a = parse(
+            &[
+                "-v=1", "-v", "3", "-iface=a", "-iface", "b", "-iface-regex=x,y", "-iface-regex=z",
+            ],
+            &[],
+        )
+        .unwrap();
         assert_eq!(a.verbosity, 3);
         assert_eq!(a.iface, ["a", "b"]);
         assert_eq!(a.iface_regex, ["x,y", "z"], "a regex may hold commas");
@@ -629,8 +684,17 @@ mod tests {
     #[test]
     fn go_integers() {
         for (s, v) in [
-            ("10", 10), ("0x1F", 31), ("017", 15), ("0o17", 15), ("0b101", 5), ("-3", -3), ("+4", 4), ("0", 0),
-            ("1_0", 10), ("0x_1_f", 31), ("0_17", 15),
+            ("10", 10),
+            ("0x1F", 31),
+            ("017", 15),
+            ("0o17", 15),
+            ("0b101", 5),
+            ("-3", -3),
+            ("+4", 4),
+            ("0", 0),
+            ("1_0", 10),
+            ("0x_1_f", 31),
+            ("0_17", 15),
         ] {
             assert_eq!(parse_go_int(s), Some(v), "{s}");
         }
@@ -649,7 +713,13 @@ mod tests {
 
     #[test]
     fn our_booleans_follow_the_same_rules() {
-        let a = parse(&["-cleanup", "-bridge-redirect=0", "--reacquire-lease=t", "-pin-dir", "/x"], &[]).unwrap();
+        let a = parse(
+            &[
+                "-cleanup", "-bridge-redirect=0", "--reacquire-lease=t", "-pin-dir", "/x",
+            ],
+            &[],
+        )
+        .unwrap();
         assert!(a.cleanup && !a.bridge_redirect && a.reacquire_lease);
         assert_eq!(a.pin_dir, Path::new("/x"));
     }

@@ -48,16 +48,23 @@ pub fn choose(
     let first_addr = |name: &str| -> Result<Chosen, String> {
         match ifaces.iter().find(|(n, _)| n == name) {
             None => Err(format!("no interface {name}")),
-            Some((_, addrs)) => addrs.first().map(|a| Chosen { name: name.into(), addr: *a }).ok_or(format!(
-                "interface {name} has no IPv4 address"
-            )),
+            Some((_, addrs)) => addrs
+                .first()
+                .map(|a| Chosen {
+                    name: name.into(),
+                    addr: *a,
+                })
+                .ok_or(format!("interface {name} has no IPv4 address")),
         }
     };
     let holding = |ip: Ipv4Addr| {
         ifaces
             .iter()
             .find(|(_, addrs)| addrs.contains(&ip))
-            .map(|(n, _)| Chosen { name: n.clone(), addr: ip })
+            .map(|(n, _)| Chosen {
+                name: n.clone(),
+                addr: ip,
+            })
     };
     let given = !args.iface.is_empty() || !args.iface_regex.is_empty() || args.iface_can_reach.is_some();
     if !given {
@@ -83,19 +90,17 @@ pub fn choose(
         }
     }
     for pattern in &args.iface_regex {
-        let re = regex::Regex::new(pattern).with_context(|| format!("--iface-regex {pattern:?} is not a valid regex"))?;
+        let re =
+            regex::Regex::new(pattern).with_context(|| format!("--iface-regex {pattern:?} is not a valid regex"))?;
         let by_addr = ifaces.iter().find_map(|(n, addrs)| {
-            addrs
-                .iter()
-                .find(|a| re.is_match(&a.to_string()))
-                .map(|a| Chosen { name: n.clone(), addr: *a })
+            addrs.iter().find(|a| re.is_match(&a.to_string())).map(|a| Chosen {
+                name: n.clone(),
+                addr: *a,
+            })
         });
-        let found = by_addr.map(Ok).or_else(|| {
-            ifaces
-                .iter()
-                .find(|(n, _)| re.is_match(n))
-                .map(|(n, _)| first_addr(n))
-        });
+        let found = by_addr
+            .map(Ok)
+            .or_else(|| ifaces.iter().find(|(n, _)| re.is_match(n)).map(|(n, _)| first_addr(n)));
         match found {
             Some(Ok(c)) => return Ok(c),
             Some(Err(why)) => tried.push(format!("--iface-regex {pattern}: {why}")),
@@ -117,10 +122,7 @@ pub fn choose(
             Err(e) => tried.push(format!("--iface-can-reach {target}: {e:#}")),
         }
     }
-    let available: Vec<String> = ifaces
-        .iter()
-        .map(|(n, a)| format!("{n} {a:?}"))
-        .collect();
+    let available: Vec<String> = ifaces.iter().map(|(n, a)| format!("{n} {a:?}")).collect();
     bail!(
         "no interface matches the given --iface / --iface-regex / --iface-can-reach ({}); interfaces here: {}",
         tried.join("; "),
@@ -237,16 +239,25 @@ mod tests {
             // An address picks its interface and is the interface address.
             (&["--iface=192.168.1.11"], chosen("eth0", "192.168.1.11")),
             // The first that exists wins; a missing or address-less one is skipped.
-            (&["--iface=eth9", "--iface=wg0", "--iface=eth1"], chosen("eth1", "10.0.0.5")),
+            (
+                &["--iface=eth9", "--iface=wg0", "--iface=eth1"],
+                chosen("eth1", "10.0.0.5"),
+            ),
             // --iface before --iface-regex before --iface-can-reach.
             (
                 &["--iface=eth9", "--iface-regex=^eth0$", "--iface-can-reach=10.1.1.1"],
                 chosen("eth0", "192.168.1.10"),
             ),
-            (&["--iface=eth9", "--iface-can-reach=10.1.1.1"], chosen("eth1", "10.0.0.5")),
+            (
+                &["--iface=eth9", "--iface-can-reach=10.1.1.1"],
+                chosen("eth1", "10.0.0.5"),
+            ),
             // A regex is tried on addresses first, then on names.
             (&["--iface-regex=^192\\.168\\.1\\.11$"], chosen("eth0", "192.168.1.11")),
-            (&["--iface-regex=^10\\.", "--iface-regex=^eth0$"], chosen("eth1", "10.0.0.5")),
+            (
+                &["--iface-regex=^10\\.", "--iface-regex=^eth0$"],
+                chosen("eth1", "10.0.0.5"),
+            ),
             (&["--iface-regex=th1"], chosen("eth1", "10.0.0.5")),
             // --public-ip alone: the interface holding it.
             (&["--public-ip=10.0.0.5"], chosen("eth1", "10.0.0.5")),
@@ -264,7 +275,9 @@ mod tests {
         let e = pick(&["--iface=eth9", "--iface-regex=^zz", "--iface-can-reach=192.0.2.1"])
             .unwrap_err()
             .to_string();
-        for part in ["--iface eth9", "--iface-regex ^zz", "--iface-can-reach 192.0.2.1", "eth1 [10.0.0.5]"] {
+        for part in [
+            "--iface eth9", "--iface-regex ^zz", "--iface-can-reach 192.0.2.1", "eth1 [10.0.0.5]",
+        ] {
             assert!(e.contains(part), "{part} missing from: {e}");
         }
         let e = pick(&["--iface-regex=("]).unwrap_err();

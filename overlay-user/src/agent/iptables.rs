@@ -24,7 +24,10 @@ const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 const MASQ_COMMENT: &str = "flanneld masq";
 const FWD_COMMENT: &str = "flanneld forward";
 /// Chains of earlier versions of this agent, removed when flannel's are installed.
-const OLD_CHAINS: [(&str, &str, &str); 2] = [("nat", "OVERLAY-POSTRTG", "POSTROUTING"), ("filter", "OVERLAY-FWD", "FORWARD")];
+const OLD_CHAINS: [(&str, &str, &str); 2] = [
+    ("nat", "OVERLAY-POSTRTG", "POSTROUTING"),
+    ("filter", "OVERLAY-FWD", "FORWARD"),
+];
 
 #[derive(Debug, thiserror::Error)]
 #[error("`{command}` failed: {message}")]
@@ -124,35 +127,63 @@ fn masquerade_rules(set: &RuleSet) -> Vec<Rule> {
         [head, comment, tail].concat()
     }
     vec![
-        rule("nat", NAT_CHAIN, &with(&["-m", "mark", "--mark", KUBE_PROXY_MARK], &c, &["-j", "RETURN"])),
+        rule(
+            "nat",
+            NAT_CHAIN,
+            &with(&["-m", "mark", "--mark", KUBE_PROXY_MARK], &c, &["-j", "RETURN"]),
+        ),
         rule("nat", NAT_CHAIN, &with(&["-s", &s, "-d", &n], &c, &["-j", "RETURN"])),
         rule("nat", NAT_CHAIN, &with(&["-s", &n, "-d", &s], &c, &["-j", "RETURN"])),
-        rule("nat", NAT_CHAIN, &with(&["!", "-s", &n, "-d", &s], &c, &["-j", "RETURN"])),
+        rule(
+            "nat",
+            NAT_CHAIN,
+            &with(&["!", "-s", &n, "-d", &s], &c, &["-j", "RETURN"]),
+        ),
         rule("nat", NAT_CHAIN, &with(&["-s", &n, "!", "-d", "224.0.0.0/4"], &c, masq)),
         rule("nat", NAT_CHAIN, &with(&["!", "-s", &n, "-d", &n], &c, masq)),
     ]
 }
 
 fn masquerade_jump() -> Rule {
-    rule("nat", "POSTROUTING", &["-m", "comment", "--comment", MASQ_COMMENT, "-j", NAT_CHAIN])
+    rule(
+        "nat",
+        "POSTROUTING",
+        &["-m", "comment", "--comment", MASQ_COMMENT, "-j", NAT_CHAIN],
+    )
 }
 
 /// flannel's `forwardRules`: accept the network's traffic whatever FORWARD's policy (Docker sets DROP).
 fn forward_rules(set: &RuleSet) -> Vec<Rule> {
     let n = set.network.to_string();
     vec![
-        rule("filter", FWD_CHAIN, &["-s", &n, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"]),
-        rule("filter", FWD_CHAIN, &["-d", &n, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"]),
+        rule(
+            "filter",
+            FWD_CHAIN,
+            &["-s", &n, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"],
+        ),
+        rule(
+            "filter",
+            FWD_CHAIN,
+            &["-d", &n, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"],
+        ),
     ]
 }
 
 fn forward_jump() -> Rule {
-    rule("filter", "FORWARD", &["-m", "comment", "--comment", FWD_COMMENT, "-j", FWD_CHAIN])
+    rule(
+        "filter",
+        "FORWARD",
+        &["-m", "comment", "--comment", FWD_COMMENT, "-j", FWD_CHAIN],
+    )
 }
 
 /// An argument as iptables-restore reads it.
 fn quoted(arg: &str) -> String {
-    if arg.contains(' ') { format!("\"{arg}\"") } else { arg.to_string() }
+    if arg.contains(' ') {
+        format!("\"{arg}\"")
+    } else {
+        arg.to_string()
+    }
 }
 
 /// Lines of `iptables -S <chain>` that jump to `target`, as `-D` lines for iptables-restore.
@@ -234,9 +265,14 @@ fn nft_script(set: &RuleSet, random_fully: bool) -> String {
     let (n, s) = (set.network, set.subnet);
     let t = format!("ip {NFT_TABLE}");
     // Adding the table before deleting it makes the delete succeed when there is none.
-    let mut script = format!("add table {t}\ndelete table {t}\nadd table {t} {{ comment \"rules for {NFT_TABLE}\" ; }}\n");
+    let mut script =
+        format!("add table {t}\ndelete table {t}\nadd table {t} {{ comment \"rules for {NFT_TABLE}\" ; }}\n");
     if set.masquerade {
-        let masq = if random_fully { "masquerade fully-random" } else { "masquerade" };
+        let masq = if random_fully {
+            "masquerade fully-random"
+        } else {
+            "masquerade"
+        };
         script += &format!(
             "add chain {t} {NFT_NAT_CHAIN} {{ type nat hook postrouting priority srcnat ; \
              comment \"chain to manage traffic masquerading by flannel\" ; }}\n"
@@ -299,7 +335,9 @@ fn nft_missing(set: &RuleSet) -> Option<String> {
         }
         let count = items.iter().filter(|i| i["rule"]["chain"] == chain).count();
         if count != expected {
-            return Some(format!("nftables chain {NFT_TABLE} {chain} ({count} of {expected} rules)"));
+            return Some(format!(
+                "nftables chain {NFT_TABLE} {chain} ({count} of {expected} rules)"
+            ));
         }
     }
     None
@@ -313,7 +351,12 @@ pub fn install(set: &RuleSet) -> Result<(), IptablesError> {
     if set.nftables {
         remove_iptables();
         nft_install(set)?;
-        tracing::info!(table = NFT_TABLE, masquerade = set.masquerade, forward = set.forward, "installed nftables rules");
+        tracing::info!(
+            table = NFT_TABLE,
+            masquerade = set.masquerade,
+            forward = set.forward,
+            "installed nftables rules"
+        );
         return Ok(());
     }
     nft_remove();
@@ -324,7 +367,13 @@ pub fn install(set: &RuleSet) -> Result<(), IptablesError> {
         remove_chain("filter", FWD_CHAIN, "FORWARD");
     }
     if set.masquerade {
-        restore_chain("nat", NAT_CHAIN, "POSTROUTING", &masquerade_jump(), &masquerade_rules(set))?;
+        restore_chain(
+            "nat",
+            NAT_CHAIN,
+            "POSTROUTING",
+            &masquerade_jump(),
+            &masquerade_rules(set),
+        )?;
         tracing::info!(
             network = %set.network,
             random_fully = set.random_fully,
@@ -464,21 +513,30 @@ mod tests {
             random_fully: false,
             ..set()
         };
-        assert!(masquerade_rules(&plain).iter().all(|r| !r.spec.contains(&"--random-fully".to_string())));
+        assert!(
+            masquerade_rules(&plain)
+                .iter()
+                .all(|r| !r.spec.contains(&"--random-fully".to_string()))
+        );
     }
 
     #[test]
     fn iptables_listing_lines_split_like_a_shell() {
         assert_eq!(
             shell_words(r#"-D POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#),
-            ["-D", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq", "-j", "FLANNEL-POSTRTG"]
+            [
+                "-D", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq", "-j", "FLANNEL-POSTRTG"
+            ]
         );
     }
 
     #[test]
     fn nft_script_replaces_the_table_with_flannels_chains() {
         let s = nft_script(&set(), true);
-        assert!(s.starts_with("add table ip flannel-ipv4\ndelete table ip flannel-ipv4\n"), "{s}");
+        assert!(
+            s.starts_with("add table ip flannel-ipv4\ndelete table ip flannel-ipv4\n"),
+            "{s}"
+        );
         assert!(s.contains("add chain ip flannel-ipv4 postrtg { type nat hook postrouting priority srcnat"));
         assert!(s.contains("add chain ip flannel-ipv4 forward { type filter hook forward priority filter"));
         assert!(s.contains("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"));
