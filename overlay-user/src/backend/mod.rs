@@ -7,6 +7,7 @@
 //!   forwarder (fallback, baseline).
 //! - [`host_gw`]: plain routes via each peer's PublicIP.
 
+pub mod direct_routing;
 pub mod ebpf;
 pub mod host_gw;
 pub mod kernel_vxlan;

@@ -300,12 +300,7 @@ impl NetworkConfig {
                 "Backend.Type",
                 format!("unsupported backend {t:?}; this agent supports {SUPPORTED_BACKENDS}"),
             )),
-            Backend::Vxlan {
-                gbp,
-                learning,
-                direct_routing,
-                ..
-            } => {
+            Backend::Vxlan { gbp, learning, .. } => {
                 let refused = [
                     (
                         *gbp, "Backend.GBP", "Group Based Policy marks are not carried by this agent",
@@ -314,11 +309,6 @@ impl NetworkConfig {
                         *learning,
                         "Backend.Learning",
                         "the vxlan device's address learning is not implemented here",
-                    ),
-                    (
-                        *direct_routing,
-                        "Backend.DirectRouting",
-                        "routing to peers on the same subnet without encapsulation is not implemented here",
                     ),
                 ];
                 match refused.into_iter().find(|(on, _, _)| *on) {
@@ -794,7 +784,7 @@ mod tests {
                 "{msg}"
             );
         }
-        for field in ["GBP", "Learning", "DirectRouting"] {
+        for field in ["GBP", "Learning"] {
             let c = NetworkConfig::parse(&format!(
                 r#"{{"Network":"10.1.0.0/16","Backend":{{"Type":"vxlan","{field}":true}}}}"#
             ))
@@ -802,7 +792,11 @@ mod tests {
             let e = c.check_supported().expect_err(field);
             assert_eq!(e.field_name(), Some(format!("Backend.{field}").as_str()), "{e}");
         }
-        for ok in [VXLAN_CONFIG_WITH_FALSE_OPTIONS, r#"{"Network":"10.1.0.0/16"}"#] {
+        for ok in [
+            VXLAN_CONFIG_WITH_FALSE_OPTIONS,
+            r#"{"Network":"10.1.0.0/16"}"#,
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        ] {
             NetworkConfig::parse(ok).unwrap().check_supported().unwrap();
         }
     }
