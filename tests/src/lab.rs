@@ -357,7 +357,7 @@ impl OverlayProcess {
                     bytes: acc.bytes + c.bytes,
                 }));
             }
-            return Ok(serde_json::json!({ "counters": overlay::datapath::Counters(totals).to_json() }));
+            return Ok(serde_json::json!({ "counters": overlay::host::Counters(totals).to_json() }));
         }
         bail!("overlay (pid {pid}) holds no {name} map")
     }

@@ -245,7 +245,10 @@ fn vxlan_interoperates_with_flannel_kernel_device_tc_decap() -> anyhow::Result<(
 /// with the same hook adopts its link.
 #[test]
 fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
-    use overlay::datapath::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, PeerEntry, XdpAttach};
+    use overlay::backend::{
+        Peer,
+        ebpf::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, Programs, XdpAttach},
+    };
 
     let lab = lab::static_lab(2, 1, Backend::Vxlan)?;
     let peer2 = start_datapath(&lab, 2, Backend::Vxlan, "tc")?;
@@ -254,8 +257,6 @@ fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
     let spec = DatapathSpec {
         underlay: h1.iface.clone(),
         public_ip: h1.public_ip,
-        subnet: lab::static_subnet(1),
-        network: "10.244.0.0/16".parse()?,
         format: Format::Vxlan,
         port: 8472,
         vni: 1,
@@ -267,7 +268,7 @@ fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
         pin_dir: Some(pin_dir.clone()),
         bridge_redirect: true,
     };
-    let peer = PeerEntry {
+    let peer = Peer {
         subnet: lab::static_subnet(2),
         public_ip: lab.host(2).public_ip,
         vtep_mac: Some(lab::static_vtep_mac(2).parse().map_err(anyhow::Error::msg)?),
@@ -280,7 +281,8 @@ fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
             let (hook, adopted) = h1
                 .ns
                 .spawn(move || -> anyhow::Result<(DecapHook, bool)> {
-                    let mut dp = Datapath::attach(spec)?;
+                    let programs = Programs::load_pinned(spec.pin_dir.as_deref())?;
+                    let mut dp = Datapath::attach(programs, spec, lab::static_subnet(1), "10.244.0.0/16".parse()?)?;
                     dp.upsert_peer(peer)?;
                     Ok((dp.decap_hook(), dp.decap_adopted()))
                     // Dropped here: a pinned datapath stays attached.

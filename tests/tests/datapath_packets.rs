@@ -5,7 +5,10 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use overlay::datapath::{MacAddr, PeerEntry, Programs};
+use overlay::{
+    backend::{Peer, ebpf::Programs},
+    host::MacAddr,
+};
 use overlay_common::{CounterIndex, DatapathConfig, Format};
 use overlay_tests::netns::Netns;
 
@@ -237,7 +240,7 @@ impl Bench {
             } else {
                 4
             };
-            programs.upsert_peer(&PeerEntry {
+            programs.upsert_peer(&Peer {
                 subnet: format!("10.244.{third}.0/24").parse()?,
                 public_ip: Ipv4Addr::from(ip),
                 vtep_mac: Some(MacAddr(PEER_VTEP)),
@@ -839,12 +842,12 @@ fn unconfigured_datapath_is_safe() {
 fn removing_an_old_lease_keeps_the_hosts_new_one() {
     in_test_namespace(|ifindex, nic_mac| {
         let mut b = Bench::new(Format::Vxlan, ifindex, nic_mac).unwrap();
-        let old = PeerEntry {
+        let old = Peer {
             subnet: "10.244.2.0/24".parse().unwrap(),
             public_ip: Ipv4Addr::from(PEER_IP),
             vtep_mac: Some(MacAddr(PEER_VTEP)),
         };
-        let new = PeerEntry {
+        let new = Peer {
             subnet: "10.244.9.0/24".parse().unwrap(),
             ..old
         };
@@ -879,7 +882,7 @@ fn removing_an_old_lease_keeps_the_hosts_new_one() {
 /// from sending frames into the void.
 #[test]
 fn bridge_egress_table() {
-    use overlay::datapath::bridge::Mirror;
+    use overlay::backend::ebpf::bridge::Mirror;
 
     let ns = Netns::new("brg").expect("namespace");
     for port in ["port0", "port1"] {

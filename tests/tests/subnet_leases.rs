@@ -3,7 +3,7 @@
 use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 
 use overlay::subnet::{
-    LeaseAttrs, LeaseManager, ManagerError, ManagerOptions, NetworkConfig, Registry,
+    LeaseAttrs, LeaseBackend, LeaseManager, ManagerError, ManagerOptions, NetworkConfig, Registry, VxlanData,
     etcd::EtcdRegistry,
     file::{read_previous_subnets, write_subnet_file},
 };
@@ -16,8 +16,10 @@ const PREFIX: &str = "/coreos.com/network";
 fn vxlan_attrs(host: u8, mac: &str) -> LeaseAttrs {
     LeaseAttrs::new(
         Ipv4Addr::new(192, 168, 50, host),
-        "vxlan",
-        Some(json!({"VNI": 1, "VtepMAC": mac})),
+        LeaseBackend::Vxlan(VxlanData {
+            vni: 1,
+            vtep_mac: mac.parse().expect("test MAC"),
+        }),
     )
 }
 
@@ -149,7 +151,7 @@ async fn restart_reuses_the_lease_of_our_public_ip() {
     let listing = reg2.list().await.unwrap();
     assert_eq!(listing.leases.len(), 1, "no second lease for the same host");
     assert_eq!(
-        listing.leases[0].attrs.backend_data,
+        listing.leases[0].attrs.backend.data(),
         Some(json!({"VNI":1,"VtepMAC":"aa:00:00:00:00:02"}))
     );
 }

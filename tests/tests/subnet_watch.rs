@@ -4,7 +4,8 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use overlay::subnet::{
-    Lease, LeaseAttrs, LeaseEvent, LeaseManager, ManagerError, ManagerOptions, NetworkConfig, Registry,
+    Lease, LeaseAttrs, LeaseBackend, LeaseEvent, LeaseManager, ManagerError, ManagerOptions, NetworkConfig, Registry,
+    VxlanData,
     etcd::EtcdRegistry,
     registry::{LeaseWatch, WatchError},
 };
@@ -43,8 +44,10 @@ async fn start_agent(reg: EtcdRegistry, opts: ManagerOptions) -> Agent {
     let m = LeaseManager::new(reg, opts).unwrap();
     let attrs = LeaseAttrs::new(
         Ipv4Addr::new(192, 168, 9, 1),
-        "vxlan",
-        Some(serde_json::json!({"VNI":1,"VtepMAC":"aa:00:00:00:00:01"})),
+        LeaseBackend::Vxlan(VxlanData {
+            vni: 1,
+            vtep_mac: "aa:00:00:00:00:01".parse().expect("test MAC"),
+        }),
     );
     let own = m.acquire(&cfg, &attrs).await.unwrap();
     let (tx, rx) = mpsc::channel(256);
@@ -122,7 +125,7 @@ async fn watch_reports_added_changed_removed() {
     assert_eq!(describe(&e), "added 10.244.51.0-24 192.168.9.51");
     let LeaseEvent::Added(l) = e else { unreachable!() };
     assert_eq!(
-        l.attrs.backend_data,
+        l.attrs.backend.data(),
         Some(serde_json::json!({"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:51"}))
     );
     put(

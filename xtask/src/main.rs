@@ -51,7 +51,8 @@ enum Cmd {
     Setup,
     /// Set up and build everything (release).
     Build,
-    /// Set up, build and run all tests (needs root: they load programs and create namespaces).
+    /// Set up, check formatting and clippy, build and run all tests (needs root: they load
+    /// programs and create namespaces).
     Test {
         /// Instead of `cargo test`: the kernel matrix, each listed Debian kernel (`6.1,6.12,5.10`,
         /// default all) in QEMU VMs running agents, containers and traffic.
@@ -108,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { kernels: None, args } => {
             require_root("the tests")?;
             setup()?;
+            lint()?;
             build()?;
             let mut cmd = cargo();
             cmd.args(["test", "--release"]).args(&args);
@@ -160,6 +162,13 @@ fn cargo() -> Command {
 
 fn build() -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "--bins", "--tests"]))
+}
+
+/// What review asks of every change, checked before the tests: formatting, and clippy with
+/// warnings as errors.
+fn lint() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"])).context("`cargo fmt --all` would change files")?;
+    run(cargo().args(["clippy", "--release", "--all-targets", "--", "-D", "warnings"])).context("clippy found problems")
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {

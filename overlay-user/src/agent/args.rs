@@ -2,7 +2,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use crate::{
-    datapath::{DecapAttach, XdpAttach},
+    backend::ebpf::{DecapAttach, XdpAttach},
     subnet::etcd::EtcdArgs,
 };
 

@@ -1,7 +1,7 @@
 //! `/healthz` (alive), `/readyz` (lease held, subnet file written, datapath attached),
 //! `/metrics` (Prometheus text) and `/status` (JSON for `overlay status`).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::SocketAddr,
     sync::{
@@ -18,7 +18,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{backend::PeerLease, datapath::Counters};
+use crate::{backend::Peer, host::Counters};
 
 /// What the agent reports; updated by the agent loop, read by the HTTP handlers.
 #[derive(Debug, Clone, Default)]
@@ -30,9 +30,12 @@ pub struct Status {
     pub public_ip: Option<String>,
     pub backend: String,
     pub lease_expires: Option<SystemTime>,
-    /// Peers in the datapath, by subnet. Kept up to date one event at a time: rebuilding it
-    /// per event cost O(peers) and held up the next map update (10 ms at 10,000 peers).
-    pub peers: BTreeMap<Ipv4Network, PeerLease>,
+    /// The peers the agent wants, by subnet: its one copy of the desired state (see
+    /// [`super::peers`]). Kept up to date one event at a time: rebuilding it per event cost
+    /// O(peers) and held up the next map update (10 ms at 10,000 peers).
+    pub peers: BTreeMap<Ipv4Network, Peer>,
+    /// Those of `peers` the backend has not taken yet (retried every second).
+    pub unapplied: BTreeSet<Ipv4Network>,
     pub counters: Option<Counters>,
     /// Counted by the lease manager as it re-establishes a broken watch.
     pub etcd_reconnects: Arc<AtomicU64>,
@@ -52,6 +55,11 @@ impl Status {
         Ok(())
     }
 
+    /// The peers in the datapath: wanted and taken by the backend.
+    fn programmed_peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values().filter(|p| !self.unapplied.contains(&p.subnet))
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "ready": self.ready().is_ok(),
@@ -59,7 +67,8 @@ impl Status {
             "public_ip": self.public_ip,
             "backend": self.backend,
             "lease_expires_unix": self.lease_expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-            "peers": self.peers.values().map(|p| serde_json::json!({"subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.map(|m| m.to_string())})).collect::<Vec<_>>(),
+            "peers": self.programmed_peers().map(|p| serde_json::json!({"subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.map(|m| m.to_string())})).collect::<Vec<_>>(),
+            "unapplied_peers": self.unapplied.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             "counters": self.counters.as_ref().map(|c| c.to_json()),
             "etcd_reconnects": self.etcd_reconnects.load(Ordering::Relaxed),
         })
@@ -80,7 +89,7 @@ impl Status {
         let _ = writeln!(m, "overlay_lease_expiry_timestamp_seconds {expiry}");
         let _ = writeln!(m, "# HELP overlay_peers Remote subnets in the datapath.");
         let _ = writeln!(m, "# TYPE overlay_peers gauge");
-        let _ = writeln!(m, "overlay_peers {}", self.peers.len());
+        let _ = writeln!(m, "overlay_peers {}", self.programmed_peers().count());
         let _ = writeln!(
             m,
             "# HELP overlay_ready 1 when the lease is held, the subnet file written and the datapath attached."

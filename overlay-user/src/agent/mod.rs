@@ -1,16 +1,13 @@
 //! `overlay agent`: flanneld's job with our datapath. Lease a subnet in etcd, write the subnet
-//! file, program the backend, then keep the backend equal to the set of leases in etcd.
-//!
-//! The loop reconciles towards desired state: each lease event updates `desired` and is applied
-//! at once; anything that failed marks the state dirty and is retried every second until the
-//! backend matches (flannel logs a failed update and forgets it).
+//! file, program the backend, then keep the backend equal to the set of leases in etcd
+//! ([`peers`]).
 pub mod args;
 pub mod health;
 pub mod iptables;
 pub mod notify;
+pub mod peers;
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -21,18 +18,19 @@ pub use args::{AgentArgs, DatapathChoice};
 use ipnetwork::Ipv4Network;
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
+use self::peers::PeerSync;
 use crate::{
     backend::{
-        Backend, BackendError, PeerLease,
-        ebpf::{EbpfBackend, EbpfOptions},
+        Backend, BackendError,
+        ebpf::{Datapath, DatapathSpec, EbpfBackend, Format},
         host_gw::HostGw,
         kernel_vxlan::KernelVxlan,
         userspace_udp::UserspaceUdp,
     },
-    datapath::{Datapath, Format, netdev},
+    host::netdev,
     subnet::{
-        self, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig, config::Backend as BackendConfig,
-        etcd::EtcdRegistry,
+        self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig,
+        config::Backend as BackendConfig, etcd::EtcdRegistry,
     },
 };
 
@@ -59,9 +57,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-
+    let mut stop = Stop::new()?;
     let (iface, public_ip) = pick_interface(&args)?;
     tracing::info!(%iface, %public_ip, "using interface");
 
@@ -76,54 +72,29 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {addr} for /healthz"))?;
         tokio::spawn(server);
     }
-
-    let registry = EtcdRegistry::connect(&args.etcd).await.context("connecting to etcd")?;
-    let (previous_subnet, previous_ipv6_subnet) = subnet::file::read_previous_subnets(&args.subnet_file);
-    let lease_ttl = Duration::from_secs(args.lease_ttl_secs);
-    let mut renew_margin = Duration::from_secs(args.renew_margin_minutes * 60);
-    if renew_margin >= lease_ttl {
-        // Only with the test-only short TTLs: keep flannel's proportions.
-        renew_margin = lease_ttl / 3;
-    }
-    // Shared with /metrics, which reads it live.
-    let reconnects = status.lock().expect("status").etcd_reconnects.clone();
-    let manager = Arc::new(LeaseManager::new(
-        registry,
-        ManagerOptions {
-            reconnects: reconnects.clone(),
-            lease_ttl,
-            renew_margin,
-            previous_subnet,
-            previous_ipv6_subnet,
-            reacquire_on_loss: args.reacquire_lease,
-            ..Default::default()
-        },
-    )?);
+    let manager = Arc::new(lease_manager(&args, &status).await?);
 
     let config = tokio::select! {
         c = manager.wait_for_config() => c,
-        _ = sigterm.recv() => return Ok(()),
-        _ = sigint.recv() => return Ok(()),
+        _ = stop.signalled() => return Ok(()),
     };
     let network = config
         .ipv4
         .as_ref()
         .map(|p| p.network)
         .context("the network config has no IPv4 network")?;
-    let mut backend = make_backend(&config, &args, &iface, public_ip)?;
+    let (mut backend, kind) = make_backend(&config, &args, &iface, public_ip)?;
     tracing::info!(backend = %backend.describe(), %network, "network config read");
 
     let attrs = backend.lease_attrs();
     let lease = manager.acquire(&config, &attrs).await.context("leasing a subnet")?;
-    let mut own_subnet = lease.subnet();
-    tracing::info!(subnet = %own_subnet, "subnet leased");
+    tracing::info!(subnet = %lease.subnet(), "subnet leased");
     {
         let mut s = status.lock().expect("status");
         s.lease_held = true;
-        s.subnet = Some(own_subnet.to_string());
+        s.subnet = Some(lease.subnet().to_string());
         s.lease_expires = lease.expires;
     }
-
     activate(&mut *backend, &args, &config, &lease, network, &status)?;
     notify::notify("READY=1");
     // One JSON line on stdout when ready, for scripts and tests (systemd gets READY=1).
@@ -131,7 +102,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "ready": true,
-            "subnet": own_subnet.to_string(),
+            "subnet": lease.subnet().to_string(),
             "public_ip": public_ip.to_string(),
             "mtu": backend.mtu(),
             "backend": backend.describe(),
@@ -139,101 +110,21 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         })
     );
 
-    let (tx, mut rx) = mpsc::channel::<LeaseEvent>(1024);
+    let own_subnet = lease.subnet();
+    let (tx, rx) = mpsc::channel::<LeaseEvent>(1024);
     let run_manager = manager.clone();
     let run_config = config.clone();
-    let mut lease_task = tokio::spawn(async move { run_manager.run(&run_config, lease, tx).await });
-
-    let mut desired: BTreeMap<Ipv4Network, PeerLease> = BTreeMap::new();
-    let mut dirty = true;
-    // Lease events applied since the heap was last given back: see `release_free_heap`.
-    let mut events_since_trim = 0usize;
-    let expected_type = backend.expected_backend_type();
-    let mut tick = tokio::time::interval(RETRY_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    let result: anyhow::Result<()> = 'agent: loop {
-        tokio::select! {
-            event = rx.recv() => {
-                let Some(event) = event else { continue };
-                // Drain what is queued, so a burst costs one pass, not one per event.
-                let mut batch = vec![event];
-                while let Ok(e) = rx.try_recv() {
-                    batch.push(e);
-                }
-                events_since_trim += batch.len();
-                // The status follows each applied change (a full rebuild per event would cost
-                // O(peers) and delay the next map update); reconcile rebuilds it.
-                for event in batch {
-                    match event {
-                        LeaseEvent::Added(l) | LeaseEvent::Changed(l) => match PeerLease::from_lease(&l, expected_type) {
-                            Ok(peer) => {
-                                desired.insert(peer.subnet, peer);
-                                match backend.set_peer(&peer) {
-                                    Ok(()) => {
-                                        status.lock().expect("status").peers.insert(peer.subnet, peer);
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!("adding peer {} failed (will retry): {e}", peer.subnet);
-                                        dirty = true;
-                                    }
-                                }
-                            }
-                            Err(why) => {
-                                tracing::warn!(subnet = %l.subnet(), "ignoring lease: {why}");
-                                if desired.remove(&l.subnet()).is_some() {
-                                    status.lock().expect("status").peers.remove(&l.subnet());
-                                    dirty = true;
-                                }
-                            }
-                        },
-                        LeaseEvent::Removed(l) => {
-                            desired.remove(&l.subnet());
-                            status.lock().expect("status").peers.remove(&l.subnet());
-                            if let Err(e) = backend.remove_peer(l.subnet()) {
-                                tracing::warn!("removing peer {} failed (will retry): {e}", l.subnet());
-                                dirty = true;
-                            }
-                        }
-                        LeaseEvent::Reacquired(l) => {
-                            tracing::warn!(subnet = %l.subnet(), "our lease was lost and leased again");
-                            own_subnet = l.subnet();
-                            if let Err(e) = activate(&mut *backend, &args, &config, &l, network, &status) {
-                                break 'agent Err(e);
-                            }
-                            dirty = true;
-                        }
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                backend.tick();
-                let counters = backend.counters();
-                {
-                    let mut s = status.lock().expect("status");
-                    s.counters = counters;
-                }
-                if dirty {
-                    dirty = !reconcile(&mut *backend, &desired);
-                    publish_peers(&*backend, &desired, &status);
-                }
-                if events_since_trim >= TRIM_AFTER_EVENTS {
-                    events_since_trim = 0;
-                    release_free_heap();
-                }
-            }
-            r = &mut lease_task => {
-                break match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("lease for {own_subnet}"))),
-                    Err(e) => Err(anyhow::anyhow!("lease task failed: {e}")),
-                };
-            }
-            _ = sigterm.recv() => break Ok(()),
-            _ = sigint.recv() => break Ok(()),
-        }
+    let lease_task = tokio::spawn(async move { run_manager.run(&run_config, lease, tx).await });
+    let agent = Agent {
+        backend: &mut *backend,
+        args: &args,
+        config: &config,
+        network,
+        status: &status,
+        peers: PeerSync::new(kind, status.clone()),
     };
-    lease_task.abort();
+    let result = agent.follow_leases(own_subnet, rx, lease_task, &mut stop).await;
+
     notify::notify("STOPPING=1");
     tracing::info!("stopping; the datapath stays for the next start (`overlay agent --cleanup` removes it)");
     if let Some(c) = backend.counters() {
@@ -245,6 +136,135 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     }
     drop(backend);
     result
+}
+
+/// SIGTERM or SIGINT, whichever comes first.
+struct Stop {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Stop {
+            term: tokio::signal::unix::signal(SignalKind::terminate())?,
+            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn signalled(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// The lease manager on etcd with flanneld's timing (TTL, renew margin) and the subnets a
+/// previous run wrote to the subnet file.
+async fn lease_manager(args: &AgentArgs, status: &health::SharedStatus) -> anyhow::Result<LeaseManager<EtcdRegistry>> {
+    let registry = EtcdRegistry::connect(&args.etcd).await.context("connecting to etcd")?;
+    let (previous_subnet, previous_ipv6_subnet) = subnet::file::read_previous_subnets(&args.subnet_file);
+    let lease_ttl = Duration::from_secs(args.lease_ttl_secs);
+    let mut renew_margin = Duration::from_secs(args.renew_margin_minutes * 60);
+    if renew_margin >= lease_ttl {
+        // Only with the test-only short TTLs: keep flannel's proportions.
+        renew_margin = lease_ttl / 3;
+    }
+    // Shared with /metrics, which reads it live.
+    let reconnects = status.lock().expect("status").etcd_reconnects.clone();
+    Ok(LeaseManager::new(
+        registry,
+        ManagerOptions {
+            reconnects,
+            lease_ttl,
+            renew_margin,
+            previous_subnet,
+            previous_ipv6_subnet,
+            reacquire_on_loss: args.reacquire_lease,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// The running agent once its lease is held: what the lease loop works on.
+struct Agent<'a> {
+    backend: &'a mut dyn Backend,
+    args: &'a AgentArgs,
+    config: &'a NetworkConfig,
+    network: Ipv4Network,
+    status: &'a health::SharedStatus,
+    peers: PeerSync,
+}
+
+impl Agent<'_> {
+    /// Apply lease events as they come, tick once a second (backend upkeep, counters, retries),
+    /// until a signal, or the lease task ends (our lease revoked, etcd gone for good).
+    async fn follow_leases(
+        mut self,
+        mut own_subnet: Ipv4Network,
+        mut rx: mpsc::Receiver<LeaseEvent>,
+        mut lease_task: tokio::task::JoinHandle<Result<(), subnet::ManagerError>>,
+        stop: &mut Stop,
+    ) -> anyhow::Result<()> {
+        // Lease events applied since the heap was last given back: see `release_free_heap`.
+        let mut events_since_trim = 0usize;
+        let mut tick = tokio::time::interval(RETRY_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                event = rx.recv() => {
+                    let Some(event) = event else { continue };
+                    // Drain what is queued, so a burst costs one pass, not one per event.
+                    let mut batch = vec![event];
+                    while let Ok(e) = rx.try_recv() {
+                        batch.push(e);
+                    }
+                    events_since_trim += batch.len();
+                    for event in batch {
+                        if let Some(subnet) = self.apply(event)? {
+                            own_subnet = subnet;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    self.backend.tick();
+                    let counters = self.backend.counters();
+                    self.status.lock().expect("status").counters = counters;
+                    self.peers.reconcile_if_dirty(self.backend);
+                    if events_since_trim >= TRIM_AFTER_EVENTS {
+                        events_since_trim = 0;
+                        release_free_heap();
+                    }
+                }
+                r = &mut lease_task => {
+                    break match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("lease for {own_subnet}"))),
+                        Err(e) => Err(anyhow::anyhow!("lease task failed: {e}")),
+                    };
+                }
+                _ = stop.signalled() => break Ok(()),
+            }
+        };
+        lease_task.abort();
+        result
+    }
+
+    /// One lease event; Some(subnet) when our own lease was taken again (maybe another subnet).
+    fn apply(&mut self, event: LeaseEvent) -> anyhow::Result<Option<Ipv4Network>> {
+        match event {
+            LeaseEvent::Added(l) | LeaseEvent::Changed(l) => self.peers.lease_put(self.backend, &l),
+            LeaseEvent::Removed(l) => self.peers.lease_removed(self.backend, l.subnet()),
+            LeaseEvent::Reacquired(l) => {
+                tracing::warn!(subnet = %l.subnet(), "our lease was lost and leased again");
+                activate(self.backend, self.args, self.config, &l, self.network, self.status)?;
+                self.peers.mark_dirty();
+                return Ok(Some(l.subnet()));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// After this many lease events (a full listing at start or after a compaction, a large burst),
@@ -292,102 +312,75 @@ fn activate(
     Ok(())
 }
 
-/// Make the backend's peers equal to `desired`. True when everything applied.
-fn reconcile(backend: &mut dyn Backend, desired: &BTreeMap<Ipv4Network, PeerLease>) -> bool {
-    let mut clean = true;
-    for subnet in backend.peers() {
-        if !desired.contains_key(&subnet)
-            && let Err(e) = backend.remove_peer(subnet)
-        {
-            tracing::warn!("removing stale peer {subnet} failed: {e}");
-            clean = false;
-        }
-    }
-    for peer in desired.values() {
-        if let Err(e) = backend.set_peer(peer) {
-            tracing::warn!("adding peer {} failed: {e}", peer.subnet);
-            clean = false;
-        }
-    }
-    if clean {
-        tracing::debug!(peers = desired.len(), "backend matches etcd");
-    }
-    clean
-}
-
-/// Rebuild the status's peers: those both wanted and programmed. O(peers): after a reconcile
-/// only; single events update the status as they are applied.
-fn publish_peers(backend: &dyn Backend, desired: &BTreeMap<Ipv4Network, PeerLease>, status: &health::SharedStatus) {
-    let peers: BTreeMap<Ipv4Network, PeerLease> = backend
-        .peers()
-        .iter()
-        .filter_map(|subnet| desired.get_key_value(subnet))
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    status.lock().expect("status").peers = peers;
-}
-
+/// The backend the config asks for, with the lease kind its peers have: eBPF where it loads
+/// (or as `--datapath` says), else the kernel datapath flannel itself uses.
 fn make_backend(
     config: &NetworkConfig,
     args: &AgentArgs,
     iface: &str,
     public_ip: Ipv4Addr,
-) -> anyhow::Result<Box<dyn Backend>> {
+) -> anyhow::Result<(Box<dyn Backend>, BackendKind)> {
     let ebpf = |format: Format, port: u16, vni: u32, mtu: u32| {
-        EbpfBackend::new(EbpfOptions {
+        EbpfBackend::new(DatapathSpec {
             underlay: iface.to_string(),
             public_ip,
             format,
-            port,
+            port: if port == 0 { format.default_port() } else { port },
             vni,
-            mtu,
-            device: args.overlay_device.clone(),
-            pin_dir: Some(args.pin_dir.clone()),
+            overlay_device: args.overlay_device.clone(),
+            mtu: (mtu > 0).then_some(mtu),
+            vtep_mac: None,
             xdp: args.xdp_mode,
             decap: args.decap,
+            pin_dir: Some(args.pin_dir.clone()),
             bridge_redirect: args.bridge_redirect,
         })
     };
+    // eBPF, or the kernel datapath if asked for or (auto) if eBPF is unavailable here.
+    let choose = |ebpf: &dyn Fn() -> Result<EbpfBackend, BackendError>,
+                  kernel: &dyn Fn() -> anyhow::Result<Box<dyn Backend>>,
+                  fallback: &str|
+     -> anyhow::Result<Box<dyn Backend>> {
+        match args.datapath {
+            DatapathChoice::Kernel => kernel(),
+            DatapathChoice::Ebpf => Ok(Box::new(ebpf()?)),
+            DatapathChoice::Auto => match ebpf() {
+                Ok(b) => Ok(Box::new(b)),
+                Err(e @ BackendError::Unavailable(_)) => {
+                    tracing::warn!("{e}; falling back to {fallback}");
+                    kernel()
+                }
+                Err(e) => Err(e.into()),
+            },
+        }
+    };
     match &config.backend {
-        BackendConfig::HostGw => Ok(Box::new(HostGw::new(iface, public_ip)?)),
+        BackendConfig::HostGw => Ok((Box::new(HostGw::new(iface, public_ip)?), BackendKind::HostGw)),
         BackendConfig::Vxlan { vni, port, mtu, .. } => {
-            let port = if *port == 0 {
+            let kernel_port = if *port == 0 {
                 Format::Vxlan.default_port()
             } else {
                 *port
             };
-            let kernel = || -> anyhow::Result<Box<dyn Backend>> {
-                Ok(Box::new(KernelVxlan::new(
-                    KERNEL_VXLAN_DEVICE, iface, public_ip, *vni, port, *mtu,
-                )?))
-            };
-            match args.datapath {
-                DatapathChoice::Kernel => kernel(),
-                DatapathChoice::Ebpf => Ok(Box::new(ebpf(Format::Vxlan, port, *vni, *mtu)?)),
-                DatapathChoice::Auto => match ebpf(Format::Vxlan, port, *vni, *mtu) {
-                    Ok(b) => Ok(Box::new(b)),
-                    Err(e @ BackendError::Unavailable(_)) => {
-                        tracing::warn!("{e}; falling back to the kernel vxlan device");
-                        kernel()
-                    }
-                    Err(e) => Err(e.into()),
+            let backend = choose(
+                &|| ebpf(Format::Vxlan, *port, *vni, *mtu),
+                &|| {
+                    Ok(Box::new(KernelVxlan::new(
+                        KERNEL_VXLAN_DEVICE, iface, public_ip, *vni, kernel_port, *mtu,
+                    )?))
                 },
-            }
+                "the kernel vxlan device",
+            )?;
+            Ok((backend, BackendKind::Vxlan))
         }
         BackendConfig::Udp { port } => {
-            let port = if *port == 0 { Format::Udp.default_port() } else { *port };
-            match args.datapath {
-                DatapathChoice::Kernel => udp_fallback(iface, public_ip, port),
-                DatapathChoice::Ebpf => Ok(Box::new(ebpf(Format::Udp, port, 0, 0)?)),
-                DatapathChoice::Auto => match ebpf(Format::Udp, port, 0, 0) {
-                    Ok(b) => Ok(Box::new(b)),
-                    Err(e @ BackendError::Unavailable(_)) => {
-                        tracing::warn!("{e}; falling back to the userspace udp forwarder");
-                        udp_fallback(iface, public_ip, port)
-                    }
-                    Err(e) => Err(e.into()),
-                },
-            }
+            let kernel_port = if *port == 0 { Format::Udp.default_port() } else { *port };
+            let backend = choose(
+                &|| ebpf(Format::Udp, *port, 0, 0),
+                &|| udp_fallback(iface, public_ip, kernel_port),
+                "the userspace udp forwarder",
+            )?;
+            Ok((backend, BackendKind::Udp))
         }
     }
 }

@@ -4,8 +4,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 
-use super::{Backend, BackendError, PeerLease, ROUTE_PROTO};
-use crate::{datapath::netdev, subnet::LeaseAttrs};
+use super::{Backend, BackendError, Peer, ROUTE_PROTO};
+use crate::{
+    host::netdev,
+    subnet::{LeaseAttrs, LeaseBackend},
+};
 
 pub struct HostGw {
     underlay: String,
@@ -28,7 +31,7 @@ impl HostGw {
 
 impl Backend for HostGw {
     fn lease_attrs(&self) -> LeaseAttrs {
-        LeaseAttrs::new(self.public_ip, "host-gw", None)
+        LeaseAttrs::new(self.public_ip, LeaseBackend::HostGw)
     }
 
     fn mtu(&self) -> u32 {
@@ -40,7 +43,7 @@ impl Backend for HostGw {
         Ok(())
     }
 
-    fn set_peer(&mut self, peer: &PeerLease) -> Result<(), BackendError> {
+    fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
         if self.peers.get(&peer.subnet) == Some(&peer.public_ip) {
             return Ok(());
         }
@@ -72,9 +75,5 @@ impl Backend for HostGw {
 
     fn describe(&self) -> String {
         format!("host-gw (via {})", self.underlay)
-    }
-
-    fn expected_backend_type(&self) -> &'static str {
-        "host-gw"
     }
 }

@@ -2,14 +2,12 @@
 //! fallback when eBPF cannot be loaded, and the baseline the benchmarks compare against.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use ipnetwork::Ipv4Network;
-use serde_json::json;
-
-use super::{Backend, BackendError, PeerLease, ROUTE_PROTO};
+use super::{Backend, BackendError, Peer, ROUTE_PROTO};
 use crate::{
-    datapath::{MacAddr, netdev},
-    subnet::LeaseAttrs,
+    host::{MacAddr, netdev},
+    subnet::{LeaseAttrs, LeaseBackend, VxlanData},
 };
+use ipnetwork::Ipv4Network;
 
 pub struct KernelVxlan {
     device: String,
@@ -17,7 +15,7 @@ pub struct KernelVxlan {
     vni: u32,
     vtep_mac: MacAddr,
     mtu: u32,
-    peers: BTreeMap<Ipv4Network, PeerLease>,
+    peers: BTreeMap<Ipv4Network, Peer>,
 }
 
 impl KernelVxlan {
@@ -67,8 +65,10 @@ impl Backend for KernelVxlan {
     fn lease_attrs(&self) -> LeaseAttrs {
         LeaseAttrs::new(
             self.public_ip,
-            "vxlan",
-            Some(json!({"VNI": self.vni, "VtepMAC": self.vtep_mac.to_string()})),
+            LeaseBackend::Vxlan(VxlanData {
+                vni: self.vni,
+                vtep_mac: self.vtep_mac,
+            }),
         )
     }
 
@@ -87,14 +87,12 @@ impl Backend for KernelVxlan {
         Ok(())
     }
 
-    fn set_peer(&mut self, peer: &PeerLease) -> Result<(), BackendError> {
+    fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
         if self.peers.get(&peer.subnet) == Some(peer) {
             return Ok(());
         }
-        let mac = peer
-            .vtep_mac
-            .ok_or_else(|| BackendError::Peer(peer.subnet, "no VtepMAC".into()))?
-            .to_string();
+        // Peer::check gives every vxlan peer a VtepMAC.
+        let mac = peer.vtep_mac.unwrap_or_default().to_string();
         let gw = peer.subnet.network().to_string();
         if let Some(old) = self.peers.remove(&peer.subnet) {
             remove_fdb(&self.device, &old);
@@ -145,13 +143,9 @@ impl Backend for KernelVxlan {
     fn describe(&self) -> String {
         format!("kernel-vxlan (device {})", self.device)
     }
-
-    fn expected_backend_type(&self) -> &'static str {
-        "vxlan"
-    }
 }
 
-fn remove_fdb(device: &str, peer: &PeerLease) {
+fn remove_fdb(device: &str, peer: &Peer) {
     if let Some(mac) = peer.vtep_mac {
         let _ = netdev::bridge(&[
             "fdb",

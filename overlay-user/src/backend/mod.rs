@@ -13,13 +13,13 @@ pub mod kernel_vxlan;
 pub mod tun_udp;
 pub mod userspace_udp;
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, str::FromStr};
 
 use ipnetwork::Ipv4Network;
 
 use crate::{
-    datapath::{Counters, DatapathError, MacAddr},
-    subnet::{Lease, LeaseAttrs},
+    host::{Counters, HostError, MacAddr},
+    subnet::{BackendKind, Lease, LeaseAttrs, LeaseBackend},
 };
 
 /// Routing protocol number on the routes backends install, so `--cleanup` can find them
@@ -29,71 +29,113 @@ pub const ROUTE_PROTO: &str = "73";
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error(transparent)]
-    Datapath(#[from] DatapathError),
+    Datapath(#[from] ebpf::DatapathError),
+    #[error(transparent)]
+    Host(#[from] HostError),
     #[error("backend unavailable: {0}")]
     Unavailable(String),
     #[error("backend used before its subnet was known")]
     NotActive,
-    #[error("peer {0}: {1}")]
-    Peer(Ipv4Network, String),
     #[error("{0}")]
     Other(String),
 }
 
-/// What a backend needs of another host's lease.
+/// Another host, as every backend programs it: the subnet it owns, where its tunnel ends and,
+/// for vxlan, the MAC of its tunnel device. Read from its lease by [`Peer::from_lease`], or
+/// given by hand as `--peer CIDR=IP[,MAC]`; both go through [`Peer::check`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerLease {
+pub struct Peer {
     pub subnet: Ipv4Network,
     pub public_ip: Ipv4Addr,
+    /// Present for every vxlan peer ([`Peer::check`] sees to it); None for the others.
     pub vtep_mac: Option<MacAddr>,
 }
 
-impl PeerLease {
-    /// Read a peer from its lease, or say why it cannot be one for a backend of `backend_type`
-    /// (flannel's backends likewise ignore leases of another type).
-    pub fn from_lease(lease: &Lease, backend_type: &str) -> Result<Self, String> {
-        let attrs = &lease.attrs;
-        let lease_type = if attrs.backend_type.is_empty() {
-            "udp"
-        } else {
-            attrs.backend_type.as_str()
-        };
-        if lease_type != backend_type {
-            return Err(format!("its backend is {lease_type:?}, ours is {backend_type:?}"));
-        }
-        let vtep_mac = match (&attrs.backend_data, backend_type) {
-            (Some(data), "vxlan") => {
-                let mac = data
-                    .get("VtepMAC")
-                    .and_then(|m| m.as_str())
-                    .ok_or("vxlan lease without BackendData.VtepMAC")?;
-                Some(mac.parse::<MacAddr>()?)
-            }
-            (None, "vxlan") => return Err("vxlan lease without BackendData".into()),
+impl Peer {
+    /// The peer a lease describes for a backend of `ours`, or why it cannot be one (flannel's
+    /// backends likewise ignore leases of another type).
+    pub fn from_lease(lease: &Lease, ours: BackendKind) -> Result<Self, String> {
+        let vtep_mac = match &lease.attrs.backend {
+            LeaseBackend::Invalid { reason, .. } => return Err(reason.clone()),
+            LeaseBackend::Vxlan(data) => Some(data.vtep_mac),
             _ => None,
         };
-        if attrs.public_ip.is_unspecified() {
+        if lease.attrs.backend.kind() != Some(ours) {
+            return Err(format!(
+                "its backend is {:?}, ours is {:?}",
+                lease.attrs.backend.type_name(),
+                ours.name()
+            ));
+        }
+        let peer = Peer {
+            subnet: lease.subnet(),
+            public_ip: lease.attrs.public_ip,
+            vtep_mac,
+        };
+        peer.check(ours)?;
+        Ok(peer)
+    }
+
+    /// The one place that decides whether a peer is usable by a backend of `kind`.
+    pub fn check(&self, kind: BackendKind) -> Result<(), String> {
+        if self.public_ip.is_unspecified() {
             return Err("lease without PublicIP".into());
         }
-        Ok(PeerLease {
-            subnet: lease.subnet(),
-            public_ip: attrs.public_ip,
-            vtep_mac,
+        if kind == BackendKind::Vxlan && self.vtep_mac.is_none() {
+            return Err("vxlan peer without VtepMAC".into());
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Peer {
+    type Err = String;
+    /// `CIDR=IP[,MAC]`, as the `--peer` flag takes it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (subnet, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("invalid peer {s:?}: expected CIDR=IP[,MAC]"))?;
+        let subnet: Ipv4Network = subnet
+            .parse()
+            .map_err(|e| format!("invalid peer {s:?}: subnet {subnet:?}: {e}"))?;
+        if subnet.network() != subnet.ip() {
+            return Err(format!(
+                "invalid peer {s:?}: {subnet} has host bits set (use {}/{})",
+                subnet.network(),
+                subnet.prefix()
+            ));
+        }
+        let (ip, mac) = match rest.split_once(',') {
+            Some((ip, mac)) => (
+                ip,
+                Some(mac.parse::<MacAddr>().map_err(|e| format!("invalid peer {s:?}: {e}"))?),
+            ),
+            None => (rest, None),
+        };
+        let public_ip = ip
+            .parse()
+            .map_err(|e| format!("invalid peer {s:?}: PublicIP {ip:?}: {e}"))?;
+        Ok(Peer {
+            subnet,
+            public_ip,
+            vtep_mac: mac,
         })
     }
 }
 
 pub trait Backend: Send {
-    /// What our lease publishes: PublicIP, BackendType, BackendData.
+    /// What our lease publishes: PublicIP, BackendType, BackendData. Peers are leases of the
+    /// same backend kind.
     fn lease_attrs(&self) -> LeaseAttrs;
     /// Container MTU, written to the subnet file as FLANNEL_MTU.
     fn mtu(&self) -> u32;
     /// Program this host once its subnet is leased.
     fn activate(&mut self, subnet: Ipv4Network, network: Ipv4Network) -> Result<(), BackendError>;
-    /// Add or update a peer; repeating an unchanged peer is cheap and does nothing.
-    fn set_peer(&mut self, peer: &PeerLease) -> Result<(), BackendError>;
+    /// Add or update a peer (one that passed [`Peer::check`]); repeating an unchanged peer is
+    /// cheap and does nothing.
+    fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError>;
     fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError>;
-    /// The peers as currently programmed.
+    /// The subnets of the peers as currently programmed.
     fn peers(&self) -> Vec<Ipv4Network>;
     /// Periodic upkeep (about once a second), for backends that follow local state.
     fn tick(&mut self) {}
@@ -103,6 +145,61 @@ pub trait Backend: Send {
     }
     /// One line for logs and `overlay status`.
     fn describe(&self) -> String;
-    /// The lease BackendType this backend can reach ("udp" for leases without one).
-    fn expected_backend_type(&self) -> &'static str;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subnet::{SubnetKey, VxlanData};
+
+    #[test]
+    fn peer_flag_parses_and_rejects() {
+        let p: Peer = "10.244.2.0/24=192.168.1.2,aa:bb:cc:dd:ee:0f".parse().unwrap();
+        assert_eq!(p.subnet.to_string(), "10.244.2.0/24");
+        assert_eq!(p.public_ip, Ipv4Addr::new(192, 168, 1, 2));
+        assert_eq!(p.vtep_mac.unwrap().to_string(), "aa:bb:cc:dd:ee:0f");
+        let p: Peer = "10.244.2.0/24=192.168.1.2".parse().unwrap();
+        assert_eq!(p.vtep_mac, None);
+        for bad in [
+            "10.244.2.0/24", "10.244.2.1/24=1.2.3.4", "10.244.2.0/33=1.2.3.4", "10.244.2.0/24=1.2.3",
+            "10.244.2.0/24=1.2.3.4,aa:bb", "10.244.2.0/24=1.2.3.4,aa:bb:cc:dd:ee:zz",
+        ] {
+            let err = bad.parse::<Peer>().unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+    }
+
+    fn lease(backend: LeaseBackend, ip: Ipv4Addr) -> Lease {
+        Lease {
+            key: SubnetKey::parse("10.244.2.0-24").unwrap(),
+            attrs: LeaseAttrs::new(ip, backend),
+            lease_id: 1,
+            expires: None,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn a_lease_is_a_peer_only_for_its_own_backend_kind() {
+        let ip = Ipv4Addr::new(192, 168, 1, 2);
+        let mac: MacAddr = "aa:bb:cc:dd:ee:0f".parse().unwrap();
+        let vxlan = lease(LeaseBackend::Vxlan(VxlanData { vni: 1, vtep_mac: mac }), ip);
+        let peer = Peer::from_lease(&vxlan, BackendKind::Vxlan).unwrap();
+        assert_eq!(peer.vtep_mac, Some(mac));
+        assert_eq!(peer.public_ip, ip);
+        let err = Peer::from_lease(&vxlan, BackendKind::Udp).unwrap_err();
+        assert!(err.contains("\"vxlan\"") && err.contains("\"udp\""), "{err}");
+        assert!(Peer::from_lease(&lease(LeaseBackend::Udp, ip), BackendKind::Udp).is_ok());
+        let err = Peer::from_lease(&lease(LeaseBackend::Udp, Ipv4Addr::UNSPECIFIED), BackendKind::Udp).unwrap_err();
+        assert!(err.contains("PublicIP"), "{err}");
+        let bad = LeaseBackend::Invalid {
+            backend_type: "vxlan".into(),
+            data: None,
+            reason: "vxlan lease without BackendData".into(),
+        };
+        assert_eq!(
+            Peer::from_lease(&lease(bad, ip), BackendKind::Vxlan).unwrap_err(),
+            "vxlan lease without BackendData"
+        );
+    }
 }

@@ -43,15 +43,15 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
-use overlay_common::csum::fold;
+use overlay_common::{Format, csum::fold};
 use serde::Serialize;
 
-use crate::datapath::{DatapathError, netdev};
+use crate::host::{HostError, netdev};
 
 /// flannel's default port for the udp backend.
-pub const DEFAULT_PORT: u16 = 8285;
+pub const DEFAULT_PORT: u16 = Format::Udp.default_port();
 /// Outer IPv4 + UDP headers: the TUN's MTU is the underlay's less this.
-pub const ENCAP_OVERHEAD: u32 = 28;
+pub const ENCAP_OVERHEAD: u32 = Format::Udp.overhead();
 /// How long a forwarding thread waits for a packet before it looks at the stop flag again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -738,7 +738,7 @@ fn open_tun(name: &str) -> Result<(OwnedFd, String), TunUdpError> {
 fn configure_tun(device: &str, spec: &TunUdpSpec) -> Result<(), TunUdpError> {
     let ip = |args: &[&str]| {
         netdev::ip(args).map(|_| ()).map_err(|e| match e {
-            DatapathError::Command { command, message } => TunUdpError::Command {
+            HostError::Command { command, message } => TunUdpError::Command {
                 device: device.to_string(),
                 command,
                 message,

@@ -6,12 +6,13 @@ use ipnetwork::Ipv4Network;
 use overlay_common::{Counter, CounterIndex};
 
 use super::{
-    Backend, BackendError, PeerLease,
-    tun_udp::{ENCAP_OVERHEAD, TunUdp, TunUdpSpec},
+    Backend, BackendError, Peer,
+    tun_udp::{TunUdp, TunUdpSpec},
 };
 use crate::{
-    datapath::{Counters, netdev},
-    subnet::LeaseAttrs,
+    backend::ebpf::Format,
+    host::{Counters, netdev},
+    subnet::{LeaseAttrs, LeaseBackend},
 };
 
 /// flannel's name for its udp backend's TUN device.
@@ -30,7 +31,7 @@ impl UserspaceUdp {
     /// our lease publishes.
     pub fn new(underlay: &str, public_ip: Ipv4Addr, bind_ip: Ipv4Addr, port: u16) -> Result<Self, BackendError> {
         let link = netdev::link_info(underlay)?;
-        let mtu = link.mtu.saturating_sub(ENCAP_OVERHEAD);
+        let mtu = link.mtu.saturating_sub(Format::Udp.overhead());
         Ok(UserspaceUdp {
             public_ip,
             bind_ip,
@@ -47,7 +48,7 @@ impl UserspaceUdp {
 
 impl Backend for UserspaceUdp {
     fn lease_attrs(&self) -> LeaseAttrs {
-        LeaseAttrs::new(self.public_ip, "", None)
+        LeaseAttrs::new(self.public_ip, LeaseBackend::Udp)
     }
 
     fn mtu(&self) -> u32 {
@@ -71,7 +72,7 @@ impl Backend for UserspaceUdp {
         Ok(())
     }
 
-    fn set_peer(&mut self, peer: &PeerLease) -> Result<(), BackendError> {
+    fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
         self.forwarder()?.upsert_peer(peer.subnet, peer.public_ip);
         Ok(())
     }
@@ -114,9 +115,5 @@ impl Backend for UserspaceUdp {
 
     fn describe(&self) -> String {
         format!("userspace-udp (TUN {DEVICE}, port {})", self.port)
-    }
-
-    fn expected_backend_type(&self) -> &'static str {
-        "udp"
     }
 }

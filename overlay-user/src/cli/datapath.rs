@@ -6,7 +6,13 @@ use anyhow::Context as _;
 use ipnetwork::Ipv4Network;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::datapath::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, MacAddr, PeerEntry, XdpAttach};
+use crate::{
+    backend::{
+        Peer,
+        ebpf::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, Programs, XdpAttach, backend_kind},
+    },
+    host::MacAddr,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -48,7 +54,7 @@ pub struct Args {
     pub vni: u32,
     /// A remote host: its subnet, PublicIP and (vxlan) VtepMAC, as CIDR=IP[,MAC]. Repeatable.
     #[arg(long = "peer")]
-    pub peers: Vec<PeerEntry>,
+    pub peers: Vec<Peer>,
     /// Name of the overlay device.
     #[arg(long, default_value = "ovl0")]
     pub overlay_device: String,
@@ -92,11 +98,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
 
-    let mut dp = Datapath::attach(DatapathSpec {
+    for peer in &args.peers {
+        peer.check(backend_kind(format))
+            .map_err(|why| anyhow::anyhow!("--peer {}: {why}", peer.subnet))?;
+    }
+    let programs = Programs::load().context("loading the eBPF programs")?;
+    let spec = DatapathSpec {
         underlay: args.iface.clone(),
         public_ip: args.public_ip,
-        subnet: args.subnet,
-        network,
         format,
         port: args.port.unwrap_or(format.default_port()),
         vni: args.vni,
@@ -107,8 +116,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bridge_redirect: args.bridge_redirect,
         xdp: args.xdp_mode,
         decap: args.decap,
-    })
-    .with_context(|| format!("attaching the datapath to {}", args.iface))?;
+    };
+    let mut dp = Datapath::attach(programs, spec, args.subnet, network)
+        .with_context(|| format!("attaching the datapath to {}", args.iface))?;
     for peer in &args.peers {
         dp.upsert_peer(*peer)?;
     }

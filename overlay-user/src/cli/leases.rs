@@ -74,13 +74,9 @@ pub fn render_table(leases: &[(Lease, Ttl)]) -> String {
                 l.key.ipv4.to_string(),
                 l.key.ipv6.map_or("-".into(), |n| n.to_string()),
                 l.attrs.public_ip.to_string(),
-                if l.attrs.backend_type.is_empty() {
-                    "udp".into()
-                } else {
-                    l.attrs.backend_type.clone()
-                },
+                l.attrs.backend.type_name().to_string(),
                 ttl_text(*ttl),
-                l.attrs.backend_data.as_ref().map_or("-".into(), |d| d.to_string()),
+                l.attrs.backend.data().map_or("-".into(), |d| d.to_string()),
             ]
         })
         .collect();

@@ -111,85 +111,8 @@ fn read_pem(flag: &'static str, path: &PathBuf) -> Result<Vec<u8>, EtcdError> {
 
 impl EtcdRegistry {
     pub async fn connect(args: &EtcdArgs) -> Result<Self, EtcdError> {
-        let endpoints: Vec<String> = args
-            .endpoints
-            .iter()
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect();
-        if endpoints.is_empty() {
-            return Err(EtcdError::NoEndpoints);
-        }
-        let tls = args.cafile.is_some() || args.certfile.is_some() || args.keyfile.is_some();
-        for e in &endpoints {
-            let rest = e
-                .strip_prefix("http://")
-                .or_else(|| e.strip_prefix("https://"))
-                .ok_or_else(|| EtcdError::BadEndpoint {
-                    endpoint: e.clone(),
-                    reason: "must start with http:// or https://".into(),
-                })?;
-            let host = rest.split('/').next().unwrap_or("");
-            if host.is_empty() || host.contains(char::is_whitespace) {
-                return Err(EtcdError::BadEndpoint {
-                    endpoint: e.clone(),
-                    reason: "expected scheme://host:port".into(),
-                });
-            }
-            if tls && e.starts_with("http://") {
-                return Err(EtcdError::TlsNeedsHttps(e.clone()));
-            }
-        }
-        if !args.prefix.starts_with('/') {
-            return Err(EtcdError::BadPrefix(args.prefix.clone()));
-        }
-
-        // Keepalive pings find a dead connection (etcd restarted, host gone) for watches too.
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        if tls {
-            let mut t = TlsOptions::new();
-            if let Some(ca) = &args.cafile {
-                t = t.ca_certificate(Certificate::from_pem(read_pem("--etcd-cafile", ca)?));
-            }
-            match (&args.certfile, &args.keyfile) {
-                (Some(c), Some(k)) => {
-                    t = t.identity(Identity::from_pem(
-                        read_pem("--etcd-certfile", c)?,
-                        read_pem("--etcd-keyfile", k)?,
-                    ));
-                }
-                (Some(_), None) => {
-                    return Err(EtcdError::HalfIdentity {
-                        given: "--etcd-certfile",
-                    });
-                }
-                (None, Some(_)) => {
-                    return Err(EtcdError::HalfIdentity {
-                        given: "--etcd-keyfile",
-                    });
-                }
-                (None, None) => {}
-            }
-            opts = opts.with_tls(t);
-        }
-        match (&args.username, &args.password) {
-            (Some(u), Some(p)) => opts = opts.with_user(u, p),
-            (Some(_), None) => {
-                return Err(EtcdError::HalfCredentials {
-                    given: "--etcd-username",
-                });
-            }
-            (None, Some(_)) => {
-                return Err(EtcdError::HalfCredentials {
-                    given: "--etcd-password",
-                });
-            }
-            (None, None) => {}
-        }
+        let endpoints = checked_endpoints(args)?;
+        let opts = connect_options(args)?;
         let target = endpoints.join(",");
         let mut clients = Vec::new();
         let mut last_err = None;
@@ -560,4 +483,97 @@ impl LeaseWatch for EtcdWatch {
             return Ok(batch);
         }
     }
+}
+/// `--etcd-endpoints` as given, each checked: scheme, host, https when TLS files are given;
+/// and the prefix.
+fn checked_endpoints(args: &EtcdArgs) -> Result<Vec<String>, EtcdError> {
+    let endpoints: Vec<String> = args
+        .endpoints
+        .iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        return Err(EtcdError::NoEndpoints);
+    }
+    let tls = uses_tls(args);
+    for e in &endpoints {
+        let rest = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"))
+            .ok_or_else(|| EtcdError::BadEndpoint {
+                endpoint: e.clone(),
+                reason: "must start with http:// or https://".into(),
+            })?;
+        let host = rest.split('/').next().unwrap_or("");
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(EtcdError::BadEndpoint {
+                endpoint: e.clone(),
+                reason: "expected scheme://host:port".into(),
+            });
+        }
+        if tls && e.starts_with("http://") {
+            return Err(EtcdError::TlsNeedsHttps(e.clone()));
+        }
+    }
+    if !args.prefix.starts_with('/') {
+        return Err(EtcdError::BadPrefix(args.prefix.clone()));
+    }
+    Ok(endpoints)
+}
+
+fn uses_tls(args: &EtcdArgs) -> bool {
+    args.cafile.is_some() || args.certfile.is_some() || args.keyfile.is_some()
+}
+
+/// Timeouts, keepalives, TLS and credentials for every endpoint's client.
+fn connect_options(args: &EtcdArgs) -> Result<ConnectOptions, EtcdError> {
+    let tls = uses_tls(args);
+    // Keepalive pings find a dead connection (etcd restarted, host gone) for watches too.
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    if tls {
+        let mut t = TlsOptions::new();
+        if let Some(ca) = &args.cafile {
+            t = t.ca_certificate(Certificate::from_pem(read_pem("--etcd-cafile", ca)?));
+        }
+        match (&args.certfile, &args.keyfile) {
+            (Some(c), Some(k)) => {
+                t = t.identity(Identity::from_pem(
+                    read_pem("--etcd-certfile", c)?,
+                    read_pem("--etcd-keyfile", k)?,
+                ));
+            }
+            (Some(_), None) => {
+                return Err(EtcdError::HalfIdentity {
+                    given: "--etcd-certfile",
+                });
+            }
+            (None, Some(_)) => {
+                return Err(EtcdError::HalfIdentity {
+                    given: "--etcd-keyfile",
+                });
+            }
+            (None, None) => {}
+        }
+        opts = opts.with_tls(t);
+    }
+    match (&args.username, &args.password) {
+        (Some(u), Some(p)) => opts = opts.with_user(u, p),
+        (Some(_), None) => {
+            return Err(EtcdError::HalfCredentials {
+                given: "--etcd-username",
+            });
+        }
+        (None, Some(_)) => {
+            return Err(EtcdError::HalfCredentials {
+                given: "--etcd-password",
+            });
+        }
+        (None, None) => {}
+    }
+    Ok(opts)
 }

@@ -11,6 +11,8 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::host::MacAddr;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
     #[error("key {key:?} is not a subnet key (expected e.g. 10.244.7.0-24)")]
@@ -81,35 +83,68 @@ impl std::fmt::Display for SubnetKey {
     }
 }
 
-/// The lease value, field for field as flannel's `LeaseAttrs` marshals it:
+/// The lease value as flannel's `LeaseAttrs` marshals it:
 /// `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{...}}`.
+/// `BackendType` and `BackendData` are read once, into [`LeaseBackend`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RawLeaseAttrs", into = "RawLeaseAttrs")]
 pub struct LeaseAttrs {
-    #[serde(rename = "PublicIP", default = "unspecified_v4")]
     pub public_ip: Ipv4Addr,
+    pub public_ipv6: Option<Ipv6Addr>,
+    pub backend: LeaseBackend,
+    pub backend_v6_data: Option<Value>,
+}
+
+/// The JSON shape, field for field.
+#[derive(Serialize, Deserialize)]
+struct RawLeaseAttrs {
+    #[serde(rename = "PublicIP", default = "unspecified_v4")]
+    public_ip: Ipv4Addr,
     /// flannel writes `null` when unset, so no `skip_serializing_if` here.
     #[serde(rename = "PublicIPv6", default)]
-    pub public_ipv6: Option<Ipv6Addr>,
+    public_ipv6: Option<Ipv6Addr>,
     /// Empty for flannel's udp backend, which omits the field.
     #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
-    pub backend_type: String,
+    backend_type: String,
     #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
-    pub backend_data: Option<Value>,
+    backend_data: Option<Value>,
     #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
-    pub backend_v6_data: Option<Value>,
+    backend_v6_data: Option<Value>,
 }
 
 fn unspecified_v4() -> Ipv4Addr {
     Ipv4Addr::UNSPECIFIED
 }
 
+impl From<RawLeaseAttrs> for LeaseAttrs {
+    fn from(raw: RawLeaseAttrs) -> Self {
+        LeaseAttrs {
+            public_ip: raw.public_ip,
+            public_ipv6: raw.public_ipv6,
+            backend: LeaseBackend::parse(raw.backend_type, raw.backend_data),
+            backend_v6_data: raw.backend_v6_data,
+        }
+    }
+}
+
+impl From<LeaseAttrs> for RawLeaseAttrs {
+    fn from(attrs: LeaseAttrs) -> Self {
+        RawLeaseAttrs {
+            public_ip: attrs.public_ip,
+            public_ipv6: attrs.public_ipv6,
+            backend_type: attrs.backend.written_type().to_string(),
+            backend_data: attrs.backend.data(),
+            backend_v6_data: attrs.backend_v6_data,
+        }
+    }
+}
+
 impl LeaseAttrs {
-    pub fn new(public_ip: Ipv4Addr, backend_type: &str, backend_data: Option<Value>) -> Self {
+    pub fn new(public_ip: Ipv4Addr, backend: LeaseBackend) -> Self {
         LeaseAttrs {
             public_ip,
             public_ipv6: None,
-            backend_type: backend_type.to_string(),
-            backend_data,
+            backend,
             backend_v6_data: None,
         }
     }
@@ -132,13 +167,121 @@ impl LeaseAttrs {
     }
 }
 
+/// The backends whose leases we can be peers of: flannel's `Type` in the network config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    Udp,
+    Vxlan,
+    HostGw,
+}
+
+impl BackendKind {
+    /// flannel's name for it, in the config's `Type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Udp => "udp",
+            BackendKind::Vxlan => "vxlan",
+            BackendKind::HostGw => "host-gw",
+        }
+    }
+}
+
 /// vxlan's `BackendData`: `{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VxlanBackendData {
-    #[serde(rename = "VNI", default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanData {
     pub vni: u32,
-    #[serde(rename = "VtepMAC")]
-    pub vtep_mac: String,
+    pub vtep_mac: MacAddr,
+}
+
+/// A lease's `BackendType` with its `BackendData`, read once when the lease is read. A lease
+/// whose data we cannot use still holds its subnet, so it is kept, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseBackend {
+    /// flannel's udp backend writes no `BackendType`.
+    Udp,
+    Vxlan(VxlanData),
+    HostGw,
+    /// A backend we do not speak (wireguard, ipip...), kept as written.
+    Unsupported {
+        backend_type: String,
+        data: Option<Value>,
+    },
+    /// A backend we speak whose data is unusable (a vxlan lease without a VtepMAC, say).
+    Invalid {
+        backend_type: String,
+        data: Option<Value>,
+        reason: String,
+    },
+}
+
+impl LeaseBackend {
+    fn parse(backend_type: String, data: Option<Value>) -> Self {
+        let invalid = |reason: &str, backend_type: String, data: Option<Value>| LeaseBackend::Invalid {
+            backend_type,
+            data,
+            reason: reason.to_string(),
+        };
+        match backend_type.as_str() {
+            "" | "udp" => LeaseBackend::Udp,
+            "host-gw" => LeaseBackend::HostGw,
+            "vxlan" => {
+                let Some(Value::Object(fields)) = &data else {
+                    return invalid("vxlan lease without BackendData", backend_type, data);
+                };
+                let vni = match fields.get("VNI") {
+                    None => Some(0),
+                    Some(v) => v.as_u64().and_then(|v| u32::try_from(v).ok()),
+                };
+                let Some(vni) = vni else {
+                    return invalid("vxlan lease whose BackendData.VNI is not a number", backend_type, data);
+                };
+                let Some(mac) = fields.get("VtepMAC").and_then(Value::as_str) else {
+                    return invalid("vxlan lease without BackendData.VtepMAC", backend_type, data);
+                };
+                match mac.parse::<MacAddr>() {
+                    Ok(vtep_mac) => LeaseBackend::Vxlan(VxlanData { vni, vtep_mac }),
+                    Err(e) => invalid(&e, backend_type, data),
+                }
+            }
+            _ => LeaseBackend::Unsupported { backend_type, data },
+        }
+    }
+
+    pub fn kind(&self) -> Option<BackendKind> {
+        match self {
+            LeaseBackend::Udp => Some(BackendKind::Udp),
+            LeaseBackend::Vxlan(_) => Some(BackendKind::Vxlan),
+            LeaseBackend::HostGw => Some(BackendKind::HostGw),
+            LeaseBackend::Unsupported { .. } | LeaseBackend::Invalid { .. } => None,
+        }
+    }
+
+    /// The `BackendType` as the lease writes it (empty for udp, as flannel writes it).
+    pub fn written_type(&self) -> &str {
+        match self {
+            LeaseBackend::Udp => "",
+            LeaseBackend::Vxlan(_) => "vxlan",
+            LeaseBackend::HostGw => "host-gw",
+            LeaseBackend::Unsupported { backend_type, .. } | LeaseBackend::Invalid { backend_type, .. } => backend_type,
+        }
+    }
+
+    /// The backend's name for people: `udp` for the lease that writes none.
+    pub fn type_name(&self) -> &str {
+        match self.written_type() {
+            "" => "udp",
+            t => t,
+        }
+    }
+
+    /// `BackendData` as JSON.
+    pub fn data(&self) -> Option<Value> {
+        match self {
+            LeaseBackend::Udp | LeaseBackend::HostGw => None,
+            LeaseBackend::Vxlan(v) => Some(serde_json::json!({"VNI": v.vni, "VtepMAC": v.vtep_mac.to_string()})),
+            LeaseBackend::Unsupported { data, .. } | LeaseBackend::Invalid { data, .. } => data.clone(),
+        }
+    }
 }
 
 /// A subnet lease as read from (or written to) the registry.
@@ -300,21 +443,19 @@ mod tests {
         let doc = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
         let a = LeaseAttrs::from_json("k", doc.as_bytes()).unwrap();
         assert_eq!(a.public_ip, Ipv4Addr::new(192, 168, 64, 3));
-        assert_eq!(a.backend_type, "vxlan");
-        let data: VxlanBackendData = serde_json::from_value(a.backend_data.clone().unwrap()).unwrap();
         assert_eq!(
-            data,
-            VxlanBackendData {
+            a.backend,
+            LeaseBackend::Vxlan(VxlanData {
                 vni: 1,
-                vtep_mac: "c6:d2:32:6f:8f:44".into()
-            }
+                vtep_mac: "c6:d2:32:6f:8f:44".parse().unwrap()
+            })
         );
         assert_eq!(a.to_json(), doc);
     }
 
     #[test]
     fn udp_lease_has_no_backend_type() {
-        let a = LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 1), "", None);
+        let a = LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 1), LeaseBackend::Udp);
         assert_eq!(a.to_json(), r#"{"PublicIP":"10.0.0.1","PublicIPv6":null}"#);
         let back = LeaseAttrs::from_json("k", a.to_json().as_bytes()).unwrap();
         assert_eq!(back, a);
@@ -333,7 +474,7 @@ mod tests {
     fn lease(key: &str, ip: [u8; 4]) -> Lease {
         Lease {
             key: SubnetKey::parse(key).unwrap(),
-            attrs: LeaseAttrs::new(ip.into(), "vxlan", None),
+            attrs: LeaseAttrs::new(ip.into(), LeaseBackend::HostGw),
             lease_id: 1,
             expires: None,
             mod_revision: 1,
@@ -369,12 +510,49 @@ mod tests {
         );
         s.reset(vec![a.clone(), b.clone()]);
         let mut b2 = b.clone();
-        b2.attrs.backend_type = "host-gw".into();
+        b2.attrs.backend = LeaseBackend::Udp;
         let events = s.reset(vec![b2.clone(), c.clone()]);
         assert_eq!(events.len(), 3, "{events:?}");
         assert!(events.contains(&LeaseEvent::Removed(a)));
         assert!(events.contains(&LeaseEvent::Changed(b2.clone())));
         assert!(events.contains(&LeaseEvent::Added(c.clone())));
         assert!(s.reset(vec![b2, c]).is_empty());
+    }
+
+    #[test]
+    fn backend_data_is_read_once_and_bad_data_kept_with_the_reason() {
+        let parse = |json: &str| LeaseAttrs::from_json("k", json.as_bytes()).unwrap().backend;
+        assert_eq!(parse(r#"{"PublicIP":"10.0.0.1"}"#), LeaseBackend::Udp);
+        assert_eq!(
+            parse(r#"{"PublicIP":"10.0.0.1","BackendType":"host-gw"}"#),
+            LeaseBackend::HostGw
+        );
+        for (json, why) in [
+            (r#"{"BackendType":"vxlan"}"#, "without BackendData"),
+            (
+                r#"{"BackendType":"vxlan","BackendData":{"VNI":1}}"#, "without BackendData.VtepMAC",
+            ),
+            (
+                r#"{"BackendType":"vxlan","BackendData":{"VNI":"1","VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#,
+                "VNI",
+            ),
+            (
+                r#"{"BackendType":"vxlan","BackendData":{"VtepMAC":"aa:bb"}}"#,
+                "invalid MAC",
+            ),
+        ] {
+            match parse(json) {
+                LeaseBackend::Invalid { reason, .. } => assert!(reason.contains(why), "{json}: {reason}"),
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+        let wg = parse(r#"{"BackendType":"wireguard","BackendData":{"PublicKey":"x"}}"#);
+        assert_eq!(wg.kind(), None);
+        assert_eq!(wg.type_name(), "wireguard");
+        let again = LeaseAttrs::from_json(
+            "k",
+            LeaseAttrs::new(Ipv4Addr::LOCALHOST, wg.clone()).to_json().as_bytes(),
+        );
+        assert_eq!(again.unwrap().backend, wg, "kept as written");
     }
 }

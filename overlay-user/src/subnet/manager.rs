@@ -257,7 +257,7 @@ impl<R: Registry> LeaseManager<R> {
     pub async fn run(
         &self,
         config: &NetworkConfig,
-        mut own: Lease,
+        own: Lease,
         events: mpsc::Sender<LeaseEvent>,
     ) -> Result<(), ManagerError> {
         let mut peers = LeaseSet::new();
@@ -265,7 +265,10 @@ impl<R: Registry> LeaseManager<R> {
         let mut backoff = self.opts.resync_backoff_min;
         let mut resync_at = Instant::now();
         let mut watched_before = false;
-        let mut renew_at = self.renew_deadline(&own);
+        let mut own = Own {
+            renew_at: self.renew_deadline(&own),
+            lease: own,
+        };
 
         loop {
             enum Step<B> {
@@ -276,72 +279,37 @@ impl<R: Registry> LeaseManager<R> {
             let step = match watch.as_mut() {
                 Some(w) => tokio::select! {
                     r = w.next() => Step::Batch(r),
-                    _ = tokio::time::sleep_until(renew_at) => Step::Renew,
+                    _ = tokio::time::sleep_until(own.renew_at) => Step::Renew,
                 },
                 None => tokio::select! {
                     _ = tokio::time::sleep_until(resync_at) => Step::Resync,
-                    _ = tokio::time::sleep_until(renew_at) => Step::Renew,
+                    _ = tokio::time::sleep_until(own.renew_at) => Step::Renew,
                 },
             };
             match step {
-                Step::Renew => match self.renew(&mut own).await {
+                Step::Renew => match self.renew(&mut own.lease).await {
                     Ok(()) => {
-                        debug!(subnet = %own.key, "lease renewed");
-                        renew_at = self.renew_deadline(&own);
+                        debug!(subnet = %own.lease.key, "lease renewed");
+                        own.renew_at = self.renew_deadline(&own.lease);
                     }
                     Err(ManagerError::LeaseLost { reason, .. }) => {
-                        own = self.lost(config, own, &reason, &mut peers, &events).await?;
-                        renew_at = self.renew_deadline(&own);
+                        self.lost(config, &mut own, &reason, &mut peers, &events).await?;
                     }
                     Err(e) => {
                         warn!(
                             "renewing lease {} failed (retrying in {:?}): {e}",
-                            own.key, self.opts.renew_retry
+                            own.lease.key, self.opts.renew_retry
                         );
-                        renew_at = Instant::now() + self.opts.renew_retry;
+                        own.renew_at = Instant::now() + self.opts.renew_retry;
                     }
                 },
                 Step::Resync => match self.registry.list().await {
                     Ok(listing) => {
                         warn_skipped(&listing.skipped);
-                        let mut snapshot = Vec::new();
-                        let mut own_now = None;
-                        for l in listing.leases {
-                            if l.key == own.key {
-                                own_now = Some(l);
-                            } else if in_network(config, &l) {
-                                snapshot.push(l);
-                            }
-                        }
-                        for e in peers.reset(snapshot) {
-                            events.send(e).await.map_err(|_| ManagerError::ReceiverGone)?;
-                        }
-                        match own_now {
-                            Some(l) if l.attrs.public_ip == own.attrs.public_ip => {
-                                if l.lease_id != own.lease_id {
-                                    renew_at = Instant::now();
-                                }
-                                own = Lease {
-                                    expires: own.expires,
-                                    ..l
-                                };
-                            }
-                            Some(_) => {
-                                own = self
-                                    .lost(
-                                        config, own, "another host's lease now holds the key", &mut peers, &events,
-                                    )
-                                    .await?;
-                                renew_at = self.renew_deadline(&own);
-                            }
-                            None => {
-                                own = self
-                                    .lost(config, own, "the key was deleted", &mut peers, &events)
-                                    .await?;
-                                renew_at = self.renew_deadline(&own);
-                            }
-                        }
-                        match self.registry.watch(listing.revision + 1).await {
+                        let revision = listing.revision;
+                        self.resync(config, &mut own, listing.leases, &mut peers, &events)
+                            .await?;
+                        match self.registry.watch(revision + 1).await {
                             Ok(w) => {
                                 if watched_before {
                                     self.opts.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -376,50 +344,96 @@ impl<R: Registry> LeaseManager<R> {
                     warn_skipped(&batch.skipped);
                     let revision = batch.revision;
                     for ev in batch.events {
-                        let key = match &ev {
-                            RegistryEvent::Put(l) => l.key,
-                            RegistryEvent::Deleted(k) => *k,
-                        };
-                        if key == own.key {
-                            match ev {
-                                RegistryEvent::Put(l) if l.attrs.public_ip == own.attrs.public_ip => {
-                                    if l.lease_id != own.lease_id {
-                                        renew_at = Instant::now();
-                                    }
-                                    own = Lease {
-                                        expires: own.expires,
-                                        ..l
-                                    };
-                                }
-                                RegistryEvent::Put(_) => {
-                                    own = self
-                                        .lost(
-                                            config, own, "another host's lease now holds the key", &mut peers, &events,
-                                        )
-                                        .await?;
-                                    renew_at = self.renew_deadline(&own);
-                                }
-                                RegistryEvent::Deleted(_) => {
-                                    own = self
-                                        .lost(config, own, "the key was deleted", &mut peers, &events)
-                                        .await?;
-                                    renew_at = self.renew_deadline(&own);
-                                }
-                            }
-                            continue;
-                        }
-                        if let RegistryEvent::Put(l) = &ev
-                            && !in_network(config, l)
-                        {
-                            continue;
-                        }
-                        if let Some(e) = peers.apply(ev) {
-                            events.send(e).await.map_err(|_| ManagerError::ReceiverGone)?;
-                        }
+                        self.apply_change(config, &mut own, ev, &mut peers, &events).await?;
                     }
                     debug!(revision, "lease watch batch applied");
                 }
             }
+        }
+    }
+
+    /// A full listing: our own lease checked, the others' difference to what we knew sent.
+    async fn resync(
+        &self,
+        config: &NetworkConfig,
+        own: &mut Own,
+        leases: Vec<Lease>,
+        peers: &mut LeaseSet,
+        events: &mpsc::Sender<LeaseEvent>,
+    ) -> Result<(), ManagerError> {
+        let mut snapshot = Vec::new();
+        let mut own_now = None;
+        for l in leases {
+            if l.key == own.lease.key {
+                own_now = Some(l);
+            } else if in_network(config, &l) {
+                snapshot.push(l);
+            }
+        }
+        for e in peers.reset(snapshot) {
+            events.send(e).await.map_err(|_| ManagerError::ReceiverGone)?;
+        }
+        self.own_seen(config, own, own_now, peers, events).await
+    }
+
+    /// One change from the watch: to our own lease, or another host's.
+    async fn apply_change(
+        &self,
+        config: &NetworkConfig,
+        own: &mut Own,
+        ev: RegistryEvent,
+        peers: &mut LeaseSet,
+        events: &mpsc::Sender<LeaseEvent>,
+    ) -> Result<(), ManagerError> {
+        let key = match &ev {
+            RegistryEvent::Put(l) => l.key,
+            RegistryEvent::Deleted(k) => *k,
+        };
+        if key == own.lease.key {
+            let seen = match ev {
+                RegistryEvent::Put(l) => Some(l),
+                RegistryEvent::Deleted(_) => None,
+            };
+            return self.own_seen(config, own, seen, peers, events).await;
+        }
+        if let RegistryEvent::Put(l) = &ev
+            && !in_network(config, l)
+        {
+            return Ok(());
+        }
+        if let Some(e) = peers.apply(ev) {
+            events.send(e).await.map_err(|_| ManagerError::ReceiverGone)?;
+        }
+        Ok(())
+    }
+
+    /// What the registry holds under our key now (None: nothing). Our PublicIP's lease is still
+    /// ours (held by another etcd lease after a restore: renew at once); anything else means
+    /// we lost it.
+    async fn own_seen(
+        &self,
+        config: &NetworkConfig,
+        own: &mut Own,
+        seen: Option<Lease>,
+        peers: &mut LeaseSet,
+        events: &mpsc::Sender<LeaseEvent>,
+    ) -> Result<(), ManagerError> {
+        match seen {
+            Some(l) if l.attrs.public_ip == own.lease.attrs.public_ip => {
+                if l.lease_id != own.lease.lease_id {
+                    own.renew_at = Instant::now();
+                }
+                own.lease = Lease {
+                    expires: own.lease.expires,
+                    ..l
+                };
+                Ok(())
+            }
+            Some(_) => {
+                self.lost(config, own, "another host's lease now holds the key", peers, events)
+                    .await
+            }
+            None => self.lost(config, own, "the key was deleted", peers, events).await,
         }
     }
 
@@ -438,22 +452,23 @@ impl<R: Registry> LeaseManager<R> {
     async fn lost(
         &self,
         config: &NetworkConfig,
-        own: Lease,
+        own: &mut Own,
         reason: &str,
         peers: &mut LeaseSet,
         events: &mpsc::Sender<LeaseEvent>,
-    ) -> Result<Lease, ManagerError> {
+    ) -> Result<(), ManagerError> {
+        let own_key = own.lease.key;
         if !self.opts.reacquire_on_loss {
-            error!("our lease {} was lost ({reason}); stopping", own.key);
+            error!("our lease {own_key} was lost ({reason}); stopping");
             return Err(ManagerError::LeaseLost {
-                key: own.key,
+                key: own_key,
                 reason: reason.into(),
             });
         }
-        warn!("our lease {} was lost ({reason}); acquiring a new one", own.key);
+        warn!("our lease {own_key} was lost ({reason}); acquiring a new one");
         let mut backoff = self.opts.resync_backoff_min;
         let fresh = loop {
-            match self.acquire(config, &own.attrs).await {
+            match self.acquire(config, &own.lease.attrs).await {
                 Ok(l) => break l,
                 Err(e @ (ManagerError::Registry(_) | ManagerError::TooManyRaces { .. })) => {
                     warn!("re-acquiring failed (retrying in {backoff:?}): {e}");
@@ -471,7 +486,9 @@ impl<R: Registry> LeaseManager<R> {
             .send(LeaseEvent::Reacquired(fresh.clone()))
             .await
             .map_err(|_| ManagerError::ReceiverGone)?;
-        Ok(fresh)
+        own.renew_at = self.renew_deadline(&fresh);
+        own.lease = fresh;
+        Ok(())
     }
 }
 
@@ -600,6 +617,12 @@ fn allocate(config: &NetworkConfig, taken: &[&Lease]) -> Result<SubnetKey, Manag
     Ok(SubnetKey::new(ipv4, ipv6))
 }
 
+/// Our own lease as [`LeaseManager::run`] keeps it, with when to renew it next.
+struct Own {
+    lease: Lease,
+    renew_at: Instant,
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -612,8 +635,10 @@ mod tests {
     fn attrs(last: u8) -> LeaseAttrs {
         LeaseAttrs::new(
             Ipv4Addr::new(192, 168, 0, last),
-            "vxlan",
-            Some(serde_json::json!({"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"})),
+            crate::subnet::LeaseBackend::Vxlan(crate::subnet::VxlanData {
+                vni: 1,
+                vtep_mac: "aa:bb:cc:dd:ee:ff".parse().unwrap(),
+            }),
         )
     }
 

@@ -10,10 +10,11 @@ pub mod etcd;
 pub mod file;
 pub mod lease;
 pub mod manager;
+#[cfg(test)]
 pub mod mem;
 pub mod registry;
 
 pub use config::{Backend, ConfigError, NetworkConfig};
-pub use lease::{Lease, LeaseAttrs, LeaseEvent, SubnetKey, VxlanBackendData};
+pub use lease::{BackendKind, Lease, LeaseAttrs, LeaseBackend, LeaseEvent, SubnetKey, VxlanData};
 pub use manager::{LeaseManager, ManagerError, ManagerOptions};
 pub use registry::Registry;

@@ -1,5 +1,6 @@
 //! The small interface the lease manager needs from a store (flannel's `Registry`), with the
-//! etcd implementation in [`super::etcd`] and an in-memory one in [`super::mem`] for fast tests.
+//! etcd implementation in [`super::etcd`]; an in-memory one (`mem`, in test builds only) serves
+//! the manager's unit tests.
 
 use std::{future::Future, time::Duration, time::SystemTime};
 

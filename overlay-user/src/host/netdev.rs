@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, process::Command};
 use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 
-use super::{DatapathError, MacAddr};
+use super::{HostError, MacAddr};
 
 #[derive(Debug, Clone)]
 pub struct LinkInfo {
@@ -46,27 +46,27 @@ struct IpLinkData {
     vlan_filtering: Option<u8>,
 }
 
-pub fn ip(args: &[&str]) -> Result<String, DatapathError> {
+pub fn ip(args: &[&str]) -> Result<String, HostError> {
     iproute2("ip", args)
 }
 
 /// Run `bridge <args>` (fdb entries for the kernel vxlan backend).
-pub fn bridge(args: &[&str]) -> Result<String, DatapathError> {
+pub fn bridge(args: &[&str]) -> Result<String, HostError> {
     iproute2("bridge", args)
 }
 
 /// Run one of iproute2's tools; a failure names the command line and what it said.
-fn iproute2(program: &str, args: &[&str]) -> Result<String, DatapathError> {
+fn iproute2(program: &str, args: &[&str]) -> Result<String, HostError> {
     let command = || format!("{program} {}", args.join(" "));
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| DatapathError::Command {
+        .map_err(|e| HostError::Command {
             command: command(),
             message: format!("cannot run {program} (install iproute2): {e}"),
         })?;
     if !out.status.success() {
-        return Err(DatapathError::Command {
+        return Err(HostError::Command {
             command: command(),
             message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
@@ -74,18 +74,18 @@ fn iproute2(program: &str, args: &[&str]) -> Result<String, DatapathError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub fn link_info(name: &str) -> Result<LinkInfo, DatapathError> {
+pub fn link_info(name: &str) -> Result<LinkInfo, HostError> {
     // -d for linkinfo: the driver kind tells a veth apart even where /sys is not this
     // namespace's (`ip netns exec` mounts a fresh one).
-    let out = ip(&["-d", "-j", "link", "show", "dev", name]).map_err(|e| DatapathError::Interface {
+    let out = ip(&["-d", "-j", "link", "show", "dev", name]).map_err(|e| HostError::Interface {
         name: name.to_string(),
         reason: e.to_string(),
     })?;
-    let links: Vec<IpLink> = serde_json::from_str(&out).map_err(|e| DatapathError::Interface {
+    let links: Vec<IpLink> = serde_json::from_str(&out).map_err(|e| HostError::Interface {
         name: name.to_string(),
         reason: format!("unreadable `ip -j link` output: {e}"),
     })?;
-    let l = links.into_iter().next().ok_or_else(|| DatapathError::Interface {
+    let l = links.into_iter().next().ok_or_else(|| HostError::Interface {
         name: name.to_string(),
         reason: "no such interface".into(),
     })?;
@@ -112,7 +112,7 @@ pub fn link_exists(name: &str) -> bool {
 /// does the rest. Any Ethernet-type device that transmits nothing by itself will do: `dummy`,
 /// or `ifb` on kernels built without dummy. Kept across restarts so its MAC, our VtepMAC, stays
 /// the same; created before the lease, since the lease publishes that MAC.
-pub fn create_overlay_device(name: &str, mac: Option<MacAddr>) -> Result<LinkInfo, DatapathError> {
+pub fn create_overlay_device(name: &str, mac: Option<MacAddr>) -> Result<LinkInfo, HostError> {
     if let Ok(existing) = link_info(name) {
         // ifb cannot change its MAC once created: recreate it when another one is asked for.
         if mac.is_none() || existing.mac == mac {
@@ -131,7 +131,7 @@ pub fn create_overlay_device(name: &str, mac: Option<MacAddr>) -> Result<LinkInf
             args.extend(["type", kind]);
             ip(&args).is_ok()
         })
-        .ok_or_else(|| DatapathError::Interface {
+        .ok_or_else(|| HostError::Interface {
             name: name.to_string(),
             reason: "cannot create the overlay device: this kernel has neither the dummy nor the ifb driver".into(),
         })?;
@@ -140,7 +140,7 @@ pub fn create_overlay_device(name: &str, mac: Option<MacAddr>) -> Result<LinkInf
 }
 
 /// MTU, address and state of the overlay device.
-pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<LinkInfo, DatapathError> {
+pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<LinkInfo, HostError> {
     // No neighbour resolution on this device: every packet goes to our program, which resolves
     // the outer next hop itself.
     ip(&["link", "set", "dev", name, "arp", "off"])?;
@@ -153,10 +153,10 @@ pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<
 
 /// Make sure `dir` is on a bpffs, mounting one there if not: pins live only on bpffs, and a
 /// namespace started with `ip netns exec` sees a fresh /sys without /sys/fs/bpf mounted.
-pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), DatapathError> {
+pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), HostError> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     std::fs::create_dir_all(dir)
-        .map_err(|e| DatapathError::Config(format!("creating pin directory {}: {e}", dir.display())))?;
+        .map_err(|e| HostError::Setup(format!("creating pin directory {}: {e}", dir.display())))?;
     let is_bpffs = nix::sys::statfs::statfs(dir)
         .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
@@ -168,30 +168,30 @@ pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), DatapathError> {
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .map_err(|e| DatapathError::Config(format!("mounting bpffs at {}: {e}", dir.display())))?;
+        .map_err(|e| HostError::Setup(format!("mounting bpffs at {}: {e}", dir.display())))?;
         tracing::info!(dir = %dir.display(), "mounted bpffs for pinned maps and links");
     }
     Ok(())
 }
 
-pub fn route_replace(network: Ipv4Network, dev: &str) -> Result<(), DatapathError> {
+pub fn route_replace(network: Ipv4Network, dev: &str) -> Result<(), HostError> {
     ip(&["route", "replace", &network.to_string(), "dev", dev])?;
     tracing::info!(%network, dev, "route to the overlay network");
     Ok(())
 }
 
-pub fn delete_link(name: &str) -> Result<(), DatapathError> {
+pub fn delete_link(name: &str) -> Result<(), HostError> {
     ip(&["link", "del", "dev", name]).map(|_| ())
 }
 
 /// Write a sysctl under /proc/sys (per network namespace), e.g. `net/ipv4/ip_forward`.
-pub fn sysctl_set(key: &str, value: &str) -> Result<(), DatapathError> {
+pub fn sysctl_set(key: &str, value: &str) -> Result<(), HostError> {
     let path = format!("/proc/sys/{key}");
     let old = std::fs::read_to_string(&path).unwrap_or_default();
     if old.trim() == value {
         return Ok(());
     }
-    std::fs::write(&path, value).map_err(|e| DatapathError::Sysctl {
+    std::fs::write(&path, value).map_err(|e| HostError::Sysctl {
         key: key.replace('/', "."),
         message: e.to_string(),
     })?;

@@ -14,7 +14,17 @@ use std::{
 
 use ipnetwork::Ipv4Network;
 
-use super::{MacAddr, netdev};
+use aya::{
+    maps::{DevMapHash, HashMap as BpfHashMap, MapError},
+    programs::{TcAttachType, tc::SchedClassifierLinkId},
+};
+use overlay_common::{MAP_BRIDGE_FDB, MAP_BRIDGE_PORTS, PROG_BRIDGE_OUT};
+
+use super::{
+    Datapath, DecapHook,
+    programs::{DatapathError, Programs, not_found, typed_map},
+};
+use crate::host::{MacAddr, netdev};
 
 /// A bridge found to hold an address in our subnet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,6 +252,171 @@ const NDA_LLADDR: u16 = libc::NDA_LLADDR;
 const NDA_MASTER: u16 = libc::NDA_MASTER;
 const NLA_TYPE_MASK: u16 = libc::NLA_TYPE_MASK as u16;
 const NUD_PERMANENT: u16 = libc::NUD_PERMANENT;
+
+/// The container bridge our egress program is on, with what its maps hold.
+pub(super) struct AttachedBridge {
+    device: BridgeDevice,
+    link: SchedClassifierLinkId,
+    mirror: Mirror,
+}
+
+impl Programs {
+    /// Make the bridge maps hold `fdb` (MAC -> port ifindex); `mirror` is what they hold now
+    /// and is updated as entries are written. A port that vanished meanwhile is skipped: the
+    /// next reading of the FDB no longer has it.
+    pub fn sync_bridge_fdb(&mut self, mirror: &mut Mirror, fdb: &HashMap<MacAddr, u32>) -> Result<(), DatapathError> {
+        // Departed MACs go first, so a full table still takes the new ones. A MAC that cannot
+        // be written is left out (its frames take the bridge) and the first failure reported
+        // once the rest is done.
+        let mut failed = None;
+        let mut macs: BpfHashMap<_, [u8; 6], u32> = typed_map(&mut self.ebpf, MAP_BRIDGE_FDB)?;
+        let gone: Vec<MacAddr> = mirror.fdb.keys().filter(|m| !fdb.contains_key(m)).copied().collect();
+        for mac in gone {
+            match macs.remove(&mac.0) {
+                Err(source) if !not_found(&source) => {
+                    return Err(DatapathError::Map {
+                        name: MAP_BRIDGE_FDB,
+                        source,
+                    });
+                }
+                _ => {}
+            }
+            mirror.fdb.remove(&mac);
+        }
+        let wanted_ports: HashSet<u32> = fdb.values().copied().collect();
+        let mut ports: DevMapHash<_> = typed_map(&mut self.ebpf, MAP_BRIDGE_PORTS)?;
+        for &port in wanted_ports.difference(&mirror.ports.clone()) {
+            match ports.insert(port, port, None, 0) {
+                Ok(()) => {
+                    mirror.ports.insert(port);
+                }
+                // The port's device went away since the FDB reading, which drops it next time
+                // (the kernel says EINVAL for an ifindex with no device).
+                Err(aya::maps::xdp::XdpMapError::MapError(MapError::SyscallError(e)))
+                    if matches!(e.io_error.raw_os_error(), Some(libc::EINVAL | libc::ENODEV)) =>
+                {
+                    tracing::debug!(port, "bridge port gone before it was copied");
+                }
+                Err(e) => {
+                    failed.get_or_insert(DatapathError::Config(format!(
+                        "BPF map {MAP_BRIDGE_PORTS}: port ifindex {port}: {e}"
+                    )));
+                }
+            }
+        }
+        for port in mirror.ports.clone().difference(&wanted_ports) {
+            // The kernel removes a port whose device went away: not found is fine.
+            match ports.remove(*port) {
+                Err(source) if !not_found(&source) => {
+                    return Err(DatapathError::Map {
+                        name: MAP_BRIDGE_PORTS,
+                        source,
+                    });
+                }
+                _ => {}
+            }
+            mirror.ports.remove(port);
+        }
+        let mut macs: BpfHashMap<_, [u8; 6], u32> = typed_map(&mut self.ebpf, MAP_BRIDGE_FDB)?;
+        for (mac, &port) in fdb {
+            if mirror.fdb.get(mac) == Some(&port) {
+                continue;
+            }
+            match macs.insert(mac.0, port, 0) {
+                Ok(()) => {
+                    mirror.fdb.insert(*mac, port);
+                }
+                Err(source) => {
+                    failed.get_or_insert(DatapathError::Map {
+                        name: MAP_BRIDGE_FDB,
+                        source,
+                    });
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+impl Datapath {
+    /// Follow the container bridge: attach our egress program to the bridge that holds our
+    /// subnet's gateway address (once docker or the CNI plugin has made it, again if it is
+    /// recreated) and copy its forwarding database into the maps. Call it every second or so;
+    /// until it has seen a new container, that container's packets take the bridge's own
+    /// (slower) path. Failures are logged: the datapath works without this, only slower.
+    ///
+    /// Only TC decapsulation needs it: after XDP decapsulation the kernel's GRO rebuilds plain
+    /// TCP packets, which the bridge forwards with their offloads.
+    pub fn sync_bridge(&mut self) {
+        if !self.spec.bridge_redirect || self.decap_hook != DecapHook::Tc {
+            return;
+        }
+        let found = self.bridges.find(self.subnet, &self.overlay.name);
+        if self.bridge.as_ref().map(|b| &b.device) != found.as_ref() {
+            self.detach_bridge();
+            let Some(device) = found else { return };
+            match self.programs.bridge_program().and_then(|p| {
+                p.attach(&device.name, TcAttachType::Egress)
+                    .map_err(|source| DatapathError::Program {
+                        name: PROG_BRIDGE_OUT,
+                        source,
+                    })
+            }) {
+                Ok(link) => {
+                    tracing::info!(bridge = %device.name, "frames for containers go straight to their ports");
+                    self.bridge_warning = None;
+                    self.bridge = Some(AttachedBridge {
+                        device,
+                        link,
+                        mirror: Mirror::default(),
+                    });
+                }
+                Err(e) => {
+                    self.warn_bridge(format!(
+                        "cannot attach to the container bridge {} (packets take the bridge's own path): {e}",
+                        device.name
+                    ));
+                    return;
+                }
+            }
+        }
+        let Some(attached) = self.bridge.as_mut() else { return };
+        let name = &attached.device.name;
+        let result = match fdb(attached.device.ifindex) {
+            Ok(fdb) => self
+                .programs
+                .sync_bridge_fdb(&mut attached.mirror, &fdb)
+                .map_err(|e| format!("copying the forwarding database of {name}: {e}")),
+            Err(e) => Err(format!("reading the forwarding database of {name}: {e}")),
+        };
+        match result {
+            Ok(()) => self.bridge_warning = None,
+            Err(why) => self.warn_bridge(why),
+        }
+    }
+
+    /// Once per distinct trouble, not once a second: the next tick tries again anyway.
+    fn warn_bridge(&mut self, why: String) {
+        if self.bridge_warning.as_ref() != Some(&why) {
+            tracing::warn!("{why}");
+            self.bridge_warning = Some(why);
+        }
+    }
+
+    pub(super) fn detach_bridge(&mut self) {
+        let Some(mut old) = self.bridge.take() else { return };
+        // A bridge that was deleted took our link with it: nothing to detach then.
+        if let Ok(p) = self.programs.bridge_program()
+            && let Err(e) = p.detach(old.link)
+        {
+            tracing::debug!(bridge = %old.device.name, "detaching from the bridge: {e}");
+        }
+        if let Err(e) = self.programs.sync_bridge_fdb(&mut old.mirror, &HashMap::new()) {
+            tracing::warn!("clearing the bridge maps: {e}");
+        }
+        tracing::info!(bridge = %old.device.name, "detached from the container bridge");
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,597 @@
+//! Putting the programs on a host: the overlay device whose egress encapsulates, XDP or TC
+//! ingress on the underlay that decapsulates, the route and sysctls they need; pinning, so a
+//! restart adopts a running datapath without a gap; detaching and cleanup.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    TcAttachType, XdpMode,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::{SchedClassifierLink, SchedClassifierLinkId},
+    xdp::{XdpLink, XdpLinkId},
+};
+use ipnetwork::Ipv4Network;
+use overlay_common::{
+    DatapathConfig, Format, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+};
+
+use super::{
+    Datapath,
+    bridge::BridgeFinder,
+    programs::{DatapathError, Programs},
+};
+use crate::host::{MacAddr, netdev};
+
+/// Which hook decapsulates on the underlay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapAttach {
+    /// TC ingress on veth underlays, XDP elsewhere.
+    #[default]
+    Auto,
+    /// XDP, in the mode --xdp-mode says.
+    Xdp,
+    /// TC ingress (TCX): keeps GSO across veth, where XDP disables it.
+    Tc,
+}
+
+/// The hook decapsulation runs on, once [`DecapAttach`] is resolved for an underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapHook {
+    Xdp,
+    Tc,
+}
+
+impl DecapHook {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecapHook::Xdp => "xdp",
+            DecapHook::Tc => "tc",
+        }
+    }
+
+    fn other(self) -> DecapHook {
+        match self {
+            DecapHook::Xdp => DecapHook::Tc,
+            DecapHook::Tc => DecapHook::Xdp,
+        }
+    }
+}
+
+/// Resolve the decap hook for an underlay whose driver kind is `kind` (None: hardware NIC).
+///
+/// On veth, native XDP makes the kernel drop GSO on the peer (every 64 KB skb is segmented
+/// before it crosses) and copies every frame; TC ingress keeps GSO. Generic XDP on a bare veth
+/// never runs on frames a peer's TC program redirected into it (skb->redirected survives the
+/// veth), so tunnel traffic would vanish: refused unless asked for with `--decap xdp`.
+pub fn choose_decap(
+    decap: DecapAttach,
+    xdp: XdpAttach,
+    underlay: &str,
+    kind: Option<&str>,
+) -> Result<DecapHook, DatapathError> {
+    let veth = kind == Some("veth");
+    match decap {
+        DecapAttach::Tc => Ok(DecapHook::Tc),
+        DecapAttach::Xdp => {
+            if veth && xdp == XdpAttach::Generic {
+                tracing::warn!(
+                    interface = underlay,
+                    "generic XDP on a veth sees no frames that a peer's TC program redirected into \
+                     the other end; this works only if that end is a bridge port"
+                );
+            }
+            Ok(DecapHook::Xdp)
+        }
+        DecapAttach::Auto if veth => match xdp {
+            XdpAttach::Auto => Ok(AUTO_ON_VETH),
+            XdpAttach::Native => Ok(DecapHook::Xdp),
+            XdpAttach::Generic => Err(DatapathError::Config(format!(
+                "--xdp-mode generic on veth underlay {underlay}: generic XDP does not run on frames \
+                 that a TC program redirected into the other end of the veth (our encapsulation on \
+                 the peer does), so tunnel traffic would be black-holed. Use --decap tc (the \
+                 default on veth), or --decap xdp --xdp-mode generic if the other end is a bridge port"
+            ))),
+        },
+        DecapAttach::Auto => Ok(DecapHook::Xdp),
+    }
+}
+
+/// What `--decap auto` picks on a veth underlay (see the benchmark figures in the commit log).
+const AUTO_ON_VETH: DecapHook = DecapHook::Tc;
+
+/// How to attach the XDP decapsulation program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Everything needed to put the datapath on a host but the subnet, which the lease gives later.
+#[derive(Clone, Debug)]
+pub struct DatapathSpec {
+    /// Underlay interface: tunnel packets leave and arrive here.
+    pub underlay: String,
+    pub public_ip: Ipv4Addr,
+    pub format: Format,
+    pub port: u16,
+    pub vni: u32,
+    /// Name of the overlay device whose egress encapsulates.
+    pub overlay_device: String,
+    /// Overlay MTU; default: underlay MTU minus the format's overhead.
+    pub mtu: Option<u32>,
+    /// Our VtepMAC (the overlay device's MAC); default: the device's own, kept across restarts.
+    pub vtep_mac: Option<MacAddr>,
+    pub xdp: XdpAttach,
+    pub decap: DecapAttach,
+    /// bpffs directory for pinned maps and links. With it, the datapath outlives the process
+    /// (dropping a [`Datapath`] leaves it attached) and the next start adopts it; without it,
+    /// dropping detaches everything.
+    pub pin_dir: Option<PathBuf>,
+    /// With TC decapsulation, hand frames for a container from the container bridge's egress
+    /// straight to the container's port (see [`Datapath::sync_bridge`]).
+    pub bridge_redirect: bool,
+}
+
+impl DatapathSpec {
+    /// The MTU the overlay device gets: `mtu`, or the underlay's minus the format's overhead.
+    pub fn effective_mtu(&self, underlay_mtu: u32) -> u32 {
+        self.mtu.unwrap_or(underlay_mtu.saturating_sub(self.format.overhead()))
+    }
+}
+
+/// Where one of our programs runs: encapsulation on the overlay device's egress, or
+/// decapsulation on the underlay's ingress at either hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Encap,
+    Decap(DecapHook),
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Encap => PROG_ENCAP,
+            Hook::Decap(DecapHook::Xdp) => PROG_DECAP,
+            Hook::Decap(DecapHook::Tc) => PROG_DECAP_TC,
+        }
+    }
+
+    /// The link's name in the pin directory.
+    fn pin_name(self) -> &'static str {
+        match self {
+            Hook::Encap => "link_encap",
+            Hook::Decap(DecapHook::Xdp) => "link_decap",
+            Hook::Decap(DecapHook::Tc) => "link_decap_tc",
+        }
+    }
+}
+
+const ALL_HOOKS: [Hook; 3] = [Hook::Encap, Hook::Decap(DecapHook::Xdp), Hook::Decap(DecapHook::Tc)];
+
+/// A link this process attached and owns (detached when dropped, unless pinned).
+pub(super) enum OwnedLink {
+    Tc(&'static str, SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
+pub(super) enum Links {
+    /// Owned by this process: detached when dropped.
+    Owned(Vec<OwnedLink>),
+    /// Pinned in bpffs: they stay until [`Datapath::cleanup`] unpins them.
+    Pinned,
+}
+
+/// Pinned by versions whose counter table was shorter; removed by cleanup.
+const LEGACY_MAP_COUNTERS: &str = "OVL_COUNTERS_V1";
+
+impl Programs {
+    fn attach_tc(
+        &mut self,
+        program: &'static str,
+        iface: &str,
+        hook: TcAttachType,
+    ) -> Result<OwnedLink, DatapathError> {
+        self.tc_program(program)?
+            .attach(iface, hook)
+            .map(|id| OwnedLink::Tc(program, id))
+            .map_err(|source| DatapathError::Program { name: program, source })
+    }
+
+    fn detach(&mut self, link: OwnedLink) -> Result<(), DatapathError> {
+        match link {
+            OwnedLink::Tc(name, id) => self
+                .tc_program(name)?
+                .detach(id)
+                .map_err(|source| DatapathError::Program { name, source }),
+            OwnedLink::Xdp(id) => self
+                .decap_program()?
+                .detach(id)
+                .map_err(|source| DatapathError::Program {
+                    name: PROG_DECAP,
+                    source,
+                }),
+        }
+    }
+
+    /// Give up ownership of `link` so that it can be pinned.
+    fn release_for_pin(&mut self, link: OwnedLink) -> Result<FdLink, DatapathError> {
+        let (name, link): (&'static str, Result<FdLink, LinkError>) = match link {
+            OwnedLink::Tc(name, id) => (
+                name,
+                FdLink::try_from(
+                    self.tc_program(name)?
+                        .take_link(id)
+                        .map_err(|source| DatapathError::Program { name, source })?,
+                ),
+            ),
+            OwnedLink::Xdp(id) => (
+                PROG_DECAP,
+                FdLink::try_from(
+                    self.decap_program()?
+                        .take_link(id)
+                        .map_err(|source| DatapathError::Program {
+                            name: PROG_DECAP,
+                            source,
+                        })?,
+                ),
+            ),
+        };
+        link.map_err(|e| DatapathError::Config(format!("link of eBPF program {name}: {e}")))
+    }
+
+    /// Swap our program into a link pinned by a previous run: atomic, no packet misses both.
+    fn adopt(&mut self, hook: Hook, fd: FdLink) -> Result<(), String> {
+        match hook {
+            Hook::Encap | Hook::Decap(DecapHook::Tc) => {
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| e.to_string())?;
+                let prog = self.tc_program(hook.program()).map_err(|e| e.to_string())?;
+                let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+                prog.take_link(id).map(drop).map_err(|e| e.to_string())
+            }
+            Hook::Decap(DecapHook::Xdp) => {
+                let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
+                let prog = self.decap_program().map_err(|e| e.to_string())?;
+                let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+                prog.take_link(id).map(drop).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+impl Datapath {
+    /// Set up the device, route and sysctls, write our config into the loaded `programs` and
+    /// attach them for `subnet` of `network`. With a pin directory holding a previous run's
+    /// datapath, adopt it instead: the maps keep their peers and counters and the links get
+    /// the new programs atomically, so traffic never stops. `programs` must have been loaded
+    /// with the same pin directory ([`Programs::load_pinned`]).
+    pub fn attach(
+        mut programs: Programs,
+        spec: DatapathSpec,
+        subnet: Ipv4Network,
+        network: Ipv4Network,
+    ) -> Result<Self, DatapathError> {
+        if !network.contains(subnet.network()) || subnet.prefix() < network.prefix() {
+            return Err(DatapathError::Config(format!(
+                "subnet {subnet} is not inside network {network}"
+            )));
+        }
+        let underlay = netdev::link_info(&spec.underlay)?;
+        let decap_hook = choose_decap(spec.decap, spec.xdp, &underlay.name, underlay.kind.as_deref())?;
+        let overhead = spec.format.overhead();
+        let mtu = spec.effective_mtu(underlay.mtu);
+        if mtu < 576 || mtu + overhead > underlay.mtu {
+            return Err(DatapathError::Config(format!(
+                "overlay MTU {mtu} does not fit: underlay {} has MTU {} and the {:?} format needs {overhead} bytes",
+                underlay.name, underlay.mtu, spec.format
+            )));
+        }
+
+        netdev::sysctl_set("net/ipv4/ip_forward", "1")?;
+        // Decapsulated packets arrive on the underlay with overlay sources routed via the
+        // overlay device: strict reverse-path filtering would drop them.
+        netdev::sysctl_set(&format!("net/ipv4/conf/{}/rp_filter", underlay.name), "2")?;
+
+        let created = netdev::create_overlay_device(&spec.overlay_device, spec.vtep_mac)?;
+        // Like flannel.1, the overlay device holds the subnet's network address as a /32, the
+        // source for host-originated overlay traffic.
+        let overlay = netdev::configure_overlay_device(&created.name, mtu, subnet.network())?;
+        let vtep_mac = overlay.mac.unwrap_or_default();
+        programs.set_config(&DatapathConfig {
+            public_ip: spec.public_ip.octets(),
+            subnet_addr: subnet.network().octets(),
+            subnet_prefix_len: subnet.prefix(),
+            format: spec.format as u8,
+            port: spec.port,
+            vni: spec.vni,
+            vtep_mac: vtep_mac.0,
+            _pad: [0; 2],
+            underlay_ifindex: underlay.ifindex,
+        })?;
+        let peers = programs.read_peers()?;
+
+        // From here on, a failure drops `dp`, which removes what was set up (unpinned runs).
+        let mut dp = Datapath {
+            programs,
+            spec,
+            subnet,
+            network,
+            overlay,
+            underlay,
+            decap_hook,
+            decap_adopted: false,
+            xdp_mode: None,
+            links: None,
+            peers,
+            bridges: BridgeFinder::default(),
+            bridge: None,
+            bridge_warning: None,
+        };
+        dp.attach_programs()?;
+        netdev::route_replace(dp.network, &dp.overlay.name)?;
+        dp.sync_bridge();
+        tracing::info!(
+            underlay = %dp.underlay.name,
+            overlay = %dp.overlay.name,
+            format = ?dp.spec.format,
+            port = dp.spec.port,
+            mtu,
+            vtep_mac = %vtep_mac,
+            decap = dp.decap_hook.name(),
+            xdp_mode = ?dp.xdp_mode,
+            adopted_peers = dp.peers.len(),
+            pinned = dp.spec.pin_dir.is_some(),
+            "datapath attached"
+        );
+        Ok(dp)
+    }
+
+    fn attach_programs(&mut self) -> Result<(), DatapathError> {
+        let hooks = [Hook::Encap, Hook::Decap(self.decap_hook)];
+        let Some(dir) = self.spec.pin_dir.clone() else {
+            let mut owned = Vec::new();
+            for hook in hooks {
+                owned.push(self.attach_hook(hook)?);
+            }
+            self.links = Some(Links::Owned(owned));
+            return Ok(());
+        };
+        for hook in hooks {
+            let pin = dir.join(hook.pin_name());
+            match adopt_link(&pin, |fd| self.programs.adopt(hook, fd)) {
+                Adopted::Yes => {
+                    self.decap_adopted |= hook != Hook::Encap;
+                    tracing::info!(link = %pin.display(), "adopted pinned link")
+                }
+                Adopted::No => {
+                    let link = self.attach_hook(hook)?;
+                    let link = self.programs.release_for_pin(link)?;
+                    pin_link(link, &pin)?;
+                }
+            }
+        }
+        // A previous run decapsulated on the other hook: remove it only now that ours is in
+        // place, so no tunnel packet goes undecapsulated. While both run, the XDP one
+        // decapsulates first and the TC one sees inner packets, which it passes.
+        let other_pin = dir.join(Hook::Decap(self.decap_hook.other()).pin_name());
+        if other_pin.exists() {
+            unpin(&other_pin);
+        }
+        // The programs now count in this version's table: the older one goes (its counts with it).
+        let legacy = dir.join(LEGACY_MAP_COUNTERS);
+        if legacy.exists() {
+            let _ = std::fs::remove_file(&legacy);
+            tracing::info!(map = %legacy.display(), "removed the previous version's counter table");
+        }
+        self.links = Some(Links::Pinned);
+        Ok(())
+    }
+
+    fn attach_hook(&mut self, hook: Hook) -> Result<OwnedLink, DatapathError> {
+        let underlay = self.underlay.name.clone();
+        match hook {
+            Hook::Encap => {
+                let overlay = self.overlay.name.clone();
+                self.programs.attach_tc(PROG_ENCAP, &overlay, TcAttachType::Egress)
+            }
+            Hook::Decap(DecapHook::Tc) => self.programs.attach_tc(PROG_DECAP_TC, &underlay, TcAttachType::Ingress),
+            Hook::Decap(DecapHook::Xdp) => {
+                let xdp = self.programs.decap_program()?;
+                let (link, mode) = match self.spec.xdp {
+                    XdpAttach::Native => (xdp.attach(&underlay, XdpMode::Driver), XdpMode::Driver),
+                    XdpAttach::Generic => (xdp.attach(&underlay, XdpMode::Skb), XdpMode::Skb),
+                    XdpAttach::Auto => match xdp.attach(&underlay, XdpMode::Driver) {
+                        Ok(link) => (Ok(link), XdpMode::Driver),
+                        Err(e) => {
+                            tracing::warn!(
+                                interface = %underlay,
+                                reason = %e,
+                                "native XDP not available, using generic XDP (slower)"
+                            );
+                            (xdp.attach(&underlay, XdpMode::Skb), XdpMode::Skb)
+                        }
+                    },
+                };
+                let link = link.map_err(|source| DatapathError::Program {
+                    name: PROG_DECAP,
+                    source,
+                })?;
+                self.xdp_mode = Some(mode);
+                Ok(OwnedLink::Xdp(link))
+            }
+        }
+    }
+
+    pub fn spec(&self) -> &DatapathSpec {
+        &self.spec
+    }
+
+    /// Our VtepMAC: the overlay device's MAC, published in vxlan leases.
+    pub fn vtep_mac(&self) -> MacAddr {
+        self.overlay.mac.unwrap_or_default()
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.overlay.mtu
+    }
+
+    /// The XDP mode chosen at attach time; None if adopted from a previous run or on TC.
+    pub fn xdp_mode(&self) -> Option<XdpMode> {
+        self.xdp_mode
+    }
+
+    /// The hook decapsulation runs on.
+    pub fn decap_hook(&self) -> DecapHook {
+        self.decap_hook
+    }
+
+    /// Whether the decap link was taken over from a previous run rather than attached anew.
+    pub fn decap_adopted(&self) -> bool {
+        self.decap_adopted
+    }
+
+    /// The decap hook and mode for people: `xdp driver`, `tc`, `tc adopted`.
+    pub fn decap_description(&self) -> String {
+        match (self.decap_hook, self.xdp_mode) {
+            (hook, _) if self.decap_adopted => format!("{} adopted", hook.name()),
+            (DecapHook::Xdp, Some(m)) => format!("xdp {}", format!("{m:?}").to_lowercase()),
+            (hook, _) => hook.name().into(),
+        }
+    }
+
+    pub fn counters(&mut self) -> Result<crate::host::Counters, DatapathError> {
+        self.programs.counters()
+    }
+
+    /// Stop now: detach unpinned programs and remove the overlay device; pinned datapaths are
+    /// left running (use [`Datapath::cleanup`] to remove them).
+    pub fn detach(mut self) -> Result<(), DatapathError> {
+        self.detach_inner()
+    }
+
+    fn detach_inner(&mut self) -> Result<(), DatapathError> {
+        self.detach_bridge();
+        match self.links.take() {
+            Some(Links::Owned(links)) => {
+                for link in links {
+                    self.programs.detach(link)?;
+                }
+            }
+            Some(Links::Pinned) => {
+                tracing::info!(
+                    pin_dir = %self.spec.pin_dir.as_deref().unwrap_or(Path::new("")).display(),
+                    "datapath left attached for the next start"
+                );
+                return Ok(());
+            }
+            None => {}
+        }
+        if netdev::link_exists(&self.overlay.name) {
+            // Takes its address and the overlay route with it.
+            netdev::delete_link(&self.overlay.name)?;
+            tracing::info!(overlay = %self.overlay.name, underlay = %self.underlay.name, "datapath detached");
+        }
+        Ok(())
+    }
+
+    /// Remove a pinned datapath: unpin (and so detach) its links, remove its pinned maps and
+    /// the overlay device. Whatever is already gone is skipped.
+    pub fn cleanup(pin_dir: &Path, overlay_device: &str) -> Result<(), DatapathError> {
+        for hook in ALL_HOOKS {
+            let path = pin_dir.join(hook.pin_name());
+            if path.exists() {
+                unpin(&path);
+            }
+        }
+        for name in [
+            MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS, LEGACY_MAP_COUNTERS,
+        ] {
+            let path = pin_dir.join(name);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .map_err(|e| DatapathError::Config(format!("removing {}: {e}", path.display())))?;
+            }
+        }
+        if netdev::link_exists(overlay_device) {
+            netdev::delete_link(overlay_device)?;
+            tracing::info!(device = overlay_device, "removed overlay device");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach_inner() {
+            tracing::error!("detaching the datapath: {e}");
+        }
+    }
+}
+
+enum Adopted {
+    Yes,
+    No,
+}
+
+/// Take over the link pinned at `path` with `update` (which swaps in our program). A link that
+/// cannot be taken over (its device was recreated, say) is unpinned, so a fresh one replaces it.
+fn adopt_link(path: &Path, update: impl FnOnce(FdLink) -> Result<(), String>) -> Adopted {
+    if !path.exists() {
+        return Adopted::No;
+    }
+    let result = PinnedLink::from_pin(path)
+        .map_err(|e| e.to_string())
+        .and_then(|pinned| update(FdLink::from(pinned)));
+    match result {
+        Ok(()) => Adopted::Yes,
+        Err(reason) => {
+            tracing::warn!(link = %path.display(), %reason, "cannot adopt pinned link; attaching anew");
+            let _ = std::fs::remove_file(path);
+            Adopted::No
+        }
+    }
+}
+
+/// Unpin (and so detach) the link pinned at `path`.
+fn unpin(path: &Path) {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => drop(link.unpin()),
+        Err(_) => drop(std::fs::remove_file(path)),
+    }
+    tracing::info!(link = %path.display(), "unpinned");
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+    link.pin(path)
+        .map(drop)
+        .map_err(|e| DatapathError::Config(format!("pinning {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decap_hook_follows_the_underlay_driver() {
+        use DecapAttach as D;
+        use XdpAttach as X;
+        let veth = Some("veth");
+        assert_eq!(choose_decap(D::Auto, X::Auto, "eth0", None).unwrap(), DecapHook::Xdp);
+        assert_eq!(
+            choose_decap(D::Auto, X::Auto, "eth0", Some("bond")).unwrap(),
+            DecapHook::Xdp
+        );
+        assert_eq!(choose_decap(D::Auto, X::Generic, "eth0", None).unwrap(), DecapHook::Xdp);
+        assert_eq!(choose_decap(D::Auto, X::Auto, "eth0", veth).unwrap(), AUTO_ON_VETH);
+        assert_eq!(choose_decap(D::Auto, X::Native, "eth0", veth).unwrap(), DecapHook::Xdp);
+        let err = choose_decap(D::Auto, X::Generic, "eth0", veth).unwrap_err().to_string();
+        assert!(err.contains("black-holed") && err.contains("--decap tc"), "{err}");
+        assert_eq!(choose_decap(D::Xdp, X::Generic, "eth0", veth).unwrap(), DecapHook::Xdp);
+        assert_eq!(choose_decap(D::Tc, X::Auto, "eth0", None).unwrap(), DecapHook::Tc);
+        assert_eq!(choose_decap(D::Xdp, X::Auto, "eth0", veth).unwrap(), DecapHook::Xdp);
+    }
+}

@@ -1,0 +1,168 @@
+//! The eBPF object: programs loaded into the kernel (verified, not attached) and typed access
+//! to their maps. Packet tests run these programs through BPF_PROG_TEST_RUN.
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapError, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, Xdp},
+};
+use ipnetwork::Ipv4Network;
+use overlay_common::{
+    Counter, CounterIndex, DatapathConfig, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_BRIDGE_OUT,
+    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+};
+
+use crate::host::{Counters, HostError};
+
+/// The compiled programs, embedded at build time (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed (are you root, is BPF enabled?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("BPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("peer {subnet}: {reason}")]
+    Peer { subnet: Ipv4Network, reason: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The eBPF object loaded into the kernel, programs verified, nothing attached.
+pub struct Programs {
+    pub(super) ebpf: Ebpf,
+}
+
+impl Programs {
+    pub fn load() -> Result<Self, DatapathError> {
+        Self::load_pinned(None)
+    }
+
+    /// Load with the maps pinned in `pin_dir` (a bpffs directory): maps already pinned there
+    /// by a previous run are reused with their contents, missing ones are created and pinned.
+    pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        let encap: &mut SchedClassifier = program(&mut ebpf, PROG_ENCAP)?;
+        encap.load().map_err(|source| DatapathError::Program {
+            name: PROG_ENCAP,
+            source,
+        })?;
+        let decap: &mut Xdp = program(&mut ebpf, PROG_DECAP)?;
+        decap.load().map_err(|source| DatapathError::Program {
+            name: PROG_DECAP,
+            source,
+        })?;
+        let decap_tc: &mut SchedClassifier = program(&mut ebpf, PROG_DECAP_TC)?;
+        decap_tc.load().map_err(|source| DatapathError::Program {
+            name: PROG_DECAP_TC,
+            source,
+        })?;
+        // The bridge program only speeds things up: if this kernel refuses it, the datapath
+        // runs without it (sync_bridge reports that it cannot attach).
+        let bridge_out: &mut SchedClassifier = program(&mut ebpf, PROG_BRIDGE_OUT)?;
+        if let Err(e) = bridge_out.load() {
+            tracing::warn!(
+                "eBPF program {PROG_BRIDGE_OUT} does not load; the container bridge keeps its own path: {e}"
+            );
+        }
+        Ok(Self { ebpf })
+    }
+
+    pub fn encap_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, PROG_ENCAP)
+    }
+
+    /// The XDP decapsulation program.
+    pub fn decap_program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program(&mut self.ebpf, PROG_DECAP)
+    }
+
+    /// The TC-ingress decapsulation program: the same checks and counters as the XDP one.
+    pub fn decap_tc_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, PROG_DECAP_TC)
+    }
+
+    /// One of our TC programs by name (encap, TC decap, bridge).
+    pub(super) fn tc_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, name)
+    }
+
+    /// The container bridge's egress program: frames for a container straight to its port.
+    pub fn bridge_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, PROG_BRIDGE_OUT)
+    }
+
+    pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        let mut map: Array<_, DatapathConfig> = typed_map(&mut self.ebpf, MAP_CONFIG)?;
+        map.set(0, cfg, 0).map_err(|source| DatapathError::Map {
+            name: MAP_CONFIG,
+            source,
+        })
+    }
+
+    pub fn counters(&mut self) -> Result<Counters, DatapathError> {
+        let map: PerCpuArray<_, Counter> = typed_map(&mut self.ebpf, MAP_COUNTERS)?;
+        let mut out = Vec::with_capacity(CounterIndex::COUNT as usize);
+        for i in 0..CounterIndex::COUNT {
+            let per_cpu = map.get(&i, 0).map_err(|source| DatapathError::Map {
+                name: MAP_COUNTERS,
+                source,
+            })?;
+            out.push(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }));
+        }
+        Ok(Counters(out))
+    }
+}
+
+/// A delete found no entry: aya reports that as the syscall's ENOENT, not as KeyNotFound.
+pub(super) fn not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: ProgramError::NotLoaded,
+    })?;
+    p.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+pub(super) fn typed_map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
