@@ -154,24 +154,63 @@ pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<
 /// Make sure `dir` is on a bpffs, mounting one there if not: pins live only on bpffs, and a
 /// namespace started with `ip netns exec` sees a fresh /sys without /sys/fs/bpf mounted.
 pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), HostError> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    // Without systemd (containers, other inits) nothing mounts /sys/fs/bpf, and no directory
+    // can be made below it on sysfs: mount it first, as systemd would.
+    let standard = std::path::Path::new(STANDARD_BPFFS);
+    if dir.starts_with(standard) && dir != standard && !is_bpffs(standard) && !dir.exists() {
+        mount_bpffs(standard)?;
+    }
     std::fs::create_dir_all(dir)
         .map_err(|e| HostError::Setup(format!("creating pin directory {}: {e}", dir.display())))?;
-    let is_bpffs = nix::sys::statfs::statfs(dir)
-        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-        .unwrap_or(false);
-    if !is_bpffs {
-        nix::mount::mount(
-            Some("bpf"),
-            dir,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| HostError::Setup(format!("mounting bpffs at {}: {e}", dir.display())))?;
-        tracing::info!(dir = %dir.display(), "mounted bpffs for pinned maps and links");
+    if !is_bpffs(dir) {
+        mount_bpffs(dir)?;
     }
     Ok(())
+}
+
+/// Where systemd mounts the BPF filesystem on every host it boots.
+const STANDARD_BPFFS: &str = "/sys/fs/bpf";
+
+fn is_bpffs(dir: &std::path::Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    nix::sys::statfs::statfs(dir)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+fn mount_bpffs(dir: &std::path::Path) -> Result<(), HostError> {
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| HostError::Setup(format!("mounting bpffs at {}: {e}", dir.display())))?;
+    tracing::info!(dir = %dir.display(), "mounted bpffs for pinned maps and links");
+    Ok(())
+}
+
+/// Run `tc <args>` (the clsact qdisc on kernels without TCX).
+pub fn tc(args: &[&str]) -> Result<String, HostError> {
+    iproute2("tc", args)
+}
+
+/// Whether `dev` has a clsact qdisc (where classic TC filters hang, before TCX).
+pub fn has_clsact(dev: &str) -> Result<bool, HostError> {
+    Ok(tc(&["qdisc", "show", "dev", dev])?
+        .lines()
+        .any(|l| l.starts_with("qdisc clsact ")))
+}
+
+/// Whether any classic TC filter sits on `dev`'s clsact qdisc, in either direction.
+pub fn has_tc_filters(dev: &str) -> Result<bool, HostError> {
+    for dir in ["ingress", "egress"] {
+        if !tc(&["filter", "show", "dev", dev, dir])?.trim().is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 pub fn route_replace(network: Ipv4Network, dev: &str) -> Result<(), HostError> {
