@@ -158,8 +158,6 @@ ip link set lo up
 ip link set eth0 up
 ip addr add {ip}/24 dev eth0
 sysctl -qw net.ipv4.ip_forward=1
-# As systemd does on every host it boots (the agent's default pin directory lies below).
-mount -t bpf bpf /sys/fs/bpf
 uname -r > /run/mailbox/booted
 cd /run/mailbox/cmd || exit 1
 while :; do
@@ -453,7 +451,7 @@ impl Pending {
         loop {
             if let Ok(code) = fs::read_to_string(&rc) {
                 let code = code.trim().parse().with_context(|| format!("exit code {code:?}"))?;
-                let output = fs::read_to_string(&out).unwrap_or_default();
+                let output = strip_ansi(&fs::read_to_string(&out).unwrap_or_default());
                 return Ok(Ran { code, output });
             }
             vm.check_alive()?;
@@ -468,6 +466,24 @@ impl Pending {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Text without terminal colour sequences (ESC `[` ... letter), for tables and reports.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub fn tail(text: &str, lines: usize) -> String {
@@ -536,6 +552,14 @@ mod tests {
                 "kernel/net/9p/9pnet.ko.xz", "kernel/net/9p/9pnet_virtio.ko.xz", "kernel/fs/netfs/netfs.ko.xz",
                 "kernel/fs/9p/9p.ko.xz"
             ]
+        );
+    }
+
+    #[test]
+    fn colours_are_stripped() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "time  INFO x"
         );
     }
 

@@ -472,7 +472,7 @@ fn start_agent_script(args: &str, tag: &str) -> String {
     format!(
         r#"out=/run/mailbox/{tag}.out
 log=/run/mailbox/{tag}.log
-RUST_LOG=info {args} > $out 2> $log &
+NO_COLOR=1 RUST_LOG=info {args} > $out 2> $log &
 echo $! > /run/agent.pid
 i=0
 while [ $i -lt {ticks} ]; do

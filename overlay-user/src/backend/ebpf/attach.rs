@@ -237,8 +237,10 @@ fn remove_clsact_if_ours(iface: &str) {
     }
 }
 
-/// A classic TC filter of ours, as written next to the pins so the next start can replace its
-/// program in place (netlink filters have no link to pin): `<iface> <ingress|egress> <prio> <handle>`.
+/// A classic TC filter of ours, recorded next to the pins so the next start can replace its
+/// program in place (netlink filters have no link to pin). bpffs holds no regular files and
+/// no names with dots, so the record is the name of a directory,
+/// `<pin>_tc/<iface> <ingress|egress> <prio> <handle>`, with dots in `iface` written as `:`.
 #[derive(Debug, PartialEq, Eq)]
 struct NlPin {
     iface: String,
@@ -249,12 +251,14 @@ struct NlPin {
 
 impl NlPin {
     fn path(pin: &Path) -> PathBuf {
-        pin.with_extension("tc")
+        let mut name = pin.file_name().unwrap_or_default().to_os_string();
+        name.push("_tc");
+        pin.with_file_name(name)
     }
 
     fn parse(text: &str) -> Option<NlPin> {
         let mut f = text.split_whitespace();
-        let iface = f.next()?.to_string();
+        let iface = f.next()?.replace(':', ".");
         let ingress = match f.next()? {
             "ingress" => true,
             "egress" => false,
@@ -269,12 +273,25 @@ impl NlPin {
     }
 
     fn read(path: &Path) -> Option<NlPin> {
-        NlPin::parse(&std::fs::read_to_string(path).ok()?)
+        let entry = std::fs::read_dir(path).ok()?.flatten().next()?;
+        NlPin::parse(&entry.file_name().to_string_lossy())
+    }
+
+    fn write(&self, path: &Path) -> Result<(), DatapathError> {
+        let _ = std::fs::remove_dir_all(path);
+        let record = path.join(self.render());
+        std::fs::create_dir_all(&record)
+            .map_err(|e| DatapathError::Config(format!("recording our TC filter in {}: {e}", record.display())))
     }
 
     fn render(&self) -> String {
         let dir = if self.ingress { "ingress" } else { "egress" };
-        format!("{} {dir} {} {}\n", self.iface, self.priority, self.handle)
+        format!(
+            "{} {dir} {} {}",
+            self.iface.replace('.', ":"),
+            self.priority,
+            self.handle
+        )
     }
 
     fn link(&self) -> std::io::Result<SchedClassifierLink> {
@@ -287,9 +304,10 @@ impl NlPin {
     }
 }
 
-/// Marker beside the pins: we created the clsact qdisc on this interface.
+/// Marker beside the pins (a directory without dots: bpffs takes nothing else): we created
+/// the clsact qdisc on this interface.
 fn clsact_marker(dir: &Path, iface: &str) -> PathBuf {
-    dir.join(format!("clsact_created.{iface}"))
+    dir.join(format!("clsact_created_{}", iface.replace('.', ":")))
 }
 
 /// A link this process attached and owns (detached when dropped, unless pinned).
@@ -528,7 +546,7 @@ impl Datapath {
                     }
                     Err(reason) => {
                         tracing::warn!(filter = %nl_path.display(), %reason, "cannot adopt our TC filter; attaching anew");
-                        let _ = std::fs::remove_file(&nl_path);
+                        let _ = std::fs::remove_dir_all(&nl_path);
                         Adopted::No
                     }
                 },
@@ -550,8 +568,7 @@ impl Datapath {
                             _ => (self.underlay.name.clone(), true),
                         };
                         let nl = self.programs.release_netlink(link, &iface, ingress)?;
-                        std::fs::write(&nl_path, nl.render())
-                            .map_err(|e| DatapathError::Config(format!("writing {}: {e}", nl_path.display())))?;
+                        nl.write(&nl_path)?;
                     } else {
                         let link = self.programs.release_for_pin(link)?;
                         pin_link(link, &pin)?;
@@ -562,8 +579,8 @@ impl Datapath {
         // Whoever removes the datapath later removes the qdiscs we created, if still empty.
         for iface in self.clsact_created.drain(..) {
             let marker = clsact_marker(&dir, &iface);
-            std::fs::write(&marker, "")
-                .map_err(|e| DatapathError::Config(format!("writing {}: {e}", marker.display())))?;
+            std::fs::create_dir_all(&marker)
+                .map_err(|e| DatapathError::Config(format!("recording {}: {e}", marker.display())))?;
         }
         // A previous run decapsulated on the other hook: remove it only now that ours is in
         // place, so no tunnel packet goes undecapsulated. While both run, the XDP one
@@ -711,9 +728,9 @@ impl Datapath {
         if let Ok(entries) = std::fs::read_dir(pin_dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(iface) = name.strip_prefix("clsact_created.") {
-                    remove_clsact_if_ours(iface);
-                    let _ = std::fs::remove_file(entry.path());
+                if let Some(iface) = name.strip_prefix("clsact_created_") {
+                    remove_clsact_if_ours(&iface.replace(':', "."));
+                    let _ = std::fs::remove_dir(entry.path());
                 }
             }
         }
@@ -781,7 +798,7 @@ fn remove_pinned_hook(dir: &Path, hook: Hook) {
         }
         tracing::info!(filter = %nl_path.display(), "removed our TC filter");
     }
-    let _ = std::fs::remove_file(&nl_path);
+    let _ = std::fs::remove_dir_all(&nl_path);
 }
 
 /// Unpin (and so detach) the link pinned at `path`.
@@ -812,9 +829,17 @@ mod tests {
             handle: 1,
         };
         assert_eq!(NlPin::parse(&pin.render()), Some(pin));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("link_decap_tc_tc");
+        let pin = NlPin::parse("eth0 ingress 1 2").unwrap();
+        pin.write(&path).unwrap();
+        assert_eq!(NlPin::read(&path), Some(pin));
         assert_eq!(NlPin::parse("eth0 sideways 1 1"), None);
         assert_eq!(NlPin::parse("eth0 egress 70000 1"), None);
-        assert_eq!(NlPin::path(Path::new("/p/link_encap")), Path::new("/p/link_encap.tc"));
+        assert_eq!(NlPin::path(Path::new("/p/link_encap")), Path::new("/p/link_encap_tc"));
+        let vlan = NlPin::parse("eth0.100 ingress 1 1").unwrap();
+        assert_eq!(vlan.render(), "eth0:100 ingress 1 1");
+        assert_eq!(NlPin::parse(&vlan.render()), Some(vlan));
     }
 
     #[test]
