@@ -255,8 +255,25 @@ impl Env {
         ]);
         let args = self.agent_args(&prefix, case);
         let started = set.and_then(|_| self.start_agents(&args, n, "start", o));
-        let ok = o.record("agents", started);
-        if ok {
+        if let Some(needle) = expected_refusal(&o.kernel, case) {
+            // Starting and dropping every packet would be the failure here, not refusing.
+            match started {
+                Ok(_) => o.record(
+                    "agents",
+                    Err(anyhow::anyhow!(
+                        "{} came up on {}, whose bpf_skb_adjust_room lacks {needle}: it must refuse",
+                        case.name(),
+                        o.kernel
+                    )),
+                ),
+                Err(e) if format!("{e:#}").contains(needle) => {
+                    o.checks.push(("agents", Check::Pass(format!("refused, no {needle}"))));
+                    true
+                }
+                Err(e) => o.record("agents", Err(e)),
+            };
+            o.skip_rest("n/a");
+        } else if o.record("agents", started) {
             say(opts, &format!("  {}: agents ready: {}", case.name(), o.chosen));
             self.traffic_and_restart(&args, n, opts, o);
         } else {
@@ -535,6 +552,19 @@ exit ${{bad:-0}}
     )
 }
 
+/// What the agent must refuse on this kernel, by the word its error names: eBPF vxlan before
+/// 5.13 (no BPF_F_ADJ_ROOM_ENCAP_L2_ETH).
+fn expected_refusal(release: &str, case: &Case) -> Option<&'static str> {
+    let version = kernel_version(release)?;
+    (case.backend == "vxlan" && case.datapath == "ebpf" && version < (5, 13)).then_some("ENCAP_L2_ETH")
+}
+
+/// `5.10.0-46-amd64` → (5, 10).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 /// `ebpf-vxlan (decap xdp driver, device ovl0)` → `ebpf-vxlan (decap xdp driver)`.
 fn short_backend(describe: &str) -> String {
     describe.replace(", device ovl0", "")
@@ -615,6 +645,23 @@ pub fn logs_dir(series: &str) -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_follow_the_kernel() {
+        let vxlan = Case {
+            backend: "vxlan",
+            datapath: "ebpf",
+            decap: "tc",
+        };
+        let udp = Case {
+            backend: "udp",
+            ..vxlan
+        };
+        assert_eq!(kernel_version("6.12.95+deb12-amd64"), Some((6, 12)));
+        assert_eq!(expected_refusal("5.10.0-46-amd64", &vxlan), Some("ENCAP_L2_ETH"));
+        assert_eq!(expected_refusal("5.10.0-46-amd64", &udp), None);
+        assert_eq!(expected_refusal("6.1.0-50-amd64", &vxlan), None);
+    }
 
     #[test]
     fn parses_ping_summary() {

@@ -15,6 +15,23 @@ use overlay_common::{
 
 use crate::host::{Counters, HostError};
 
+/// Before 5.11 the kernel charges BPF maps to RLIMIT_MEMLOCK, 64 KiB by default there (Debian
+/// 11's systemd keeps it): our maps need more. Later kernels charge the memory cgroup instead
+/// and ignore the limit, so lifting it costs nothing there.
+fn lift_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::warn!(
+            "cannot lift RLIMIT_MEMLOCK ({}); on kernels before 5.11 our maps may not fit",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The compiled programs, embedded at build time (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
 
@@ -57,6 +74,7 @@ impl Programs {
     /// Load with the maps pinned in `pin_dir` (a bpffs directory): maps already pinned there
     /// by a previous run are reused with their contents, missing ones are created and pinned.
     pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        lift_memlock_limit();
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
