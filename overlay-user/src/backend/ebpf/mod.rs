@@ -80,9 +80,6 @@ impl EbpfBackend {
     /// Load the programs (so the agent can fall back before it leases if this kernel refuses
     /// them) and create the overlay device, whose MAC our lease publishes.
     pub fn new(spec: DatapathSpec) -> Result<Self, BackendError> {
-        if let Some(dir) = &spec.pin_dir {
-            netdev::ensure_bpffs(dir)?;
-        }
         let mut programs = Programs::load_pinned(spec.pin_dir.as_deref())
             .map_err(|e| BackendError::Unavailable(format!("eBPF programs do not load: {e}")))?;
         if spec.format == Format::Vxlan {

@@ -13,7 +13,7 @@ use overlay_common::{
     PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_PROBE_VXLAN_ENCAP,
 };
 
-use crate::host::{Counters, HostError};
+use crate::host::{Counters, HostError, netdev};
 
 /// Before 5.11 the kernel charges BPF maps to RLIMIT_MEMLOCK, 64 KiB by default there (Debian
 /// 11's systemd keeps it): our maps need more. Later kernels charge the memory cgroup instead
@@ -71,12 +71,14 @@ impl Programs {
         Self::load_pinned(None)
     }
 
-    /// Load with the maps pinned in `pin_dir` (a bpffs directory): maps already pinned there
-    /// by a previous run are reused with their contents, missing ones are created and pinned.
+    /// Load with the maps pinned in `pin_dir` (on a bpffs, mounted there if none is): maps
+    /// already pinned there by a previous run are reused with their contents, missing ones are
+    /// created and pinned.
     pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
         lift_memlock_limit();
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
+            netdev::ensure_bpffs(dir)?;
             for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS] {
                 loader.map_pin_path(name, dir.join(name));
             }
