@@ -207,7 +207,8 @@ const HEALTHZ_PORT: u16 = 8285;
 impl Env {
     fn boot(kernel: &Kernel, opts: &Options, logs: &Path) -> anyhow::Result<Self> {
         let overlay = workspace_bin("overlay");
-        let helper = std::env::current_exe()?;
+        // By path, not current_exe(): a rebuild during a run leaves that name "(deleted)".
+        let helper = workspace_bin("overlay-vms");
         if !overlay.exists() {
             anyhow::bail!("{} missing: cargo build --release", overlay.display());
         }
