@@ -36,6 +36,8 @@ pub const PROG_ENCAP: &str = "overlay_encap";
 pub const PROG_DECAP: &str = "overlay_decap";
 pub const PROG_DECAP_TC: &str = "overlay_decap_tc";
 pub const PROG_BRIDGE_OUT: &str = "overlay_bridge_out";
+/// Never attached: run once at start to ask the kernel whether it takes the vxlan encap flags.
+pub const PROG_PROBE_VXLAN_ENCAP: &str = "overlay_probe_vxlan_encap";
 
 /// Tunnel wire format, chosen per network (flannel's `Backend.Type`).
 #[repr(u8)]

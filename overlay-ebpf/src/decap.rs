@@ -38,10 +38,12 @@ use crate::{
 /// BPF_F_ADJ_ROOM_DECAP_L4_UDP: in the kernel's UAPI after 6.18, not in our bindings yet.
 const ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 
-/// Set once this kernel has refused DECAP_L4_UDP, so later packets do not ask again (a global
-/// of this load of the programs; a racing first packet on another CPU only asks once more).
+/// How many of the optional decap flags this kernel has refused, newest first: 1 once it
+/// refused DECAP_L4_UDP (before 6.19), 2 once it refused DECAP_L3_IPV4 too (before 6.3).
+/// Later packets start at the level found, so each refusal costs one packet one failed call
+/// (a global of this load of the programs; a racing packet on another CPU only asks once more).
 #[unsafe(no_mangle)]
-static mut DECAP_L4_UDP_REFUSED: u8 = 0;
+static mut DECAP_FLAGS_REFUSED: u8 = 0;
 
 /// A tunnel packet accepted for decapsulation.
 pub struct Accepted {
@@ -189,24 +191,30 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(TC_ACT_UNSPEC);
     };
     // DECAP_L4_UDP (kernels after 6.18) also clears the skb's tunnel offload state, as the
-    // kernel's own tunnel devices do; older kernels refuse the unknown flag at once (EINVAL,
-    // nothing changed), and we cut without it. Then the skb still says "UDP tunnel", and the
-    // bridge program (bridge.rs) keeps the container bridge from segmenting it in software.
-    let flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64;
+    // kernel's own tunnel devices do; DECAP_L3_IPV4 (6.3 and later) says the packet stays
+    // IPv4. Kernels refuse a flag they do not know at once (EINVAL, nothing changed), and we
+    // cut with fewer: both inner and outer packets are IPv4, so nothing else needs telling,
+    // but the skb still says "UDP tunnel", and the bridge program (bridge.rs) keeps the
+    // container bridge from segmenting it in software.
     let len = -(acc.strip as i32);
+    let fixed = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
+    let l3 = BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64;
+    let ladder = [fixed | l3 | ADJ_ROOM_DECAP_L4_UDP, fixed | l3, fixed];
     // SAFETY: a byte in the program's global data; any value read is valid.
-    let refused = unsafe { core::ptr::read_volatile(&raw const DECAP_L4_UDP_REFUSED) } != 0;
-    if refused
-        || ctx
-            .adjust_room(len, BPF_ADJ_ROOM_MAC, flags | ADJ_ROOM_DECAP_L4_UDP)
-            .is_err()
-    {
-        if !refused {
-            // SAFETY: as above; a lost race between CPUs writes the same value.
-            unsafe { core::ptr::write_volatile(&raw mut DECAP_L4_UDP_REFUSED, 1) };
-        }
-        ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, flags)
-            .map_err(|_| DropReason::DecapFailed)?;
+    let start = unsafe { core::ptr::read_volatile(&raw const DECAP_FLAGS_REFUSED) };
+    // Written out rather than looped: three tries, each a straight line for the verifier.
+    let level = if start == 0 && ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, ladder[0]).is_ok() {
+        0
+    } else if start <= 1 && ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, ladder[1]).is_ok() {
+        1
+    } else if ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, ladder[2]).is_ok() {
+        2
+    } else {
+        return Err(DropReason::DecapFailed);
+    };
+    if level > start {
+        // SAFETY: as above; a lost race between CPUs writes a value as valid.
+        unsafe { core::ptr::write_volatile(&raw mut DECAP_FLAGS_REFUSED, level) };
     }
     count(CounterIndex::decap(acc.format), acc.inner_len as u64);
     // On to the next program on this hook, if any, and then the stack.

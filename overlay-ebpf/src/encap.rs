@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     maps::lpm_trie::Key,
@@ -73,11 +73,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     // by whoever finishes it (NIC offload, skb_checksum_help) and comes out wrong. Over a
     // bare veth nobody finishes it, which only a userspace receiver (flannel's udp backend)
     // notices; turning tx checksum offload off on that veth fixes it.
-    let mut flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
-    if format == Format::Vxlan {
-        flags |= BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64 | aya_ebpf::bpf_f_adj_room_encap_l2(EthHdr::LEN as u64);
-    }
-    ctx.adjust_room(format.overhead() as i32, BPF_ADJ_ROOM_MAC, flags)
+    ctx.adjust_room(format.overhead() as i32, BPF_ADJ_ROOM_MAC, encap_flags(format))
         .map_err(|_| DropReason::EncapFailed)?;
 
     let headers = Encap {
@@ -149,4 +145,27 @@ fn redirect_to_peer(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -
         return Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32);
     }
     Err(DropReason::NoRoute)
+}
+
+/// The `bpf_skb_adjust_room` flags of our encapsulation in `format`. Vxlan's inner Ethernet
+/// header needs BPF_F_ADJ_ROOM_ENCAP_L2_ETH (5.13 and later), udp's flags are from 5.2.
+fn encap_flags(format: Format) -> u64 {
+    let mut flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
+    if format == Format::Vxlan {
+        flags |= BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64 | aya_ebpf::bpf_f_adj_room_encap_l2(EthHdr::LEN as u64);
+    }
+    flags
+}
+
+/// The probe: grow an IPv4 packet as vxlan encapsulation does. The kernel refuses flags it
+/// does not know (EINVAL), so the verdict says whether `overlay_encap` can work here.
+pub fn probe_vxlan_encap(ctx: &TcContext) -> i32 {
+    match ctx.adjust_room(
+        Format::Vxlan.overhead() as i32,
+        BPF_ADJ_ROOM_MAC,
+        encap_flags(Format::Vxlan),
+    ) {
+        Ok(()) => TC_ACT_OK as i32,
+        Err(_) => TC_ACT_SHOT as i32,
+    }
 }

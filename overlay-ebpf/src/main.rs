@@ -64,6 +64,11 @@ pub fn overlay_bridge_out(ctx: TcContext) -> i32 {
     bridge::bridge_out(&ctx)
 }
 
+#[classifier]
+pub fn overlay_probe_vxlan_encap(ctx: TcContext) -> i32 {
+    encap::probe_vxlan_encap(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

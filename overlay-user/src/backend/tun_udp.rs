@@ -933,10 +933,13 @@ impl TunToUdp {
                 }
                 Err(DropReason::NoPeer) => {
                     counters.dropped(DropReason::NoPeer);
-                    if let Some(len) = net_unreachable(pkt, &mut icmp)
-                        && write_tun(tun, &icmp[..len]).is_ok()
-                    {
+                    if let Some(len) = net_unreachable(pkt, &mut icmp) {
+                        // Counted before the write: the sender may read the counters as soon
+                        // as the error reaches it. Taken back if the write fails.
                         bump(&counters.icmp_unreachable_sent, 1);
+                        if write_tun(tun, &icmp[..len]).is_err() {
+                            counters.icmp_unreachable_sent.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 Err(reason) => counters.dropped(reason),
