@@ -7,12 +7,14 @@ use std::{
 };
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
+use overlay_common::Format;
 use serde_json::{Map, Value, json};
 
-/// Linux kernel default VXLAN port, used by flannel when `Backend.Port` is 0 or absent.
-pub const VXLAN_DEFAULT_PORT: u16 = 8472;
+/// Linux kernel default VXLAN port, used by flannel when `Backend.Port` is 0 or absent
+/// (the wire format owns it).
+pub const VXLAN_DEFAULT_PORT: u16 = Format::Vxlan.default_port();
 /// flannel's udp backend default port.
-pub const UDP_DEFAULT_PORT: u16 = 8285;
+pub const UDP_DEFAULT_PORT: u16 = Format::Udp.default_port();
 const VNI_MAX: u64 = (1 << 24) - 1;
 
 /// A config that cannot be used; `field` is the JSON field at fault (`Backend.VNI` for nested ones).
