@@ -138,7 +138,6 @@ $bb mount -t 9p -o $nine,ro hostroot /lower || fail "cannot mount the host root 
 $bb mount -t tmpfs -o mode=755 upper /upper
 $bb mkdir -p /upper/u /upper/w
 $bb mount -t overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w root /newroot || fail "overlayfs failed"
-$bb mount -t tmpfs -o mode=1777 tmp /newroot/tmp
 $bb mount -t tmpfs -o mode=755 run /newroot/run
 $bb mkdir -p /newroot/usr/lib/modules /newroot/run/mailbox
 $bb mount -t 9p -o $nine,ro kmods /newroot/usr/lib/modules || fail "cannot mount the kernel modules"
