@@ -14,7 +14,7 @@ use std::{
 
 use ipnetwork::Ipv4Network;
 
-use super::{Backend, BackendError, Peer, ROUTE_PROTO};
+use super::{Backend, BackendError, Peer};
 use crate::{
     host::{Counters, netdev},
     subnet::LeaseAttrs,
@@ -77,25 +77,14 @@ impl Backend for DirectRouting {
         }
         self.inner.set_peer(peer)?;
         let direct = self.is_on_link(peer.public_ip);
-        let subnet = peer.subnet.to_string();
         if direct {
-            netdev::ip(&[
-                "route",
-                "replace",
-                &subnet,
-                "via",
-                &peer.public_ip.to_string(),
-                "dev",
-                &self.underlay,
-                "proto",
-                ROUTE_PROTO,
-            ])?;
+            super::route_via_peer(peer, &self.underlay)?;
         } else if self
             .applied
             .get(&peer.subnet)
             .is_some_and(|(_, was_direct)| *was_direct)
         {
-            let _ = netdev::ip(&["route", "del", &subnet, "dev", &self.underlay]);
+            super::remove_route_via_peer(peer.subnet, &self.underlay);
         }
         self.applied.insert(peer.subnet, (*peer, direct));
         Ok(())
@@ -103,7 +92,7 @@ impl Backend for DirectRouting {
 
     fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
         if let Some((_, true)) = self.applied.remove(&subnet) {
-            let _ = netdev::ip(&["route", "del", &subnet.to_string(), "dev", &self.underlay]);
+            super::remove_route_via_peer(subnet, &self.underlay);
         }
         self.inner.remove_peer(subnet)
     }
