@@ -93,7 +93,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .map(|p| p.network)
         .context("the network config has no IPv4 network")?;
     let flannel_leftovers = takeover::find(&config);
-    let (mut backend, kind) = make_backend(&config, &args, &iface, public_ip)?;
+    let (mut backend, kind, fallback) = make_backend(&config, &args, &iface, public_ip)?;
+    status.lock().expect("status").fallback = fallback;
     tracing::info!(backend = %backend.describe(), %network, "network config read");
 
     let mut attrs = backend.lease_attrs();
@@ -113,7 +114,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         if args.datapath != DatapathChoice::Auto || !backend.describe().starts_with("ebpf-") {
             return Err(e);
         }
-        tracing::warn!("the eBPF datapath does not attach here: {e:#}; falling back to flannel's kernel datapath");
+        let reason = format!("the eBPF datapath does not attach here: {e:#}");
+        tracing::warn!("{reason}; falling back to flannel's kernel datapath");
+        status.lock().expect("status").fallback = Some(reason);
         drop(backend);
         Datapath::cleanup(&args.pin_dir, &args.overlay_device)
             .context("removing what the eBPF datapath left before falling back")?;
@@ -350,13 +353,15 @@ fn activate(
 }
 
 /// The backend the config asks for, with the lease kind its peers have: eBPF where it loads
-/// (or as `--datapath` says), else the kernel datapath flannel itself uses.
+/// (or as `--datapath` says), else the kernel datapath flannel itself uses; and why `auto`
+/// fell back, if it did.
 fn make_backend(
     config: &NetworkConfig,
     args: &AgentArgs,
     iface: &str,
     public_ip: Ipv4Addr,
-) -> anyhow::Result<(Box<dyn Backend>, BackendKind)> {
+) -> anyhow::Result<(Box<dyn Backend>, BackendKind, Option<String>)> {
+    let fell_back = std::cell::RefCell::new(None);
     let ebpf = |format: Format, port: u16, vni: u32, mtu: u32| {
         EbpfBackend::new(DatapathSpec {
             underlay: iface.to_string(),
@@ -385,6 +390,7 @@ fn make_backend(
                 Ok(b) => Ok(Box::new(b)),
                 Err(e @ BackendError::Unavailable(_)) => {
                     tracing::warn!("{e}; falling back to {fallback}");
+                    *fell_back.borrow_mut() = Some(e.to_string());
                     kernel()
                 }
                 Err(e) => Err(e.into()),
@@ -392,11 +398,14 @@ fn make_backend(
         }
     };
     config.check_supported()?;
-    match &config.backend {
+    let (backend, kind) = match &config.backend {
         BackendConfig::Unsupported(_) => unreachable!("refused by check_supported"),
         BackendConfig::HostGw => {
             iface::check_host_gw(iface, public_ip)?;
-            Ok((Box::new(HostGw::new(iface, public_ip)?), BackendKind::HostGw))
+            (
+                Box::new(HostGw::new(iface, public_ip)?) as Box<dyn Backend>,
+                BackendKind::HostGw,
+            )
         }
         BackendConfig::Vxlan {
             vni,
@@ -422,9 +431,13 @@ fn make_backend(
                 "the kernel vxlan device",
             )?;
             if *direct_routing {
-                return Ok((Box::new(DirectRouting::new(backend, iface)), BackendKind::Vxlan));
+                (
+                    Box::new(DirectRouting::new(backend, iface)) as Box<dyn Backend>,
+                    BackendKind::Vxlan,
+                )
+            } else {
+                (backend, BackendKind::Vxlan)
             }
-            Ok((backend, BackendKind::Vxlan))
         }
         BackendConfig::Udp { port } => {
             let kernel_port = if *port == 0 { Format::Udp.default_port() } else { *port };
@@ -433,9 +446,10 @@ fn make_backend(
                 &|| udp_fallback(iface, public_ip, kernel_port),
                 "the userspace udp forwarder",
             )?;
-            Ok((backend, BackendKind::Udp))
+            (backend, BackendKind::Udp)
         }
-    }
+    };
+    Ok((backend, kind, fell_back.into_inner()))
 }
 
 fn udp_fallback(iface: &str, public_ip: Ipv4Addr, port: u16) -> anyhow::Result<Box<dyn Backend>> {

@@ -256,6 +256,17 @@ impl Env {
         ]);
         let args = self.agent_args(&prefix, case);
         let started = set.and_then(|_| self.start_agents(&args, n, "start", o));
+        // `auto` must choose flannel's kernel datapath where eBPF cannot work.
+        let started = match (started, expected_fallback(&o.kernel, case)) {
+            (Ok(_), Some(why)) if o.chosen.contains("ebpf") => Err(anyhow::anyhow!(
+                "{} chose {} on {}, where it must fall back ({why})",
+                case.name(),
+                o.chosen,
+                o.kernel
+            )),
+            (Ok(d), Some(why)) => Ok(format!("{d} fell back: {why}")),
+            (r, _) => r,
+        };
         if let Some(needle) = expected_refusal(&o.kernel, case) {
             // Starting and dropping every packet would be the failure here, not refusing.
             match started {
@@ -560,6 +571,12 @@ fn expected_refusal(release: &str, case: &Case) -> Option<&'static str> {
     (case.backend == "vxlan" && case.datapath == "ebpf" && version < (5, 13)).then_some("ENCAP_L2_ETH")
 }
 
+/// Why `--datapath auto` must not choose eBPF on this kernel: vxlan before 5.13.
+fn expected_fallback(release: &str, case: &Case) -> Option<&'static str> {
+    let version = kernel_version(release)?;
+    (case.backend == "vxlan" && case.datapath == "auto" && version < (5, 13)).then_some("no ENCAP_L2_ETH")
+}
+
 /// `5.10.0-46-amd64` → (5, 10).
 fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
@@ -662,6 +679,18 @@ mod tests {
         assert_eq!(expected_refusal("5.10.0-46-amd64", &vxlan), Some("ENCAP_L2_ETH"));
         assert_eq!(expected_refusal("5.10.0-46-amd64", &udp), None);
         assert_eq!(expected_refusal("6.1.0-50-amd64", &vxlan), None);
+        let auto = Case {
+            datapath: "auto",
+            decap: "auto",
+            ..vxlan
+        };
+        assert!(expected_fallback("5.10.0-46-amd64", &auto).is_some());
+        assert_eq!(
+            expected_fallback("5.10.0-46-amd64", &Case { backend: "udp", ..auto }),
+            None
+        );
+        assert_eq!(expected_fallback("6.1.0-50-amd64", &auto), None);
+        assert_eq!(expected_fallback("5.10.0-46-amd64", &vxlan), None);
     }
 
     #[test]

@@ -535,45 +535,18 @@ impl Datapath {
             self.links = Some(Links::Owned(owned));
             return Ok(());
         };
+        // Hooks this run attached and pinned: undone if a later one fails, so a start that
+        // fails (or falls back) leaves nothing attached behind it.
+        let mut pinned_now = Vec::new();
         for hook in hooks {
-            let pin = dir.join(hook.pin_name());
-            let nl_path = NlPin::path(&pin);
-            let adopted = match NlPin::read(&nl_path) {
-                Some(nl) => match self.programs.adopt_netlink(hook, &nl) {
-                    Ok(()) => {
-                        self.tc_mode = Some(TcMode::Netlink);
-                        Adopted::Yes
-                    }
-                    Err(reason) => {
-                        tracing::warn!(filter = %nl_path.display(), %reason, "cannot adopt our TC filter; attaching anew");
-                        let _ = std::fs::remove_dir_all(&nl_path);
-                        Adopted::No
-                    }
-                },
-                None => adopt_link(&pin, |fd| self.programs.adopt(hook, fd)),
-            };
-            match adopted {
-                Adopted::Yes => {
-                    self.decap_adopted |= hook != Hook::Encap;
-                    if hook != Hook::Decap(DecapHook::Xdp) && self.tc_mode.is_none() {
-                        self.tc_mode = Some(TcMode::Tcx);
-                    }
-                    tracing::info!(link = %pin.display(), "adopted pinned link")
+            if let Err(e) = self.attach_pinned_hook(&dir, hook, &mut pinned_now) {
+                for hook in pinned_now {
+                    remove_pinned_hook(&dir, hook);
                 }
-                Adopted::No => {
-                    let link = self.attach_hook(hook)?;
-                    if matches!(link, OwnedLink::Tc(..)) && self.tc_mode == Some(TcMode::Netlink) {
-                        let (iface, ingress) = match hook {
-                            Hook::Encap => (self.overlay.name.clone(), false),
-                            _ => (self.underlay.name.clone(), true),
-                        };
-                        let nl = self.programs.release_netlink(link, &iface, ingress)?;
-                        nl.write(&nl_path)?;
-                    } else {
-                        let link = self.programs.release_for_pin(link)?;
-                        pin_link(link, &pin)?;
-                    }
+                for iface in self.clsact_created.drain(..) {
+                    remove_clsact_if_ours(&iface);
                 }
+                return Err(e);
             }
         }
         // Whoever removes the datapath later removes the qdiscs we created, if still empty.
@@ -593,6 +566,52 @@ impl Datapath {
             tracing::info!(map = %legacy.display(), "removed the previous version's counter table");
         }
         self.links = Some(Links::Pinned);
+        Ok(())
+    }
+
+    /// Adopt what a previous run pinned for `hook` under `dir`, or attach and pin it anew (then
+    /// `hook` is added to `pinned_now`).
+    fn attach_pinned_hook(&mut self, dir: &Path, hook: Hook, pinned_now: &mut Vec<Hook>) -> Result<(), DatapathError> {
+        let pin = dir.join(hook.pin_name());
+        let nl_path = NlPin::path(&pin);
+        let adopted = match NlPin::read(&nl_path) {
+            Some(nl) => match self.programs.adopt_netlink(hook, &nl) {
+                Ok(()) => {
+                    self.tc_mode = Some(TcMode::Netlink);
+                    Adopted::Yes
+                }
+                Err(reason) => {
+                    tracing::warn!(filter = %nl_path.display(), %reason, "cannot adopt our TC filter; attaching anew");
+                    let _ = std::fs::remove_dir_all(&nl_path);
+                    Adopted::No
+                }
+            },
+            None => adopt_link(&pin, |fd| self.programs.adopt(hook, fd)),
+        };
+        match adopted {
+            Adopted::Yes => {
+                self.decap_adopted |= hook != Hook::Encap;
+                if hook != Hook::Decap(DecapHook::Xdp) && self.tc_mode.is_none() {
+                    self.tc_mode = Some(TcMode::Tcx);
+                }
+                tracing::info!(link = %pin.display(), "adopted pinned link")
+            }
+            Adopted::No => {
+                let link = self.attach_hook(hook)?;
+                if matches!(link, OwnedLink::Tc(..)) && self.tc_mode == Some(TcMode::Netlink) {
+                    let (iface, ingress) = match hook {
+                        Hook::Encap => (self.overlay.name.clone(), false),
+                        _ => (self.underlay.name.clone(), true),
+                    };
+                    let nl = self.programs.release_netlink(link, &iface, ingress)?;
+                    nl.write(&nl_path)?;
+                } else {
+                    let link = self.programs.release_for_pin(link)?;
+                    pin_link(link, &pin)?;
+                }
+                pinned_now.push(hook);
+            }
+        }
         Ok(())
     }
 
@@ -629,9 +648,12 @@ impl Datapath {
                         }
                     },
                 };
-                let link = link.map_err(|source| DatapathError::Program {
-                    name: PROG_DECAP,
-                    source,
+                let link = link.map_err(|e| {
+                    DatapathError::Config(format!(
+                        "eBPF program {PROG_DECAP} on {underlay} (XDP {} mode): {:#}",
+                        format!("{mode:?}").to_lowercase(),
+                        anyhow::Error::new(e)
+                    ))
                 })?;
                 self.xdp_mode = Some(mode);
                 Ok(OwnedLink::Xdp(link))
