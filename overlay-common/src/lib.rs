@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod accept;
+pub mod adjust_room;
 pub mod csum;
 pub mod wire;
 
@@ -36,8 +37,9 @@ pub const PROG_ENCAP: &str = "overlay_encap";
 pub const PROG_DECAP: &str = "overlay_decap";
 pub const PROG_DECAP_TC: &str = "overlay_decap_tc";
 pub const PROG_BRIDGE_OUT: &str = "overlay_bridge_out";
-/// Never attached: run once at start to ask the kernel whether it takes the vxlan encap flags.
-pub const PROG_PROBE_VXLAN_ENCAP: &str = "overlay_probe_vxlan_encap";
+/// Never attached: run at start on made-up packets to ask the kernel which
+/// `bpf_skb_adjust_room` flags it takes ([`adjust_room`]).
+pub const PROG_PROBE_ADJUST_ROOM: &str = "overlay_probe_adjust_room";
 
 /// Tunnel wire format, chosen per network (flannel's `Backend.Type`).
 #[repr(u8)]

@@ -10,10 +10,7 @@
 use core::mem::offset_of;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        xdp_action,
-    },
+    bindings::{TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
@@ -34,9 +31,6 @@ use crate::{
     maps::{CONFIG, PEERS_BY_IP},
     packet::{Packet, read, write},
 };
-
-/// BPF_F_ADJ_ROOM_DECAP_L4_UDP: in the kernel's UAPI after 6.18, not in our bindings yet.
-const ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 
 /// How many of the optional decap flags this kernel has refused, newest first: 1 once it
 /// refused DECAP_L4_UDP (before 6.19), 2 once it refused DECAP_L3_IPV4 too (before 6.3).
@@ -197,9 +191,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     // but the skb still says "UDP tunnel", and the bridge program (bridge.rs) keeps the
     // container bridge from segmenting it in software.
     let len = -(acc.strip as i32);
-    let fixed = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
-    let l3 = BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64;
-    let ladder = [fixed | l3 | ADJ_ROOM_DECAP_L4_UDP, fixed | l3, fixed];
+    let ladder = overlay_common::adjust_room::DECAP_LADDER;
     // SAFETY: a byte in the program's global data; any value read is valid.
     let start = unsafe { core::ptr::read_volatile(&raw const DECAP_FLAGS_REFUSED) };
     // Written out rather than looped: three tries, each a straight line for the verifier.

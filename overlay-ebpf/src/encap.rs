@@ -7,9 +7,8 @@ use core::mem::offset_of;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     maps::lpm_trie::Key,
@@ -147,25 +146,8 @@ fn redirect_to_peer(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -
     Err(DropReason::NoRoute)
 }
 
-/// The `bpf_skb_adjust_room` flags of our encapsulation in `format`. Vxlan's inner Ethernet
-/// header needs BPF_F_ADJ_ROOM_ENCAP_L2_ETH (5.13 and later), udp's flags are from 5.2.
+/// The `bpf_skb_adjust_room` flags of our encapsulation in `format`, as the start-up probe
+/// asks the kernel about them.
 fn encap_flags(format: Format) -> u64 {
-    let mut flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
-    if format == Format::Vxlan {
-        flags |= BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64 | aya_ebpf::bpf_f_adj_room_encap_l2(EthHdr::LEN as u64);
-    }
-    flags
-}
-
-/// The probe: grow an IPv4 packet as vxlan encapsulation does. The kernel refuses flags it
-/// does not know (EINVAL), so the verdict says whether `overlay_encap` can work here.
-pub fn probe_vxlan_encap(ctx: &TcContext) -> i32 {
-    match ctx.adjust_room(
-        Format::Vxlan.overhead() as i32,
-        BPF_ADJ_ROOM_MAC,
-        encap_flags(Format::Vxlan),
-    ) {
-        Ok(()) => TC_ACT_OK as i32,
-        Err(_) => TC_ACT_SHOT as i32,
-    }
+    overlay_common::adjust_room::encap_flags(format)
 }

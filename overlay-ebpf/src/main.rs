@@ -17,6 +17,7 @@ mod encap;
 mod headers;
 mod maps;
 mod packet;
+mod probe;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, xdp_action},
@@ -65,8 +66,8 @@ pub fn overlay_bridge_out(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
-pub fn overlay_probe_vxlan_encap(ctx: TcContext) -> i32 {
-    encap::probe_vxlan_encap(&ctx)
+pub fn overlay_probe_adjust_room(ctx: TcContext) -> i32 {
+    probe::probe_adjust_room(&ctx)
 }
 
 #[cfg(not(test))]

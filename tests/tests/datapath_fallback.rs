@@ -124,3 +124,43 @@ fn auto_falls_back_when_attaching_fails() -> anyhow::Result<()> {
     drop((a1, a2));
     Ok(())
 }
+
+/// (major, minor) of the running kernel.
+fn kernel_version() -> anyhow::Result<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let mut next = || -> anyhow::Result<u32> { Ok(parts.next().context("kernel release")?.parse()?) };
+    Ok((next()?, next()?))
+}
+
+/// `/status` reports what the kernel offers, as the kernel's history says this version has
+/// it: TCX from 6.6, vxlan's encap flag from 5.13, the decap flags from 6.3 and after 6.18,
+/// memlock accounting before 5.11; native XDP on a veth underlay (`--decap xdp`), not tried
+/// with TC decap.
+#[test]
+fn status_reports_the_kernels_capabilities() -> anyhow::Result<()> {
+    let version = kernel_version()?;
+    let mut c = Cluster::new(2, VXLAN)?;
+    let a1 = c.start_agent(1, &["--decap=tc"])?;
+    let a2 = c.start_agent(2, &["--decap=xdp"])?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    for (i, native_xdp) in [(1, serde_json::Value::Null), (2, serde_json::Value::Bool(true))] {
+        let status = c.status(i)?;
+        let caps = &status["capabilities"];
+        assert_eq!(caps["kernel"], release.trim(), "host{i}: {caps}");
+        let tc = if version >= (6, 6) { "tcx" } else { "clsact" };
+        assert_eq!(caps["tc_attach"], tc, "host{i}: {caps}");
+        assert_eq!(caps["native_xdp"], native_xdp, "host{i}: {caps}");
+        let room = &caps["adjust_room"];
+        assert_eq!(room["encap_udp"], true, "{caps}");
+        assert_eq!(room["encap_vxlan"], version >= (5, 13), "{caps}");
+        assert_eq!(room["decap_l3_ipv4"], version >= (6, 3), "{caps}");
+        assert_eq!(room["decap_l4_udp"], version >= (6, 19), "{caps}");
+        for helper in ["redirect_neigh", "redirect_peer", "fib_lookup"] {
+            assert_eq!(caps["helpers"][helper], true, "{helper}: {caps}");
+        }
+        assert_eq!(caps["memlock_charged"], version < (5, 11), "{caps}");
+    }
+    drop((a1, a2));
+    Ok(())
+}

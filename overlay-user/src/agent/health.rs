@@ -31,6 +31,8 @@ pub struct Status {
     pub backend: String,
     /// Why `--datapath auto` runs flannel's kernel datapath instead of eBPF here, if it does.
     pub fallback: Option<String>,
+    /// What the kernel offers the eBPF datapath (probed at start, completed at attach).
+    pub capabilities: Option<serde_json::Value>,
     pub lease_expires: Option<SystemTime>,
     /// The peers the agent wants, by subnet: its one copy of the desired state (see
     /// [`super::peers`]). Kept up to date one event at a time: rebuilding it per event cost
@@ -69,6 +71,7 @@ impl Status {
             "public_ip": self.public_ip,
             "backend": self.backend,
             "fallback": self.fallback,
+            "capabilities": self.capabilities,
             "lease_expires_unix": self.lease_expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
             "peers": self.programmed_peers().map(|p| serde_json::json!({"subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.map(|m| m.to_string())})).collect::<Vec<_>>(),
             "unapplied_peers": self.unapplied.iter().map(|s| s.to_string()).collect::<Vec<_>>(),

@@ -349,6 +349,7 @@ fn activate(
     s.subnet_file_written = true;
     s.subnet = Some(subnet.to_string());
     s.backend = backend.describe();
+    s.capabilities = backend.capabilities();
     Ok(())
 }
 

@@ -109,6 +109,10 @@ impl Backend for DirectRouting {
         self.inner.counters()
     }
 
+    fn capabilities(&self) -> Option<serde_json::Value> {
+        self.inner.capabilities()
+    }
+
     fn describe(&self) -> String {
         format!("{}, DirectRouting", self.inner.describe())
     }

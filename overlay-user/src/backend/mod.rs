@@ -159,6 +159,11 @@ pub trait Backend: Send {
     fn counters(&mut self) -> Option<Counters> {
         None
     }
+    /// What the kernel offers our eBPF datapath (`/status` `capabilities`); None for the
+    /// kernel's own datapaths.
+    fn capabilities(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// One line for logs and `overlay status`.
     fn describe(&self) -> String;
 }

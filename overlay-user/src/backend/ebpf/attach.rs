@@ -189,12 +189,20 @@ impl TcMode {
             TcMode::Netlink => "netlink",
         }
     }
+
+    /// As people know the two ways: TCX links, or filters under a clsact qdisc.
+    pub fn attach_name(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx",
+            TcMode::Netlink => "clsact",
+        }
+    }
 }
 
 /// Attach `prog` to `iface`'s `hook` through TCX, or where the kernel has no TCX, as a
 /// classic filter under a clsact qdisc. The qdisc is created only if `iface` has none; the
 /// returned flag says we created it (and so may remove it when it is empty again).
-fn attach_tc_probing(
+pub(super) fn attach_tc_probing(
     prog: &mut SchedClassifier,
     iface: &str,
     hook: TcAttachType,
@@ -223,7 +231,7 @@ fn attach_tc_probing(
 }
 
 /// Remove the clsact qdisc we created on `iface`, unless someone's filters now hang there.
-fn remove_clsact_if_ours(iface: &str) {
+pub(super) fn remove_clsact_if_ours(iface: &str) {
     if !netdev::link_exists(iface) || !netdev::has_clsact(iface).unwrap_or(false) {
         return;
     }
@@ -504,6 +512,7 @@ impl Datapath {
             bridge_warning: None,
             tc_mode: None,
             clsact_created: Vec::new(),
+            native_xdp: None,
         };
         dp.attach_programs()?;
         netdev::route_replace(dp.network, &dp.overlay.name)?;
@@ -634,11 +643,19 @@ impl Datapath {
             Hook::Decap(DecapHook::Xdp) => {
                 let xdp = self.programs.decap_program()?;
                 let (link, mode) = match self.spec.xdp {
-                    XdpAttach::Native => (xdp.attach(&underlay, XdpMode::Driver), XdpMode::Driver),
+                    XdpAttach::Native => {
+                        let link = xdp.attach(&underlay, XdpMode::Driver);
+                        self.native_xdp = Some(link.is_ok());
+                        (link, XdpMode::Driver)
+                    }
                     XdpAttach::Generic => (xdp.attach(&underlay, XdpMode::Skb), XdpMode::Skb),
                     XdpAttach::Auto => match xdp.attach(&underlay, XdpMode::Driver) {
-                        Ok(link) => (Ok(link), XdpMode::Driver),
+                        Ok(link) => {
+                            self.native_xdp = Some(true);
+                            (Ok(link), XdpMode::Driver)
+                        }
                         Err(e) => {
+                            self.native_xdp = Some(false);
                             tracing::warn!(
                                 interface = %underlay,
                                 reason = %e,
@@ -701,6 +718,11 @@ impl Datapath {
     /// How the TC programs went on: TCX links, or classic filters under clsact (before 6.6).
     pub fn tc_mode(&self) -> Option<TcMode> {
         self.tc_mode
+    }
+
+    /// Whether native XDP attached on the underlay; None when it was not tried.
+    pub fn native_xdp(&self) -> Option<bool> {
+        self.native_xdp
     }
 
     pub fn counters(&mut self) -> Result<crate::host::Counters, DatapathError> {

@@ -22,6 +22,7 @@ use overlay_common::{MAP_BRIDGE_FDB, MAP_BRIDGE_PORTS, PROG_BRIDGE_OUT};
 
 use super::{
     Datapath, DecapHook,
+    attach::{attach_tc_probing, remove_clsact_if_ours},
     programs::{DatapathError, Programs, not_found, typed_map},
 };
 use crate::host::{MacAddr, netdev};
@@ -257,6 +258,8 @@ const NUD_PERMANENT: u16 = libc::NUD_PERMANENT;
 pub(super) struct AttachedBridge {
     device: BridgeDevice,
     link: SchedClassifierLinkId,
+    /// We created the bridge's clsact qdisc for our filter (no TCX): removed with it.
+    clsact_created: bool,
     mirror: Mirror,
 }
 
@@ -355,19 +358,22 @@ impl Datapath {
         if self.bridge.as_ref().map(|b| &b.device) != found.as_ref() {
             self.detach_bridge();
             let Some(device) = found else { return };
+            // As the other hooks: TCX, or a filter under clsact before 6.6.
             match self.programs.bridge_program().and_then(|p| {
-                p.attach(&device.name, TcAttachType::Egress)
-                    .map_err(|source| DatapathError::Program {
-                        name: PROG_BRIDGE_OUT,
-                        source,
-                    })
+                attach_tc_probing(p, &device.name, TcAttachType::Egress)
+                    .map_err(|e| DatapathError::Config(format!("eBPF program {PROG_BRIDGE_OUT}: {e}")))
             }) {
-                Ok(link) => {
-                    tracing::info!(bridge = %device.name, "frames for containers go straight to their ports");
+                Ok((link, mode, clsact_created)) => {
+                    tracing::info!(
+                        bridge = %device.name,
+                        tc = mode.attach_name(),
+                        "frames for containers go straight to their ports"
+                    );
                     self.bridge_warning = None;
                     self.bridge = Some(AttachedBridge {
                         device,
                         link,
+                        clsact_created,
                         mirror: Mirror::default(),
                     });
                 }
@@ -410,6 +416,9 @@ impl Datapath {
             && let Err(e) = p.detach(old.link)
         {
             tracing::debug!(bridge = %old.device.name, "detaching from the bridge: {e}");
+        }
+        if old.clsact_created {
+            remove_clsact_if_ours(&old.device.name);
         }
         if let Err(e) = self.programs.sync_bridge_fdb(&mut old.mirror, &HashMap::new()) {
             tracing::warn!("clearing the bridge maps: {e}");

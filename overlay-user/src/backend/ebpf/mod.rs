@@ -10,6 +10,7 @@
 //!   program on its egress.
 pub mod attach;
 pub mod bridge;
+pub mod capabilities;
 pub mod peers;
 pub mod programs;
 
@@ -17,6 +18,7 @@ use std::collections::HashMap;
 
 pub use attach::{DatapathSpec, DecapAttach, DecapHook, XdpAttach, choose_decap};
 use aya::programs::XdpMode;
+pub use capabilities::Capabilities;
 use ipnetwork::Ipv4Network;
 pub use overlay_common::Format;
 pub use programs::{DatapathError, Programs};
@@ -57,6 +59,8 @@ pub struct Datapath {
     tc_mode: Option<attach::TcMode>,
     /// Interfaces whose clsact qdisc we created (unpinned runs remove them when done).
     clsact_created: Vec<String>,
+    /// Whether native XDP attached on the underlay (None: not tried).
+    native_xdp: Option<bool>,
 }
 
 /// The lease backend kind a wire format speaks.
@@ -69,6 +73,8 @@ pub fn backend_kind(format: Format) -> BackendKind {
 
 pub struct EbpfBackend {
     spec: DatapathSpec,
+    /// Probed when the programs loaded; completed from the datapath once attached.
+    capabilities: Capabilities,
     /// Loaded in [`EbpfBackend::new`], handed to the datapath on activation.
     programs: Option<Programs>,
     vtep_mac: MacAddr,
@@ -82,21 +88,20 @@ impl EbpfBackend {
     pub fn new(spec: DatapathSpec) -> Result<Self, BackendError> {
         let mut programs = Programs::load_pinned(spec.pin_dir.as_deref())
             .map_err(|e| BackendError::Unavailable(format!("eBPF programs do not load: {e}")))?;
-        if spec.format == Format::Vxlan {
-            let takes_flags = programs
-                .probe_vxlan_encap()
-                .map_err(|e| BackendError::Unavailable(format!("probing bpf_skb_adjust_room: {e}")))?;
-            tracing::info!(
-                encap_l2_eth = takes_flags,
-                "probed bpf_skb_adjust_room's vxlan encap flags"
-            );
-            if !takes_flags {
-                return Err(BackendError::Unavailable(
-                    "this kernel's bpf_skb_adjust_room refuses BPF_F_ADJ_ROOM_ENCAP_L2_ETH (added in 5.13), \
-                     which the eBPF vxlan encapsulation needs"
-                        .into(),
-                ));
-            }
+        let capabilities = programs
+            .probe_capabilities()
+            .map_err(|e| BackendError::Unavailable(format!("probing the kernel: {e}")))?;
+        tracing::info!(capabilities = %capabilities.to_json(), "probed this kernel");
+        let refused = match spec.format {
+            Format::Vxlan if !capabilities.encap_vxlan => Some("BPF_F_ADJ_ROOM_ENCAP_L2_ETH (added in 5.13)"),
+            Format::Udp if !capabilities.encap_udp => Some("the encap flags ENCAP_L3_IPV4 and ENCAP_L4_UDP (5.2)"),
+            _ => None,
+        };
+        if let Some(what) = refused {
+            return Err(BackendError::Unavailable(format!(
+                "this kernel's bpf_skb_adjust_room refuses {what}, which the eBPF {} encapsulation needs",
+                backend_kind(spec.format).name()
+            )));
         }
         let underlay = netdev::link_info(&spec.underlay)?;
         let device = netdev::create_overlay_device(&spec.overlay_device, spec.vtep_mac)?;
@@ -104,6 +109,7 @@ impl EbpfBackend {
         let mtu = spec.effective_mtu(underlay.mtu);
         Ok(EbpfBackend {
             spec,
+            capabilities,
             programs: Some(programs),
             vtep_mac,
             mtu,
@@ -174,6 +180,15 @@ impl Backend for EbpfBackend {
 
     fn counters(&mut self) -> Option<Counters> {
         self.datapath.as_mut().and_then(|d| d.counters().ok())
+    }
+
+    fn capabilities(&self) -> Option<serde_json::Value> {
+        let mut caps = self.capabilities.clone();
+        if let Some(d) = &self.datapath {
+            caps.tc_attach = d.tc_mode();
+            caps.native_xdp = d.native_xdp();
+        }
+        Some(caps.to_json())
     }
 
     fn describe(&self) -> String {

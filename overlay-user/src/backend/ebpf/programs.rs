@@ -6,30 +6,50 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapError, PerCpuArray},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    sys::BpfHelper,
 };
 use ipnetwork::Ipv4Network;
 use overlay_common::{
-    Counter, CounterIndex, DatapathConfig, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_BRIDGE_OUT,
-    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_PROBE_VXLAN_ENCAP,
+    Counter, CounterIndex, DatapathConfig, Format, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP,
+    PROG_BRIDGE_OUT, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_PROBE_ADJUST_ROOM, adjust_room,
 };
 
+use super::capabilities::{self, Capabilities};
 use crate::host::{Counters, HostError, netdev};
 
 /// Before 5.11 the kernel charges BPF maps to RLIMIT_MEMLOCK, 64 KiB by default there (Debian
-/// 11's systemd keeps it): our maps need more. Later kernels charge the memory cgroup instead
-/// and ignore the limit, so lifting it costs nothing there.
+/// 11's systemd keeps it): our maps need more. Later kernels charge the memory cgroup and
+/// ignore the limit: there it is left alone, and nothing is said.
 fn lift_memlock_limit() {
+    if !capabilities::memlock_charged() {
+        return;
+    }
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit reads the struct we pass and nothing else.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::warn!(
-            "cannot lift RLIMIT_MEMLOCK ({}); on kernels before 5.11 our maps may not fit",
-            std::io::Error::last_os_error()
-        );
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        return;
     }
+    let error = std::io::Error::last_os_error();
+    // Without the right to raise the hard limit, the soft one can still go up to it.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or fill the struct we pass and nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit);
+        }
+    }
+    tracing::warn!(
+        limit_bytes = limit.rlim_cur,
+        "this kernel charges BPF maps to RLIMIT_MEMLOCK and raising it failed ({error}): loading may \
+         fail with EPERM; raise the limit (LimitMEMLOCK=infinity in the unit)"
+    );
 }
 
 /// The compiled programs, embedded at build time (see build.rs).
@@ -124,30 +144,54 @@ impl Programs {
         program(&mut self.ebpf, PROG_DECAP_TC)
     }
 
-    /// Whether this kernel's `bpf_skb_adjust_room` takes the flags of the vxlan encapsulation
-    /// (BPF_F_ADJ_ROOM_ENCAP_L2_ETH, 5.13 and later): asked once by running a probe program on
-    /// a made-up IPv4 packet. Err: the probe itself could not run.
-    pub fn probe_vxlan_encap(&mut self) -> Result<bool, DatapathError> {
-        let name = PROG_PROBE_VXLAN_ENCAP;
+    /// What this kernel offers the datapath, asked once: which `bpf_skb_adjust_room` flag sets
+    /// of ours it takes (the probe program on made-up packets), which helpers TC programs may
+    /// call, whether maps count against RLIMIT_MEMLOCK. Err: the probe itself could not run.
+    pub fn probe_capabilities(&mut self) -> Result<Capabilities, DatapathError> {
+        let name = PROG_PROBE_ADJUST_ROOM;
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         prog.load().map_err(|source| DatapathError::Program { name, source })?;
-        // Ethernet (IPv4), a 20-byte IPv4 header (UDP), an 8-byte UDP header, 32 bytes payload.
-        let mut frame = vec![0u8; 14 + 20 + 8 + 32];
+        // Ethernet, IPv4 header of a UDP packet, its UDP header, then the probe's arguments.
+        let mut frame = vec![0u8; 14 + 20 + 8 + 100];
         frame[12..14].copy_from_slice(&[0x08, 0x00]);
-        frame[14..24].copy_from_slice(&[0x45, 0, 0, 60, 0, 0, 0x40, 0, 64, 17]);
+        frame[14..24].copy_from_slice(&[0x45, 0, 0, 128, 0, 0, 0x40, 0, 64, 17]);
         frame[26..34].copy_from_slice(&[10, 244, 1, 2, 10, 244, 2, 2]);
-        frame[36..38].copy_from_slice(&[0, 40]);
-        let mut out = vec![0u8; frame.len() + 128];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let ok = result.return_value == 0;
+        frame[36..38].copy_from_slice(&[0, 108]);
+        let mut takes = |len_diff: i32, flags: u64| -> Result<bool, DatapathError> {
+            let o = adjust_room::PROBE_LEN_OFFSET;
+            frame[o..o + 4].copy_from_slice(&len_diff.to_ne_bytes());
+            let o = adjust_room::PROBE_FLAGS_OFFSET;
+            frame[o..o + 8].copy_from_slice(&flags.to_ne_bytes());
+            let mut out = vec![0u8; frame.len() + 128];
+            let result = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                })
+                .map_err(|source| DatapathError::Program { name, source })?;
+            Ok(result.return_value == 0)
+        };
+        // Decapsulation cuts outer IPv4 + UDP + VXLAN + inner Ethernet, as for vxlan.
+        let cut = -(Format::Vxlan.overhead() as i32);
+        let caps = Capabilities {
+            kernel: capabilities::kernel_release(),
+            encap_udp: takes(Format::Udp.overhead() as i32, adjust_room::encap_flags(Format::Udp))?,
+            encap_vxlan: takes(Format::Vxlan.overhead() as i32, adjust_room::encap_flags(Format::Vxlan))?,
+            decap_l3_ipv4: takes(cut, adjust_room::FIXED_GSO | adjust_room::DECAP_L3_IPV4)?,
+            decap_l4_udp: takes(
+                cut,
+                adjust_room::FIXED_GSO | adjust_room::DECAP_L3_IPV4 | adjust_room::DECAP_L4_UDP,
+            )?,
+            redirect_neigh: capabilities::tc_helper(BpfHelper::BPF_FUNC_redirect_neigh),
+            redirect_peer: capabilities::tc_helper(BpfHelper::BPF_FUNC_redirect_peer),
+            fib_lookup: capabilities::tc_helper(BpfHelper::BPF_FUNC_fib_lookup),
+            memlock_charged: capabilities::memlock_charged(),
+            tc_attach: None,
+            native_xdp: None,
+        };
         let _ = prog.unload();
-        Ok(ok)
+        Ok(caps)
     }
 
     /// One of our TC programs by name (encap, TC decap, bridge).
