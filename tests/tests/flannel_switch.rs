@@ -566,6 +566,27 @@ fn iptables_rules_as_flannel_writes_and_keeps_them() -> anyhow::Result<()> {
         Ok(h2.ip(&["route", "show", "type", "blackhole"])?.contains(&subnet2))
     })?;
     drop(a2);
+    // ... and --cleanup removes it, with one flanneld left for the same subnet (no protocol).
+    let (code, _, stderr) = run_to_exit(
+        agent_command(&c, 2, &unit_file_flags(&c, 2, &["--cleanup"])),
+        Duration::from_secs(20),
+    )?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let left = h2.ip(&["route", "show", "type", "blackhole"])?;
+    assert!(!left.contains(&subnet2), "blackhole route left after --cleanup: {left}");
+    let a2 = OverlayProcess::start(&c.lab.host(2).ns, &unit_file_flags(&c, 2, &[]), Duration::from_secs(30))?;
+    drop(a2);
+    h2.ip(&["route", "add", "blackhole", &subnet2])?;
+    let (code, _, stderr) = run_to_exit(
+        agent_command(&c, 2, &unit_file_flags(&c, 2, &["--cleanup"])),
+        Duration::from_secs(20),
+    )?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let left = h2.ip(&["route", "show", "type", "blackhole"])?;
+    assert!(
+        !left.contains(&subnet2),
+        "flanneld's blackhole route left after --cleanup: {left}"
+    );
     Ok(())
 }
 
@@ -776,6 +797,8 @@ fn taking_over_a_flannel_host_loses_under_a_second() -> anyhow::Result<()> {
     let (h1, h2) = (c.lab.host(1), c.lab.host(2));
     let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 3, 56, false, "0.05")?;
     assert_eq!(r.received, 3, "before the switch: {r:?}");
+    let link: serde_json::Value = serde_json::from_str(&h1.ns.ip(&["-j", "link", "show", "flannel.1"])?)?;
+    let flannel_mac = link[0]["address"].as_str().context("flannel.1's MAC")?.to_string();
 
     let from = h1.containers[0].ns.name().to_string();
     let to = h2.containers[0].ip;
@@ -808,6 +831,15 @@ fn taking_over_a_flannel_host_loses_under_a_second() -> anyhow::Result<()> {
     );
     let route = h1.ns.ip(&["route", "get", &to.to_string()])?;
     assert!(route.contains("dev ovl0"), "traffic still on flannel's path: {route}");
+    // flannel's VtepMAC is kept: the lease and every peer's entries for us stay as they were.
+    let lease: serde_json::Value = serde_json::from_str(ours.ready["lease"].as_str().context("lease")?)?;
+    assert_eq!(lease["BackendData"]["VtepMAC"], flannel_mac.as_str(), "{lease}");
+    let link: serde_json::Value = serde_json::from_str(&h1.ns.ip(&["-j", "link", "show", "ovl0"])?)?;
+    assert_eq!(
+        link[0]["address"],
+        flannel_mac.as_str(),
+        "ovl0 did not take flannel's VtepMAC"
+    );
     assert!(
         lost < 50,
         "{lost} pings lost (20 ms apart): the switch took a second or more"
@@ -815,5 +847,49 @@ fn taking_over_a_flannel_host_loses_under_a_second() -> anyhow::Result<()> {
     let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 3, 56, false, "0.05")?;
     assert_eq!(r.received, 3, "after the switch: {r:?}");
     drop((ours, a2));
+    Ok(())
+}
+
+/// flanneld's host-gw leaves a route via each peer's PublicIP when it stops. Taking over: a
+/// live peer's route becomes ours (our protocol number), the route of a peer that went while
+/// flanneld was down is removed, routes outside the network are left alone; traffic flows.
+#[test]
+fn host_gw_takeover_removes_flannels_stale_routes() -> anyhow::Result<()> {
+    let mut c = Cluster::new(
+        2,
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#,
+    )?;
+    let a2 = OverlayProcess::start(&c.lab.host(2).ns, &unit_file_flags(&c, 2, &[]), Duration::from_secs(30))?;
+    c.add_containers(2, &a2, 1)?;
+    let subnet2 = a2.ready["subnet"].as_str().context("subnet")?.to_string();
+    let ip2 = c.lab.host(2).public_ip.to_string();
+    let h1 = &c.lab.host(1).ns;
+    // As flanneld host-gw on host1 left them: the live peer, a peer gone since (its host is
+    // down: the gateway answers nothing), and a route of the admin's outside the network.
+    for (dst, via) in [
+        (subnet2.as_str(), ip2.as_str()),
+        ("10.244.200.0/24", "192.168.250.77"),
+        ("172.31.5.0/24", ip2.as_str()),
+    ] {
+        h1.ip(&["route", "add", dst, "via", via, "dev", "eth0"])?;
+    }
+    let a1 = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
+    c.add_containers(1, &a1, 1)?;
+    let h1 = &c.lab.host(1).ns;
+    c.wait_until("flannel's stale route is removed", Duration::from_secs(5), || {
+        Ok(!h1.ip(&["route", "show"])?.contains("10.244.200.0/24"))
+    })?;
+    let live = h1.ip(&["route", "show", &subnet2])?;
+    assert!(live.contains("proto 73"), "the live peer's route is not ours: {live}");
+    let other = h1.ip(&["route", "show", "172.31.5.0/24"])?;
+    assert!(
+        other.contains("via"),
+        "a route outside the network was touched: {other:?}"
+    );
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let (h1, h2) = (c.lab.host(1), c.lab.host(2));
+    let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 3, 56, false, "0.05")?;
+    assert_eq!(r.received, 3, "host1 -> host2: {r:?}");
+    drop((a1, a2));
     Ok(())
 }

@@ -429,10 +429,23 @@ fn ensure_blackhole(subnet: Ipv4Network) {
     let s = subnet.to_string();
     let existing = run("ip", &["-4", "route", "show", "exact", &s, "type", "blackhole"], None).unwrap_or_default();
     if existing.trim().is_empty() {
-        match run("ip", &["route", "add", "blackhole", &s], None) {
+        // With our protocol number, so `--cleanup` finds it with the backends' routes.
+        match run(
+            "ip",
+            &["route", "add", "blackhole", &s, "proto", crate::backend::ROUTE_PROTO],
+            None,
+        ) {
             Ok(_) => tracing::info!(subnet = %s, "added the blackhole route for our subnet"),
             Err(e) => tracing::debug!("blackhole route for {s}: {e}"),
         }
+    }
+}
+
+/// `--cleanup`: the blackhole route for `subnet` (ours, or one flanneld left), if any.
+pub fn remove_blackhole(subnet: Ipv4Network) {
+    let s = subnet.to_string();
+    if run("ip", &["route", "del", "blackhole", &s], None).is_ok() {
+        tracing::info!(subnet = %s, "removed the blackhole route for our subnet");
     }
 }
 

@@ -31,7 +31,7 @@ use crate::{
         kernel_vxlan::KernelVxlan,
         userspace_udp::UserspaceUdp,
     },
-    host::netdev,
+    host::{MacAddr, netdev},
     subnet::{
         self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig,
         config::Backend as BackendConfig, etcd::EtcdRegistry,
@@ -92,8 +92,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| p.network)
         .context("the network config has no IPv4 network")?;
-    let flannel_leftovers = takeover::find(&config);
-    let (mut backend, kind, fallback) = make_backend(&config, &args, &iface, public_ip)?;
+    let flannel_leftovers = takeover::find(&config, network, &iface);
+    let (mut backend, kind, fallback) = make_backend(&config, &args, &iface, public_ip, flannel_leftovers.vtep_mac())?;
     status.lock().expect("status").fallback = fallback;
     tracing::info!(backend = %backend.describe(), %network, "network config read");
 
@@ -124,12 +124,12 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             datapath: DatapathChoice::Kernel,
             ..args.clone()
         };
-        backend = make_backend(&config, &kernel_args, &iface, public_ip)?.0;
+        backend = make_backend(&config, &kernel_args, &iface, public_ip, None)?.0;
         attrs = backend.lease_attrs();
         lease = manager.acquire(&config, &attrs).await.context("leasing a subnet")?;
         activate(&mut *backend, &args, &config, &lease, network, &status, &rules)?;
     }
-    takeover::finish(flannel_leftovers, &backend.describe());
+    let flannel_routes = takeover::finish(flannel_leftovers, &backend.describe(), &iface);
     notify::notify("READY=1");
     // One JSON line on stdout when ready, for scripts and tests (systemd gets READY=1).
     println!(
@@ -157,6 +157,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         status: &status,
         rules: &rules,
         peers: PeerSync::new(kind, status.clone()),
+        flannel_routes,
     };
     let result = agent.follow_leases(own_subnet, rx, lease_task, &mut stop).await;
 
@@ -228,6 +229,8 @@ struct Agent<'a> {
     status: &'a health::SharedStatus,
     rules: &'a iptables::Upkeep,
     peers: PeerSync,
+    /// flanneld's host-gw routes found at start, removed once our peers are in place.
+    flannel_routes: takeover::Routes,
 }
 
 impl Agent<'_> {
@@ -265,6 +268,7 @@ impl Agent<'_> {
                     let counters = self.backend.counters();
                     self.status.lock().expect("status").counters = counters;
                     self.peers.reconcile_if_dirty(self.backend);
+                    self.flannel_routes.remove_if_due(self.peers.settled());
                     if events_since_trim >= TRIM_AFTER_EVENTS {
                         events_since_trim = 0;
                         release_free_heap();
@@ -355,12 +359,13 @@ fn activate(
 
 /// The backend the config asks for, with the lease kind its peers have: eBPF where it loads
 /// (or as `--datapath` says), else the kernel datapath flannel itself uses; and why `auto`
-/// fell back, if it did.
+/// fell back, if it did. `vtep_mac`: flannel's, for our vxlan device to keep.
 fn make_backend(
     config: &NetworkConfig,
     args: &AgentArgs,
     iface: &str,
     public_ip: Ipv4Addr,
+    vtep_mac: Option<MacAddr>,
 ) -> anyhow::Result<(Box<dyn Backend>, BackendKind, Option<String>)> {
     let fell_back = std::cell::RefCell::new(None);
     let ebpf = |format: Format, port: u16, vni: u32, mtu: u32| {
@@ -372,7 +377,7 @@ fn make_backend(
             vni,
             overlay_device: args.overlay_device.clone(),
             mtu: (mtu > 0).then_some(mtu),
-            vtep_mac: None,
+            vtep_mac: if format == Format::Vxlan { vtep_mac } else { None },
             xdp: args.xdp_mode,
             decap: args.decap,
             pin_dir: Some(args.pin_dir.clone()),
@@ -476,6 +481,10 @@ fn cleanup(args: &AgentArgs) -> anyhow::Result<()> {
         }
     }
     let _ = netdev::ip(&["route", "flush", "proto", crate::backend::ROUTE_PROTO]);
+    // A blackhole route added without our protocol number (by flanneld, or before we had one).
+    if let (Some(subnet), _) = subnet::file::read_previous_subnets(&args.subnet_file) {
+        iptables::remove_blackhole(subnet);
+    }
     iptables::remove_all();
     if args.subnet_file.exists() {
         std::fs::remove_file(&args.subnet_file).with_context(|| format!("removing {}", args.subnet_file.display()))?;

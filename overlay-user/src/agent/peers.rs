@@ -37,6 +37,11 @@ impl PeerSync {
         self.dirty = true;
     }
 
+    /// Every wanted peer is in the backend and nothing is left to retry.
+    pub fn settled(&self) -> bool {
+        !self.dirty && self.status.lock().expect("status").unapplied.is_empty()
+    }
+
     /// A lease of another host appeared or changed.
     pub fn lease_put(&mut self, backend: &mut dyn Backend, lease: &Lease) {
         let subnet = lease.subnet();

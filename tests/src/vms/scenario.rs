@@ -63,7 +63,9 @@ pub const CASES: &[Case] = &[
 ];
 
 /// The columns of the result table after kernel, case and the datapath the agent chose.
-pub const CHECKS: &[&str] = &["agents", "ping 1>2", "ping 2>1", "tcp", "restart", "pin dir", "cleanup"];
+pub const CHECKS: &[&str] = &[
+    "agents", "ping 1>2", "ping 2>1", "tcp", "bridge", "restart", "pin dir", "cleanup",
+];
 
 #[derive(Clone, Debug)]
 pub enum Check {
@@ -325,6 +327,11 @@ impl Env {
         } else {
             o.checks.push(("tcp", Check::Skip(String::new())));
         }
+        match self.bridge(o) {
+            Ok(Some(d)) => o.checks.push(("bridge", Check::Pass(d))),
+            Ok(None) => o.checks.push(("bridge", Check::Skip("n/a".into()))),
+            Err(e) => o.checks.push(("bridge", Check::Fail(format!("{e:#}")))),
+        }
         let restart = self.restart(args, n, &ips, o);
         o.record("restart", restart);
         let pins = self.pin_dir(o);
@@ -423,6 +430,32 @@ ip netns exec ctr ping -c 5 -i 0.3 -W 2 {target}
             bytes / 1_000_000,
             bytes as f64 * 8.0 / secs / 1e6
         ))
+    }
+
+    /// With TC decapsulation, the program on the container bridge's egress of VM 2 (which
+    /// received the pings and the transfer) must have handed frames to the container's port;
+    /// None where it does not apply.
+    fn bridge(&mut self, o: &Outcome) -> anyhow::Result<Option<String>> {
+        if !(o.chosen.contains("ebpf") && o.chosen.contains("decap tc")) {
+            return Ok(None);
+        }
+        let vm = &mut self.vms[1];
+        let ran = vm.sh(
+            &format!("curl -s http://127.0.0.1:{HEALTHZ_PORT}/status"),
+            Duration::from_secs(30),
+        )?;
+        let status: serde_json::Value = serde_json::from_str(ran.output.trim())
+            .with_context(|| format!("{}: /status is not JSON: {}", vm.name(), tail(&ran.output, 3)))?;
+        let frames = status["counters"]["bridge_redirect"]["packets"].as_u64().unwrap_or(0);
+        let tc = status["capabilities"]["tc_attach"].as_str().unwrap_or("?").to_string();
+        if frames == 0 {
+            anyhow::bail!(
+                "{}: no frame went from the container bridge straight to its port (tc {tc}); counters: {}",
+                vm.name(),
+                status["counters"]
+            );
+        }
+        Ok(Some(format!("{frames} frames, {tc}")))
     }
 
     /// Stop VM 1's agent (SIGTERM, as systemd does), start it again, and check both ways.
