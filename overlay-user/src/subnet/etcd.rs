@@ -4,14 +4,18 @@
 use std::{
     future::Future,
     path::PathBuf,
-    time::{Duration, SystemTime},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
     Txn, TxnOp, WatchOptions, WatchStream,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     lease::{Lease, LeaseAttrs, LeaseError, RegistryEvent, SubnetKey},
@@ -94,11 +98,103 @@ pub enum EtcdError {
 #[derive(Clone)]
 pub struct EtcdRegistry {
     /// One client per endpoint: tonic's balancer keeps sending to a dead endpoint, so
-    /// failover is done here, moving to the next endpoint when one is unreachable.
-    clients: std::sync::Arc<Vec<(String, Client)>>,
-    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// failover is done here, moving to the next endpoint when one cannot serve.
+    clients: Arc<Vec<(String, Client)>>,
+    current: Arc<AtomicUsize>,
+    /// When each endpoint last failed (None: it served, or was not tried yet): a host that does
+    /// not answer costs the connect timeout, so it is tried only after every other endpoint.
+    failed_at: Arc<Mutex<Vec<Option<Instant>>>>,
     prefix: String,
     target: String,
+}
+
+/// What an endpoint answered when it could not serve a request, as an operator needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    /// Up, but its cluster has no leader (quorum lost): the member answered.
+    NoLeader,
+    Refused,
+    /// Nothing came back: host down, address gone, packets dropped.
+    TimedOut(String),
+    Tls(String),
+    Auth(String),
+    Other(String),
+}
+
+impl Answer {
+    fn of(e: &etcd_client::Error) -> Self {
+        // tonic wraps the cause (hyper, io, rustls) several levels deep: read the whole chain.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            let t = s.to_string();
+            if !text.contains(&t) {
+                text = format!("{text}: {t}");
+            }
+            source = s.source();
+        }
+        if let etcd_client::Error::GRpcStatus(s) = e {
+            let code = format!("{:?}", s.code());
+            if s.message().contains("no leader") {
+                return Answer::NoLeader;
+            }
+            if matches!(code.as_str(), "Unauthenticated" | "PermissionDenied") {
+                return Answer::Auth(s.message().to_string());
+            }
+        }
+        let lower = text.to_lowercase();
+        if lower.contains("no leader") {
+            Answer::NoLeader
+        } else if lower.contains("connection refused") {
+            Answer::Refused
+        } else if lower.contains("timed out") || lower.contains("timeout") || lower.contains("deadline") {
+            Answer::TimedOut(text)
+        } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            Answer::Tls(text)
+        } else if lower.contains("authenticat") || lower.contains("permission denied") || lower.contains("password") {
+            Answer::Auth(text)
+        } else {
+            Answer::Other(text)
+        }
+    }
+
+    fn answered(&self) -> bool {
+        !matches!(self, Answer::Refused | Answer::TimedOut(_))
+    }
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::NoLeader => write!(f, "answered \"no leader\" (this member is up; its cluster has lost quorum)"),
+            Answer::Refused => write!(f, "connection refused (host up, no etcd listening)"),
+            Answer::TimedOut(t) => write!(f, "did not answer (host down or unreachable: {t})"),
+            Answer::Tls(t) => write!(f, "TLS failed: {t}"),
+            Answer::Auth(t) => write!(f, "refused our credentials: {t}"),
+            Answer::Other(t) => write!(f, "failed: {t}"),
+        }
+    }
+}
+
+/// The one-line meaning of every endpoint's answer: a member saying "no leader" is the cause to
+/// report, not a dead member's connect error.
+fn summary(answers: &[(String, Answer)]) -> String {
+    let no_leader: Vec<&str> = answers
+        .iter()
+        .filter(|(_, a)| *a == Answer::NoLeader)
+        .map(|(e, _)| e.as_str())
+        .collect();
+    let answered = answers.iter().filter(|(_, a)| a.answered()).count();
+    if !no_leader.is_empty() {
+        format!(
+            "etcd has no leader: {} reachable but cannot serve until quorum is back",
+            no_leader.join(", ")
+        )
+    } else if answered == 0 {
+        format!("none of the {} etcd endpoints answered", answers.len())
+    } else {
+        format!("no etcd endpoint could serve it ({answered} of {} answered)", answers.len())
+    }
 }
 
 fn read_pem(flag: &'static str, path: &PathBuf) -> Result<Vec<u8>, EtcdError> {
@@ -114,26 +210,34 @@ impl EtcdRegistry {
         let endpoints = checked_endpoints(args)?;
         let opts = connect_options(args)?;
         let target = endpoints.join(",");
+        // Without credentials this connects lazily; with them it logs in, which needs the
+        // endpoint up: endpoints down at start are skipped. In parallel, so a dead host listed
+        // first does not hold up the live ones.
+        let connects = endpoints.iter().map(|e| {
+            let opts = opts.clone();
+            async move { (e.clone(), Client::connect([e], Some(opts)).await) }
+        });
         let mut clients = Vec::new();
         let mut last_err = None;
-        for e in &endpoints {
-            // Without credentials this connects lazily; with them it logs in, which needs the
-            // endpoint up: endpoints down at start are skipped.
-            match Client::connect([e], Some(opts.clone())).await {
-                Ok(c) => clients.push((e.clone(), c)),
+        for (e, result) in futures::future::join_all(connects).await {
+            match result {
+                Ok(c) => clients.push((e, c)),
                 Err(source) => {
-                    warn!("etcd endpoint {e}: {source}");
+                    warn!("etcd endpoint {e} {}", Answer::of(&source));
                     last_err = Some(source);
                 }
             }
         }
         let Some(source) = last_err.filter(|_| clients.is_empty()) else {
-            return Ok(EtcdRegistry {
-                clients: std::sync::Arc::new(clients),
+            let registry = EtcdRegistry {
+                failed_at: Arc::new(Mutex::new(vec![None; clients.len()])),
+                clients: Arc::new(clients),
                 current: Default::default(),
                 prefix: args.prefix.trim_end_matches('/').to_string(),
                 target,
-            });
+            };
+            registry.probe().await;
+            return Ok(registry);
         };
         Err(EtcdError::Connect {
             endpoints: target,
@@ -141,9 +245,60 @@ impl EtcdRegistry {
         })
     }
 
+    /// Ask every endpoint at once and start with the first that serves; those that fail are
+    /// marked as they fail, in the background, so no request waits on them first. Returns once
+    /// one endpoint served or all failed (the requests then report what each answered).
+    async fn probe(&self) {
+        if self.clients.len() < 2 {
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(self.clients.len());
+        for (idx, (_, client)) in self.clients.iter().enumerate() {
+            let (registry, mut client, tx) = (self.clone(), client.clone(), tx.clone());
+            let key = self.config_key();
+            tokio::spawn(async move {
+                let asked = client.get(key, Some(GetOptions::new().with_count_only()));
+                let served = match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => {
+                        debug!("etcd endpoint {} {}", registry.clients[idx].0, Answer::of(&e));
+                        false
+                    }
+                    Err(_) => false,
+                };
+                registry.mark(idx, served);
+                let _ = tx.send((idx, served)).await;
+            });
+        }
+        drop(tx);
+        while let Some((idx, served)) = rx.recv().await {
+            if served {
+                self.current.store(idx, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    fn mark(&self, idx: usize, served: bool) {
+        let mut failed = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        failed[idx] = (!served).then(Instant::now);
+    }
+
+    /// Endpoints in the order to try them: the one in use, then those not known to have failed,
+    /// then the failed ones, longest-failed first (the likeliest to be back).
+    fn order(&self) -> Vec<usize> {
+        let failed = self.failed_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        // Stable: the rotation from the current endpoint is kept within each group.
+        order.sort_by_key(|&i| (failed[i].is_some(), failed[i]));
+        order
+    }
+
     /// The client of the endpoint in use, for tools and tests that need etcd itself.
     pub fn client(&self) -> &Client {
-        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let i = self.current.load(Ordering::Relaxed);
         &self.clients[i % self.clients.len()].1
     }
 
@@ -155,33 +310,24 @@ impl EtcdRegistry {
         format!("{}{key}", self.subnets_prefix())
     }
 
-    /// Run one request, on the endpoint in use and then on each other one while the
-    /// endpoint is unreachable. Errors name the endpoint and key.
+    /// Run one request, on the endpoint in use and then on each other one while the endpoint
+    /// cannot serve. Errors name the endpoint and key, and what each endpoint answered.
     async fn call<T, F, Fut>(&self, op: &'static str, key: &str, mut request: F) -> Result<T, RegistryError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        use std::sync::atomic::Ordering;
-        let n = self.clients.len();
-        let start = self.current.load(Ordering::Relaxed);
-        let mut failure = None;
-        for i in 0..n {
-            let idx = (start + i) % n;
+        let order = self.order();
+        let mut answers: Vec<(String, Answer)> = Vec::new();
+        for (tried, &idx) in order.iter().enumerate() {
             let (endpoint, client) = &self.clients[idx];
-            match tokio::time::timeout(REQUEST_TIMEOUT, request(client.clone())).await {
+            let answer = match tokio::time::timeout(REQUEST_TIMEOUT, request(client.clone())).await {
                 Ok(Ok(v)) => {
+                    self.mark(idx, true);
                     self.current.store(idx, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Ok(Err(e)) if unreachable(&e) => {
-                    failure = Some(RegistryError::Request {
-                        op,
-                        key: key.to_string(),
-                        target: endpoint.clone(),
-                        reason: e.to_string(),
-                    });
-                }
+                Ok(Err(e)) if cannot_serve(&e) => Answer::of(&e),
                 Ok(Err(e)) => {
                     return Err(RegistryError::Request {
                         op,
@@ -190,20 +336,32 @@ impl EtcdRegistry {
                         reason: e.to_string(),
                     });
                 }
-                Err(_) => {
-                    failure = Some(RegistryError::Timeout {
-                        op,
-                        key: key.to_string(),
-                        target: endpoint.clone(),
-                        after: REQUEST_TIMEOUT,
-                    });
-                }
+                Err(_) => Answer::TimedOut(format!("no reply within {REQUEST_TIMEOUT:?}")),
+            };
+            self.mark(idx, false);
+            if tried + 1 < order.len() {
+                warn!("etcd endpoint {endpoint} {answer}; trying the next one");
             }
-            if i + 1 < n {
-                warn!("etcd endpoint {endpoint} unreachable; trying the next one");
-            }
+            answers.push((endpoint.clone(), answer));
         }
-        Err(failure.expect("at least one endpoint"))
+        if let [(endpoint, answer)] = answers.as_slice() {
+            return Err(RegistryError::Request {
+                op,
+                key: key.to_string(),
+                target: endpoint.clone(),
+                reason: answer.to_string(),
+            });
+        }
+        Err(RegistryError::NoEndpointServed {
+            op,
+            key: key.to_string(),
+            summary: summary(&answers),
+            answers: answers
+                .iter()
+                .map(|(e, a)| format!("{e} {a}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     }
 
     fn parse_kv(&self, kv: &etcd_client::KeyValue) -> Result<Lease, LeaseError> {
@@ -419,7 +577,7 @@ impl Registry for EtcdRegistry {
 
 /// Errors after which another endpoint may do better: no connection, or a member that cannot
 /// serve (no leader). tonic's `Code` is matched by name since tonic is not a direct dependency.
-fn unreachable(e: &etcd_client::Error) -> bool {
+fn cannot_serve(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => {
