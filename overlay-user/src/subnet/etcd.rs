@@ -147,8 +147,13 @@ impl Answer {
             Answer::NoLeader
         } else if lower.contains("connection refused") {
             Answer::Refused
-        } else if lower.contains("timed out") || lower.contains("timeout") || lower.contains("deadline") {
-            Answer::TimedOut(text)
+        } else if ["timed out", "timedout", "timeout", "elapsed", "deadline"]
+            .iter()
+            .any(|t| lower.contains(t))
+        {
+            Answer::TimedOut("no reply to the connection attempt".into())
+        } else if lower.contains("no route to host") || lower.contains("unreachable") {
+            Answer::TimedOut("no route to the host".into())
         } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
             Answer::Tls(text)
         } else if lower.contains("authenticat") || lower.contains("permission denied") || lower.contains("password") {
@@ -166,7 +171,10 @@ impl Answer {
 impl std::fmt::Display for Answer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Answer::NoLeader => write!(f, "answered \"no leader\" (this member is up; its cluster has lost quorum)"),
+            Answer::NoLeader => write!(
+                f,
+                "answered \"no leader\" (this member is up; its cluster has lost quorum)"
+            ),
             Answer::Refused => write!(f, "connection refused (host up, no etcd listening)"),
             Answer::TimedOut(t) => write!(f, "did not answer (host down or unreachable: {t})"),
             Answer::Tls(t) => write!(f, "TLS failed: {t}"),
@@ -193,7 +201,10 @@ fn summary(answers: &[(String, Answer)]) -> String {
     } else if answered == 0 {
         format!("none of the {} etcd endpoints answered", answers.len())
     } else {
-        format!("no etcd endpoint could serve it ({answered} of {} answered)", answers.len())
+        format!(
+            "no etcd endpoint could serve it ({answered} of {} answered)",
+            answers.len()
+        )
     }
 }
 
