@@ -6,6 +6,7 @@
 //! never read with the new one.
 #![no_std]
 
+pub mod accept;
 pub mod csum;
 pub mod wire;
 
@@ -35,6 +36,8 @@ pub const PROG_ENCAP: &str = "overlay_encap";
 pub const PROG_DECAP: &str = "overlay_decap";
 pub const PROG_DECAP_TC: &str = "overlay_decap_tc";
 pub const PROG_BRIDGE_OUT: &str = "overlay_bridge_out";
+/// Never attached: run once at start to ask the kernel whether it takes the vxlan encap flags.
+pub const PROG_PROBE_VXLAN_ENCAP: &str = "overlay_probe_vxlan_encap";
 
 /// Tunnel wire format, chosen per network (flannel's `Backend.Type`).
 #[repr(u8)]
@@ -239,6 +242,69 @@ impl CounterIndex {
     }
 }
 
+/// Why the datapath dropped a packet: what the programs' `try_*` functions return. Each reason
+/// has its own counter ([`DropReason::counter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    NoConfig,
+    NotIpv4,
+    NoPeer,
+    EncapFailed,
+    NoRoute,
+    UnknownPeer,
+    SpoofedSource,
+    NotOurSubnet,
+    Malformed,
+    WrongVni,
+    Fragment,
+    DecapFailed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 12] = [
+        Self::NoConfig,
+        Self::NotIpv4,
+        Self::NoPeer,
+        Self::EncapFailed,
+        Self::NoRoute,
+        Self::UnknownPeer,
+        Self::SpoofedSource,
+        Self::NotOurSubnet,
+        Self::Malformed,
+        Self::WrongVni,
+        Self::Fragment,
+        Self::DecapFailed,
+    ];
+
+    pub const fn counter(self) -> CounterIndex {
+        match self {
+            Self::NoConfig => CounterIndex::DropNoConfig,
+            Self::NotIpv4 => CounterIndex::DropNotIpv4,
+            Self::NoPeer => CounterIndex::DropNoPeer,
+            Self::EncapFailed => CounterIndex::DropEncapFailed,
+            Self::NoRoute => CounterIndex::DropNoRoute,
+            Self::UnknownPeer => CounterIndex::DropUnknownPeer,
+            Self::SpoofedSource => CounterIndex::DropSpoofedSource,
+            Self::NotOurSubnet => CounterIndex::DropNotOurSubnet,
+            Self::Malformed => CounterIndex::DropMalformed,
+            Self::WrongVni => CounterIndex::DropWrongVni,
+            Self::Fragment => CounterIndex::DropFragment,
+            Self::DecapFailed => CounterIndex::DropDecapFailed,
+        }
+    }
+}
+
+impl From<accept::Refusal> for DropReason {
+    #[inline(always)]
+    fn from(r: accept::Refusal) -> Self {
+        match r {
+            accept::Refusal::UnknownPeer => Self::UnknownPeer,
+            accept::Refusal::SpoofedSource => Self::SpoofedSource,
+            accept::Refusal::NotOurSubnet => Self::NotOurSubnet,
+        }
+    }
+}
+
 /// Whether `ip` lies in `addr/prefix_len` (all network byte order).
 pub const fn subnet_contains(addr: [u8; 4], prefix_len: u8, ip: [u8; 4]) -> bool {
     if prefix_len == 0 {
@@ -330,6 +396,24 @@ mod tests {
             .map(|p| flow_src_port(flow_hash(a, b, 6, ((40000 + p) << 16) | 80)))
             .collect();
         assert!(ports.len() >= 60, "{}", ports.len());
+    }
+
+    #[test]
+    fn every_drop_reason_has_its_own_drop_counter() {
+        let counters: std::collections::BTreeSet<u32> = DropReason::ALL.iter().map(|r| r.counter() as u32).collect();
+        assert_eq!(counters.len(), DropReason::ALL.len(), "two reasons share a counter");
+        let drops = CounterIndex::ALL
+            .iter()
+            .filter(|c| c.name().starts_with("drop_"))
+            .count();
+        assert_eq!(drops, DropReason::ALL.len(), "a drop counter no reason maps to");
+        for r in DropReason::ALL {
+            assert!(r.counter().name().starts_with("drop_"), "{r:?}");
+        }
+        assert_eq!(
+            DropReason::from(accept::Refusal::SpoofedSource).counter(),
+            CounterIndex::DropSpoofedSource
+        );
     }
 
     #[test]

@@ -46,20 +46,47 @@ pub fn udp_header(src_port: u16, dst_port: u16, len: u16) -> [u8; 8] {
     h
 }
 
-pub fn vxlan_header(vni: u32) -> [u8; 8] {
-    let mut h = [0u8; 8];
-    h[0] = VXLAN_FLAG_VNI;
-    let v = (vni & 0x00ff_ffff) << 8;
-    h[4..8].copy_from_slice(&v.to_be_bytes());
-    h
+/// VXLAN header (RFC 7348 section 5): flags, 24 reserved bits, the 24-bit VNI, 8 reserved bits.
+/// Ours rather than network-types' so the header builders here, which host tests check byte
+/// by byte, and the eBPF programs read and write one definition.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VxlanHdr {
+    pub flags: u8,
+    pub _reserved1: [u8; 3],
+    /// Network byte order.
+    pub vni: [u8; 3],
+    pub _reserved2: u8,
 }
+const _: () = assert!(core::mem::size_of::<VxlanHdr>() == VXLAN_LEN as usize);
 
-/// VNI of a VXLAN header, or `None` when the I flag is clear.
-pub fn vxlan_vni(h: &[u8; 8]) -> Option<u32> {
-    if h[0] & VXLAN_FLAG_VNI == 0 {
-        return None;
+impl VxlanHdr {
+    pub const LEN: usize = core::mem::size_of::<Self>();
+
+    /// All zero: the udp format's unused part of [`EncapHeaders`].
+    pub const UNUSED: Self = VxlanHdr {
+        flags: 0,
+        _reserved1: [0; 3],
+        vni: [0; 3],
+        _reserved2: 0,
+    };
+
+    /// A header with the I flag set and `vni` (its low 24 bits).
+    pub const fn new(vni: u32) -> Self {
+        // Built as one word: field by field, the BPF backend zeroes the reserved bytes with a
+        // call to memset.
+        let word = ((VXLAN_FLAG_VNI as u64) << 56) | (((vni & 0x00ff_ffff) as u64) << 8);
+        // SAFETY: VxlanHdr is 8 bytes of u8 fields, no padding: any 8 bytes are a valid one.
+        unsafe { core::mem::transmute::<[u8; 8], VxlanHdr>(word.to_be_bytes()) }
     }
-    Some(u32::from_be_bytes([h[4], h[5], h[6], h[7]]) >> 8)
+
+    /// The VNI, or `None` when the I flag is clear.
+    pub const fn vni(&self) -> Option<u32> {
+        if self.flags & VXLAN_FLAG_VNI == 0 {
+            return None;
+        }
+        Some(u32::from_be_bytes([0, self.vni[0], self.vni[1], self.vni[2]]))
+    }
 }
 
 pub fn eth_header(dst: [u8; 6], src: [u8; 6], proto: u16) -> [u8; 14] {
@@ -70,14 +97,22 @@ pub fn eth_header(dst: [u8; 6], src: [u8; 6], proto: u16) -> [u8; 14] {
     h
 }
 
+/// Outer IPv4 and UDP headers: all the udp format inserts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OuterHeaders {
+    pub ip: [u8; 20],
+    pub udp: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<OuterHeaders>() == 28);
+
 /// Everything the encapsulation inserts between the outer Ethernet header and the inner IPv4
-/// packet, laid out as on the wire. The udp format uses the first 28 bytes only.
+/// packet, laid out as on the wire. The udp format uses `outer` only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncapHeaders {
-    pub ip: [u8; 20],
-    pub udp: [u8; 8],
-    pub vxlan: [u8; 8],
+    pub outer: OuterHeaders,
+    pub vxlan: VxlanHdr,
     pub inner_eth: [u8; 14],
 }
 const _: () = assert!(core::mem::size_of::<EncapHeaders>() == 50);
@@ -100,15 +135,17 @@ impl Encap {
         let outer_len = inner_len + format.overhead();
         let udp_len = outer_len - IPV4_LEN;
         let (vxlan, inner_eth) = match format {
-            crate::Format::Udp => ([0; 8], [0; 14]),
+            crate::Format::Udp => (VxlanHdr::UNUSED, [0; 14]),
             crate::Format::Vxlan => (
-                vxlan_header(self.vni),
+                VxlanHdr::new(self.vni),
                 eth_header(self.inner_dst_mac, self.inner_src_mac, ETH_P_IP),
             ),
         };
         EncapHeaders {
-            ip: ipv4_header(self.src_ip, self.dst_ip, outer_len as u16, IPPROTO_UDP),
-            udp: udp_header(self.src_port, self.dst_port, udp_len as u16),
+            outer: OuterHeaders {
+                ip: ipv4_header(self.src_ip, self.dst_ip, outer_len as u16, IPPROTO_UDP),
+                udp: udp_header(self.src_port, self.dst_port, udp_len as u16),
+            },
             vxlan,
             inner_eth,
         }
@@ -122,10 +159,15 @@ mod tests {
 
     #[test]
     fn vxlan_header_round_trips_vni() {
-        let h = vxlan_header(0x00ab_cdef);
-        assert_eq!(h, [0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0]);
-        assert_eq!(vxlan_vni(&h), Some(0x00ab_cdef));
-        assert_eq!(vxlan_vni(&[0, 0, 0, 0, 0, 0, 1, 0]), None);
+        let h = VxlanHdr::new(0x12ab_cdef);
+        // SAFETY: VxlanHdr is 8 bytes of u8 fields, no padding.
+        let bytes: [u8; 8] = unsafe { core::mem::transmute(h) };
+        assert_eq!(bytes, [0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0], "VNI cut to 24 bits");
+        assert_eq!(h.vni(), Some(0x00ab_cdef));
+        let no_flag = VxlanHdr { flags: 0, ..h };
+        assert_eq!(no_flag.vni(), None);
+        let other_flags = VxlanHdr { flags: 0xff, ..h };
+        assert_eq!(other_flags.vni(), Some(0x00ab_cdef), "reserved flag bits are ignored");
     }
 
     #[test]
@@ -140,12 +182,12 @@ mod tests {
             inner_dst_mac: [2, 0, 0, 0, 0, 2],
         };
         let h = e.headers(Format::Vxlan, 100);
-        assert_eq!(u16::from_be_bytes([h.ip[2], h.ip[3]]), 150);
-        assert_eq!(u16::from_be_bytes([h.udp[4], h.udp[5]]), 130);
-        assert_eq!(crate::csum::ipv4_header_checksum(&h.ip), 0);
+        assert_eq!(u16::from_be_bytes([h.outer.ip[2], h.outer.ip[3]]), 150);
+        assert_eq!(u16::from_be_bytes([h.outer.udp[4], h.outer.udp[5]]), 130);
+        assert_eq!(crate::csum::ipv4_header_checksum(&h.outer.ip), 0);
         assert_eq!(&h.inner_eth[12..], &[0x08, 0x00]);
         let h = e.headers(Format::Udp, 100);
-        assert_eq!(u16::from_be_bytes([h.ip[2], h.ip[3]]), 128);
-        assert_eq!(u16::from_be_bytes([h.udp[4], h.udp[5]]), 108);
+        assert_eq!(u16::from_be_bytes([h.outer.ip[2], h.outer.ip[3]]), 128);
+        assert_eq!(u16::from_be_bytes([h.outer.udp[4], h.outer.udp[5]]), 108);
     }
 }

@@ -16,19 +16,25 @@
 //! container's veth does). Broadcast, multicast, MACs we do not know and ports that are gone go on
 //! to the bridge as before. "Before" is TC_ACT_UNSPEC: programs and filters after ours on this
 //! hook still run (TC_ACT_OK would end the hook's chain).
+use core::mem::offset_of;
+
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_redirect, programs::TcContext};
+use network_types::eth::EthHdr;
 use overlay_common::CounterIndex;
 
 use crate::{
     counters::count,
     maps::{BRIDGE_FDB, BRIDGE_PORTS},
-    packet::PacketReader,
+    packet::read,
 };
 
+/// Never drops: a frame we do not hand to a port goes on to the bridge.
 pub fn bridge_out(ctx: &TcContext) -> i32 {
-    let Some(dst) = ctx.read::<[u8; 6]>(0) else {
+    // Only the destination MAC: copying the whole header costs instructions on every frame.
+    let Some(dst) = read::<_, [u8; 6]>(ctx, offset_of!(EthHdr, dst_addr)) else {
         return TC_ACT_UNSPEC;
     };
+    // Broadcast and multicast: the group bit of the first byte.
     if dst[0] & 1 != 0 {
         return TC_ACT_UNSPEC;
     }

@@ -14,6 +14,7 @@ mod bridge;
 mod counters;
 mod decap;
 mod encap;
+mod headers;
 mod maps;
 mod packet;
 
@@ -23,12 +24,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
+// Each entry point runs its `try_*` and turns a drop reason into the verdict and its counter.
+
 #[classifier]
 pub fn overlay_encap(ctx: TcContext) -> i32 {
-    match encap::encap(&ctx) {
+    match encap::try_encap(&ctx) {
         Ok(action) => action,
         Err(reason) => {
-            counters::count(reason, ctx.len() as u64);
+            counters::count(reason.counter(), ctx.len() as u64);
             TC_ACT_SHOT as i32
         }
     }
@@ -36,10 +39,10 @@ pub fn overlay_encap(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn overlay_decap(ctx: XdpContext) -> u32 {
-    match decap::decap_xdp(&ctx) {
+    match decap::try_decap_xdp(&ctx) {
         Ok(action) => action,
         Err(reason) => {
-            counters::count(reason, (ctx.data_end() - ctx.data()) as u64);
+            counters::count(reason.counter(), (ctx.data_end() - ctx.data()) as u64);
             xdp_action::XDP_DROP
         }
     }
@@ -47,10 +50,10 @@ pub fn overlay_decap(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn overlay_decap_tc(ctx: TcContext) -> i32 {
-    match decap::decap_tc(&ctx) {
+    match decap::try_decap_tc(&ctx) {
         Ok(action) => action,
         Err(reason) => {
-            counters::count(reason, ctx.len() as u64);
+            counters::count(reason.counter(), ctx.len() as u64);
             TC_ACT_SHOT as i32
         }
     }
@@ -59,6 +62,11 @@ pub fn overlay_decap_tc(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn overlay_bridge_out(ctx: TcContext) -> i32 {
     bridge::bridge_out(&ctx)
+}
+
+#[classifier]
+pub fn overlay_probe_vxlan_encap(ctx: TcContext) -> i32 {
+    encap::probe_vxlan_encap(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,3 +7,4 @@ pub mod netns;
 pub mod traffic;
 
 pub mod etcd;
+pub mod vms;

@@ -461,7 +461,7 @@ fn last_rule(ns: &Netns, table: &str, chain: &str) -> anyhow::Result<String> {
 /// --cleanup removes them. The blackhole route comes where no route holds the subnet.
 #[test]
 fn iptables_rules_as_flannel_writes_and_keeps_them() -> anyhow::Result<()> {
-    let mut c = Cluster::new(2, VXLAN)?;
+    let c = Cluster::new(2, VXLAN)?;
     // Rules already there are kept before flannel's jumps, which are appended.
     c.lab.host(1).ns.exec(
         "iptables",
@@ -687,5 +687,133 @@ fn interface_from_public_ip_and_host_gw_refuses_nat() -> anyhow::Result<()> {
     )?;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("203.0.113.7") && stderr.contains("NAT"), "{stderr}");
+    Ok(())
+}
+
+/// vxlan `DirectRouting`: a peer on our link is routed via its PublicIP without encapsulation
+/// (our datapath and the kernel's), a peer behind a gateway stays encapsulated.
+#[test]
+fn direct_routing_skips_encapsulation_on_the_same_link_only() -> anyhow::Result<()> {
+    let mut c = Cluster::new(
+        3,
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+    )?;
+    // host1 reaches host3 through host2 as a router: "behind a gateway".
+    c.lab.host(1).ns.ip(&[
+        "route", "add", "192.168.250.3/32", "via", "192.168.250.2", "dev", "eth0",
+    ])?;
+    let datapaths = [(1, "--datapath=ebpf"), (2, "--datapath=kernel"), (3, "--datapath=ebpf")];
+    let mut agents = Vec::new();
+    for (i, datapath) in datapaths {
+        let a = OverlayProcess::start(
+            &c.lab.host(i).ns,
+            &unit_file_flags(&c, i, &[datapath]),
+            Duration::from_secs(30),
+        )?;
+        c.add_containers(i, &a, 1)?;
+        agents.push(a);
+    }
+    c.wait_full_mesh(3, Duration::from_secs(10))?;
+    let subnet = |i: usize| c.lab.host(i).subnet.expect("subnet").to_string();
+    let route1 = c.lab.host(1).ns.ip(&["route", "show", &subnet(2)])?;
+    assert!(
+        route1.contains("via 192.168.250.2 dev eth0"),
+        "host1 -> host2 direct: {route1}"
+    );
+    let route1_3 = c.lab.host(1).ns.ip(&["route", "show", &subnet(3)])?;
+    assert!(
+        !route1_3.contains("via 192.168.250.3"),
+        "host1 -> host3 is behind a gateway: {route1_3}"
+    );
+    let route2 = c.lab.host(2).ns.ip(&["route", "show", &subnet(1)])?;
+    assert!(
+        route2.contains("via 192.168.250.1 dev eth0"),
+        "kernel datapath, direct: {route2}"
+    );
+
+    let encapsulated = |a: &OverlayProcess| -> anyhow::Result<u64> {
+        Ok(a.counters()?["counters"]["encap_vxlan"]["packets"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let before = encapsulated(&agents[0])?;
+    let (h1, h2, h3) = (c.lab.host(1), c.lab.host(2), c.lab.host(3));
+    let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 5, 56, false, "0.05")?;
+    assert_eq!(r.received, 5, "to the direct peer: {r:?}");
+    let after_direct = encapsulated(&agents[0])?;
+    assert_eq!(
+        after_direct, before,
+        "packets to the peer on our link were encapsulated"
+    );
+    let r = ping(&h1.containers[0].ns, h3.containers[0].ip, 5, 56, false, "0.05")?;
+    assert_eq!(r.received, 5, "to the peer behind a gateway: {r:?}");
+    let after_gateway = encapsulated(&agents[0])?;
+    assert!(
+        after_gateway >= after_direct + 5,
+        "the peer behind a gateway was not encapsulated ({after_direct} -> {after_gateway})"
+    );
+    drop(agents);
+    Ok(())
+}
+
+/// Taking over a host where flannel's vxlan datapath runs (our kernel datapath is flannel's:
+/// flannel.1, its per-peer routes, fdb and neighbour entries, left in place when the agent
+/// stops, as flanneld leaves them). The eBPF agent started in its place removes flannel.1 once
+/// attached and traffic moves over. Pings every 20 ms from a container on the switched host
+/// across `stop flanneld; start overlay`: under 1 s lost.
+#[test]
+fn taking_over_a_flannel_host_loses_under_a_second() -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, VXLAN)?;
+    let flannel = OverlayProcess::start(
+        &c.lab.host(1).ns,
+        &unit_file_flags(&c, 1, &["--datapath=kernel"]),
+        Duration::from_secs(30),
+    )?;
+    c.add_containers(1, &flannel, 1)?;
+    let a2 = OverlayProcess::start(&c.lab.host(2).ns, &unit_file_flags(&c, 2, &[]), Duration::from_secs(30))?;
+    c.add_containers(2, &a2, 1)?;
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let (h1, h2) = (c.lab.host(1), c.lab.host(2));
+    let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 3, 56, false, "0.05")?;
+    assert_eq!(r.received, 3, "before the switch: {r:?}");
+
+    let from = h1.containers[0].ns.name().to_string();
+    let to = h2.containers[0].ip;
+    let pinger = std::thread::spawn(move || -> anyhow::Result<(u32, u32)> {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &from, "ping", "-n", "-c", "250", "-i", "0.02", "-W", "1",
+            ])
+            .arg(to.to_string())
+            .output()?;
+        let r = parse_ping(&String::from_utf8_lossy(&out.stdout))?;
+        Ok((r.transmitted, r.received))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    flannel.stop()?;
+    assert!(
+        h1.ns.ip(&["link", "show", "flannel.1"]).is_ok(),
+        "flannel's device stays when it stops"
+    );
+    let ours = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
+    let (sent, received) = pinger.join().expect("pinger")?;
+    let lost = sent - received;
+    println!(
+        "takeover outage: {lost} of {sent} pings lost at 20 ms intervals (about {} ms)",
+        lost * 20
+    );
+    assert!(
+        h1.ns.ip(&["link", "show", "flannel.1"]).is_err(),
+        "flannel.1 left after the takeover"
+    );
+    let route = h1.ns.ip(&["route", "get", &to.to_string()])?;
+    assert!(route.contains("dev ovl0"), "traffic still on flannel's path: {route}");
+    assert!(
+        lost < 50,
+        "{lost} pings lost (20 ms apart): the switch took a second or more"
+    );
+    let r = ping(&h1.containers[0].ns, h2.containers[0].ip, 3, 56, false, "0.05")?;
+    assert_eq!(r.received, 3, "after the switch: {r:?}");
+    drop((ours, a2));
     Ok(())
 }

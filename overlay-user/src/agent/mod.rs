@@ -7,6 +7,7 @@ pub mod iface;
 pub mod iptables;
 pub mod notify;
 pub mod peers;
+pub mod takeover;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -24,6 +25,7 @@ use self::peers::PeerSync;
 use crate::{
     backend::{
         Backend, BackendError,
+        direct_routing::DirectRouting,
         ebpf::{Datapath, DatapathSpec, EbpfBackend, Format},
         host_gw::HostGw,
         kernel_vxlan::KernelVxlan,
@@ -90,11 +92,12 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| p.network)
         .context("the network config has no IPv4 network")?;
+    let flannel_leftovers = takeover::find(&config);
     let (mut backend, kind) = make_backend(&config, &args, &iface, public_ip)?;
     tracing::info!(backend = %backend.describe(), %network, "network config read");
 
-    let attrs = backend.lease_attrs();
-    let lease = manager.acquire(&config, &attrs).await.context("leasing a subnet")?;
+    let mut attrs = backend.lease_attrs();
+    let mut lease = manager.acquire(&config, &attrs).await.context("leasing a subnet")?;
     tracing::info!(subnet = %lease.subnet(), "subnet leased");
     {
         let mut s = status.lock().expect("status");
@@ -103,7 +106,27 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         s.lease_expires = lease.expires;
     }
     let rules = iptables::Upkeep::start(Duration::from_secs(args.iptables_resync));
-    activate(&mut *backend, &args, &config, &lease, network, &status, &rules)?;
+    if let Err(e) = activate(&mut *backend, &args, &config, &lease, network, &status, &rules) {
+        // Loading is not everything: a kernel can take the programs and still refuse to
+        // attach them. `auto` then falls back as it does when they do not load, and the
+        // lease is taken again with the fallback's attributes (its VtepMAC).
+        if args.datapath != DatapathChoice::Auto || !backend.describe().starts_with("ebpf-") {
+            return Err(e);
+        }
+        tracing::warn!("the eBPF datapath does not attach here: {e:#}; falling back to flannel's kernel datapath");
+        drop(backend);
+        Datapath::cleanup(&args.pin_dir, &args.overlay_device)
+            .context("removing what the eBPF datapath left before falling back")?;
+        let kernel_args = AgentArgs {
+            datapath: DatapathChoice::Kernel,
+            ..args.clone()
+        };
+        backend = make_backend(&config, &kernel_args, &iface, public_ip)?.0;
+        attrs = backend.lease_attrs();
+        lease = manager.acquire(&config, &attrs).await.context("leasing a subnet")?;
+        activate(&mut *backend, &args, &config, &lease, network, &status, &rules)?;
+    }
+    takeover::finish(flannel_leftovers, &backend.describe());
     notify::notify("READY=1");
     // One JSON line on stdout when ready, for scripts and tests (systemd gets READY=1).
     println!(
@@ -375,7 +398,13 @@ fn make_backend(
             iface::check_host_gw(iface, public_ip)?;
             Ok((Box::new(HostGw::new(iface, public_ip)?), BackendKind::HostGw))
         }
-        BackendConfig::Vxlan { vni, port, mtu, .. } => {
+        BackendConfig::Vxlan {
+            vni,
+            port,
+            mtu,
+            direct_routing,
+            ..
+        } => {
             // 0: from the interface.
             let mtu = &BackendConfig::vxlan_container_mtu(*mtu).unwrap_or(0);
             let kernel_port = if *port == 0 {
@@ -392,6 +421,9 @@ fn make_backend(
                 },
                 "the kernel vxlan device",
             )?;
+            if *direct_routing {
+                return Ok((Box::new(DirectRouting::new(backend, iface)), BackendKind::Vxlan));
+            }
             Ok((backend, BackendKind::Vxlan))
         }
         BackendConfig::Udp { port } => {

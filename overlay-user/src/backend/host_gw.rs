@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 
-use super::{Backend, BackendError, Peer, ROUTE_PROTO};
+use super::{Backend, BackendError, Peer};
 use crate::{
     host::netdev,
     subnet::{LeaseAttrs, LeaseBackend},
@@ -47,24 +47,14 @@ impl Backend for HostGw {
         if self.peers.get(&peer.subnet) == Some(&peer.public_ip) {
             return Ok(());
         }
-        netdev::ip(&[
-            "route",
-            "replace",
-            &peer.subnet.to_string(),
-            "via",
-            &peer.public_ip.to_string(),
-            "dev",
-            &self.underlay,
-            "proto",
-            ROUTE_PROTO,
-        ])?;
+        super::route_via_peer(peer, &self.underlay)?;
         self.peers.insert(peer.subnet, peer.public_ip);
         Ok(())
     }
 
     fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
         if self.peers.remove(&subnet).is_some() {
-            let _ = netdev::ip(&["route", "del", &subnet.to_string(), "dev", &self.underlay]);
+            super::remove_route_via_peer(subnet, &self.underlay);
         }
         Ok(())
     }

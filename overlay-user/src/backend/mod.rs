@@ -7,6 +7,7 @@
 //!   forwarder (fallback, baseline).
 //! - [`host_gw`]: plain routes via each peer's PublicIP.
 
+pub mod direct_routing;
 pub mod ebpf;
 pub mod host_gw;
 pub mod kernel_vxlan;
@@ -18,13 +19,28 @@ use std::{net::Ipv4Addr, str::FromStr};
 use ipnetwork::Ipv4Network;
 
 use crate::{
-    host::{Counters, HostError, MacAddr},
+    host::{Counters, HostError, MacAddr, netdev},
     subnet::{BackendKind, Lease, LeaseAttrs, LeaseBackend},
 };
 
 /// Routing protocol number on the routes backends install, so `--cleanup` can find them
 /// (`ip route show proto 73`).
 pub const ROUTE_PROTO: &str = "73";
+
+/// A peer's subnet routed unencapsulated via its PublicIP on `underlay` (host-gw, and vxlan's
+/// DirectRouting), tagged with [`ROUTE_PROTO`].
+fn route_via_peer(peer: &Peer, underlay: &str) -> Result<(), HostError> {
+    let (subnet, via) = (peer.subnet.to_string(), peer.public_ip.to_string());
+    netdev::ip(&[
+        "route", "replace", &subnet, "via", &via, "dev", underlay, "proto", ROUTE_PROTO,
+    ])
+    .map(drop)
+}
+
+/// Remove what [`route_via_peer`] installed; a route already gone is fine.
+fn remove_route_via_peer(subnet: Ipv4Network, underlay: &str) {
+    let _ = netdev::ip(&["route", "del", &subnet.to_string(), "dev", underlay]);
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

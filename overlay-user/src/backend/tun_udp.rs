@@ -43,7 +43,11 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{Format, csum::fold};
+use overlay_common::{
+    Format,
+    accept::{InnerAddresses, Ipv4Subnet, Refusal, SenderSubnets, accept_tunnel_packet},
+    csum::fold,
+};
 use serde::Serialize;
 
 use crate::host::{HostError, netdev};
@@ -417,28 +421,57 @@ fn route_outgoing(pkt: &mut [u8], peers: &PeerTable) -> Result<(usize, Ipv4Addr)
 }
 
 /// A datagram received from `sender`: the length of the IPv4 packet to write to the TUN, or
-/// why it is dropped. The TTL is decremented in place.
+/// why it is dropped. Who may send what is the eBPF decap's rule (`accept_tunnel_packet`); the
+/// TTL is then decremented in place.
 fn accept_incoming(
     pkt: &mut [u8],
     sender: Ipv4Addr,
     our_subnet: Ipv4Network,
     peers: &PeerTable,
 ) -> Result<usize, DropReason> {
-    // A stranger's datagram is not ours to parse.
-    if !peers.is_peer_address(sender) {
-        return Err(DropReason::UnknownSender);
-    }
-    let ip = parse_ipv4(pkt)?;
-    if peers.lookup(ip.src).map(|p| p.public_ip) != Some(sender) {
-        return Err(DropReason::SpoofedSource);
-    }
-    if !our_subnet.contains(ip.dst) {
-        return Err(DropReason::NotOurSubnet);
-    }
+    let known = peers.is_peer_address(sender).then_some(SentBy { peers, sender });
+    let ours = Ipv4Subnet {
+        addr: our_subnet.network().octets(),
+        prefix_len: our_subnet.prefix(),
+    };
+    let ip = accept_tunnel_packet(known, ours, || parse_ipv4(pkt))?;
     if !decrement_ttl(pkt) {
         return Err(DropReason::TtlExpired);
     }
     Ok(ip.total_len)
+}
+
+/// A known peer's PublicIP: it may send from the subnets that are its own, that is, where the
+/// source's longest-prefix owner is that peer.
+struct SentBy<'a> {
+    peers: &'a PeerTable,
+    sender: Ipv4Addr,
+}
+
+impl SenderSubnets for SentBy<'_> {
+    fn holds(&self, ip: [u8; 4]) -> bool {
+        self.peers.lookup(Ipv4Addr::from(ip)).map(|p| p.public_ip) == Some(self.sender)
+    }
+}
+
+impl InnerAddresses for Ipv4Summary {
+    fn source(&self) -> [u8; 4] {
+        self.src.octets()
+    }
+
+    fn destination(&self) -> [u8; 4] {
+        self.dst.octets()
+    }
+}
+
+impl From<Refusal> for DropReason {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::UnknownPeer => DropReason::UnknownSender,
+            Refusal::SpoofedSource => DropReason::SpoofedSource,
+            Refusal::NotOurSubnet => DropReason::NotOurSubnet,
+        }
+    }
 }
 
 /// Decrement the TTL of a parsed IPv4 packet and patch its header checksum incrementally
@@ -900,10 +933,13 @@ impl TunToUdp {
                 }
                 Err(DropReason::NoPeer) => {
                     counters.dropped(DropReason::NoPeer);
-                    if let Some(len) = net_unreachable(pkt, &mut icmp)
-                        && write_tun(tun, &icmp[..len]).is_ok()
-                    {
+                    if let Some(len) = net_unreachable(pkt, &mut icmp) {
+                        // Counted before the write: the sender may read the counters as soon
+                        // as the error reaches it. Taken back if the write fails.
                         bump(&counters.icmp_unreachable_sent, 1);
+                        if write_tun(tun, &icmp[..len]).is_err() {
+                            counters.icmp_unreachable_sent.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 Err(reason) => counters.dropped(reason),

@@ -201,6 +201,28 @@ pub fn ensure_bpffs(dir: &std::path::Path) -> Result<(), HostError> {
     Ok(())
 }
 
+/// Run `tc <args>` (the clsact qdisc on kernels without TCX).
+pub fn tc(args: &[&str]) -> Result<String, HostError> {
+    iproute2("tc", args)
+}
+
+/// Whether `dev` has a clsact qdisc (where classic TC filters hang, before TCX).
+pub fn has_clsact(dev: &str) -> Result<bool, HostError> {
+    Ok(tc(&["qdisc", "show", "dev", dev])?
+        .lines()
+        .any(|l| l.starts_with("qdisc clsact ")))
+}
+
+/// Whether any classic TC filter sits on `dev`'s clsact qdisc, in either direction.
+pub fn has_tc_filters(dev: &str) -> Result<bool, HostError> {
+    for dir in ["ingress", "egress"] {
+        if !tc(&["filter", "show", "dev", dev, dir])?.trim().is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 pub fn route_replace(network: Ipv4Network, dev: &str) -> Result<(), HostError> {
     ip(&["route", "replace", &network.to_string(), "dev", dev])?;
     tracing::info!(%network, dev, "route to the overlay network");

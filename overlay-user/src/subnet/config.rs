@@ -7,12 +7,14 @@ use std::{
 };
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
+use overlay_common::Format;
 use serde_json::{Map, Value, json};
 
-/// Linux kernel default VXLAN port, used by flannel when `Backend.Port` is 0 or absent.
-pub const VXLAN_DEFAULT_PORT: u16 = 8472;
+/// Linux kernel default VXLAN port, used by flannel when `Backend.Port` is 0 or absent
+/// (the wire format owns it).
+pub const VXLAN_DEFAULT_PORT: u16 = Format::Vxlan.default_port();
 /// flannel's udp backend default port.
-pub const UDP_DEFAULT_PORT: u16 = 8285;
+pub const UDP_DEFAULT_PORT: u16 = Format::Udp.default_port();
 const VNI_MAX: u64 = (1 << 24) - 1;
 
 /// A config that cannot be used; `field` is the JSON field at fault (`Backend.VNI` for nested ones).
@@ -300,12 +302,7 @@ impl NetworkConfig {
                 "Backend.Type",
                 format!("unsupported backend {t:?}; this agent supports {SUPPORTED_BACKENDS}"),
             )),
-            Backend::Vxlan {
-                gbp,
-                learning,
-                direct_routing,
-                ..
-            } => {
+            Backend::Vxlan { gbp, learning, .. } => {
                 let refused = [
                     (
                         *gbp, "Backend.GBP", "Group Based Policy marks are not carried by this agent",
@@ -314,11 +311,6 @@ impl NetworkConfig {
                         *learning,
                         "Backend.Learning",
                         "the vxlan device's address learning is not implemented here",
-                    ),
-                    (
-                        *direct_routing,
-                        "Backend.DirectRouting",
-                        "routing to peers on the same subnet without encapsulation is not implemented here",
                     ),
                 ];
                 match refused.into_iter().find(|(on, _, _)| *on) {
@@ -794,7 +786,7 @@ mod tests {
                 "{msg}"
             );
         }
-        for field in ["GBP", "Learning", "DirectRouting"] {
+        for field in ["GBP", "Learning"] {
             let c = NetworkConfig::parse(&format!(
                 r#"{{"Network":"10.1.0.0/16","Backend":{{"Type":"vxlan","{field}":true}}}}"#
             ))
@@ -802,7 +794,11 @@ mod tests {
             let e = c.check_supported().expect_err(field);
             assert_eq!(e.field_name(), Some(format!("Backend.{field}").as_str()), "{e}");
         }
-        for ok in [VXLAN_CONFIG_WITH_FALSE_OPTIONS, r#"{"Network":"10.1.0.0/16"}"#] {
+        for ok in [
+            VXLAN_CONFIG_WITH_FALSE_OPTIONS,
+            r#"{"Network":"10.1.0.0/16"}"#,
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        ] {
             NetworkConfig::parse(ok).unwrap().check_supported().unwrap();
         }
     }

@@ -7,9 +7,9 @@ use std::{
 };
 
 use aya::programs::{
-    TcAttachType, XdpMode,
+    LinkOrder, SchedClassifier, TcAttachType, XdpMode,
     links::{FdLink, LinkError, PinnedLink},
-    tc::{SchedClassifierLink, SchedClassifierLinkId},
+    tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     xdp::{XdpLink, XdpLinkId},
 };
 use ipnetwork::Ipv4Network;
@@ -173,6 +173,143 @@ impl Hook {
 
 const ALL_HOOKS: [Hook; 3] = [Hook::Encap, Hook::Decap(DecapHook::Xdp), Hook::Decap(DecapHook::Tc)];
 
+/// How this kernel takes TC programs, found by trying at the first attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    /// TCX links (6.6 and later): pinnable, stacked with other programs on the hook.
+    Tcx,
+    /// Classic filters under a `clsact` qdisc, over netlink (before 6.6).
+    Netlink,
+}
+
+impl TcMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx",
+            TcMode::Netlink => "netlink",
+        }
+    }
+}
+
+/// Attach `prog` to `iface`'s `hook` through TCX, or where the kernel has no TCX, as a
+/// classic filter under a clsact qdisc. The qdisc is created only if `iface` has none; the
+/// returned flag says we created it (and so may remove it when it is empty again).
+fn attach_tc_probing(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    hook: TcAttachType,
+) -> Result<(SchedClassifierLinkId, TcMode, bool), String> {
+    let tcx = match prog.attach_with_options(iface, hook, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+        Ok(id) => return Ok((id, TcMode::Tcx, false)),
+        Err(e) => e,
+    };
+    let created = if netdev::has_clsact(iface).map_err(|e| e.to_string())? {
+        false
+    } else {
+        aya::programs::tc::qdisc_add_clsact(iface)
+            .map_err(|e| format!("no TCX here ({tcx}), and adding a clsact qdisc to {iface} failed: {e}"))?;
+        tracing::info!(interface = iface, reason = %tcx, "no TCX: created a clsact qdisc for classic TC filters");
+        true
+    };
+    match prog.attach_with_options(iface, hook, TcAttachOptions::Netlink(NlOptions::default())) {
+        Ok(id) => Ok((id, TcMode::Netlink, created)),
+        Err(e) => {
+            if created {
+                remove_clsact_if_ours(iface);
+            }
+            Err(format!("TCX failed ({tcx}), and so did a classic TC filter: {e}"))
+        }
+    }
+}
+
+/// Remove the clsact qdisc we created on `iface`, unless someone's filters now hang there.
+fn remove_clsact_if_ours(iface: &str) {
+    if !netdev::link_exists(iface) || !netdev::has_clsact(iface).unwrap_or(false) {
+        return;
+    }
+    match netdev::has_tc_filters(iface) {
+        Ok(false) => match netdev::tc(&["qdisc", "del", "dev", iface, "clsact"]) {
+            Ok(_) => tracing::info!(interface = iface, "removed the clsact qdisc we created"),
+            Err(e) => tracing::warn!(interface = iface, "removing our clsact qdisc: {e}"),
+        },
+        Ok(true) => tracing::info!(interface = iface, "left our clsact qdisc: other filters use it now"),
+        Err(e) => tracing::warn!(interface = iface, "checking the clsact qdisc: {e}"),
+    }
+}
+
+/// A classic TC filter of ours, recorded next to the pins so the next start can replace its
+/// program in place (netlink filters have no link to pin). bpffs holds no regular files and
+/// no names with dots, so the record is the name of a directory,
+/// `<pin>_tc/<iface> <ingress|egress> <prio> <handle>`, with dots in `iface` written as `:`.
+#[derive(Debug, PartialEq, Eq)]
+struct NlPin {
+    iface: String,
+    ingress: bool,
+    priority: u16,
+    handle: u32,
+}
+
+impl NlPin {
+    fn path(pin: &Path) -> PathBuf {
+        let mut name = pin.file_name().unwrap_or_default().to_os_string();
+        name.push("_tc");
+        pin.with_file_name(name)
+    }
+
+    fn parse(text: &str) -> Option<NlPin> {
+        let mut f = text.split_whitespace();
+        let iface = f.next()?.replace(':', ".");
+        let ingress = match f.next()? {
+            "ingress" => true,
+            "egress" => false,
+            _ => return None,
+        };
+        Some(NlPin {
+            iface,
+            ingress,
+            priority: f.next()?.parse().ok()?,
+            handle: f.next()?.parse().ok()?,
+        })
+    }
+
+    fn read(path: &Path) -> Option<NlPin> {
+        let entry = std::fs::read_dir(path).ok()?.flatten().next()?;
+        NlPin::parse(&entry.file_name().to_string_lossy())
+    }
+
+    fn write(&self, path: &Path) -> Result<(), DatapathError> {
+        let _ = std::fs::remove_dir_all(path);
+        let record = path.join(self.render());
+        std::fs::create_dir_all(&record)
+            .map_err(|e| DatapathError::Config(format!("recording our TC filter in {}: {e}", record.display())))
+    }
+
+    fn render(&self) -> String {
+        let dir = if self.ingress { "ingress" } else { "egress" };
+        format!(
+            "{} {dir} {} {}",
+            self.iface.replace('.', ":"),
+            self.priority,
+            self.handle
+        )
+    }
+
+    fn link(&self) -> std::io::Result<SchedClassifierLink> {
+        let hook = if self.ingress {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        };
+        SchedClassifierLink::attached(&self.iface, hook, self.priority, self.handle.into(), None)
+    }
+}
+
+/// Marker beside the pins (a directory without dots: bpffs takes nothing else): we created
+/// the clsact qdisc on this interface.
+fn clsact_marker(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("clsact_created_{}", iface.replace('.', ":")))
+}
+
 /// A link this process attached and owns (detached when dropped, unless pinned).
 pub(super) enum OwnedLink {
     Tc(&'static str, SchedClassifierLinkId),
@@ -195,11 +332,46 @@ impl Programs {
         program: &'static str,
         iface: &str,
         hook: TcAttachType,
-    ) -> Result<OwnedLink, DatapathError> {
-        self.tc_program(program)?
-            .attach(iface, hook)
-            .map(|id| OwnedLink::Tc(program, id))
-            .map_err(|source| DatapathError::Program { name: program, source })
+    ) -> Result<(OwnedLink, TcMode, bool), DatapathError> {
+        attach_tc_probing(self.tc_program(program)?, iface, hook)
+            .map(|(id, mode, created)| (OwnedLink::Tc(program, id), mode, created))
+            .map_err(|e| DatapathError::Config(format!("eBPF program {program} on {iface}: {e}")))
+    }
+
+    /// Leave a classic TC filter attached after we exit, and say where it is.
+    fn release_netlink(&mut self, link: OwnedLink, iface: &str, ingress: bool) -> Result<NlPin, DatapathError> {
+        let OwnedLink::Tc(name, id) = link else {
+            return Err(DatapathError::Config("only TC filters are kept by netlink".into()));
+        };
+        let link = self
+            .tc_program(name)?
+            .take_link(id)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let pin = NlPin {
+            iface: iface.to_string(),
+            ingress,
+            priority: link
+                .priority()
+                .map_err(|source| DatapathError::Program { name, source })?,
+            handle: link
+                .handle()
+                .map_err(|source| DatapathError::Program { name, source })?
+                .into(),
+        };
+        // Dropping the link would detach the filter; it is to outlive us, as pinned links do.
+        std::mem::forget(link);
+        Ok(pin)
+    }
+
+    /// Swap our program into a classic TC filter left by a previous run (netlink replaces the
+    /// filter's program in one step).
+    fn adopt_netlink(&mut self, hook: Hook, pin: &NlPin) -> Result<(), String> {
+        let link = pin.link().map_err(|e| e.to_string())?;
+        let prog = self.tc_program(hook.program()).map_err(|e| e.to_string())?;
+        let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+        let link = prog.take_link(id).map_err(|e| e.to_string())?;
+        std::mem::forget(link);
+        Ok(())
     }
 
     fn detach(&mut self, link: OwnedLink) -> Result<(), DatapathError> {
@@ -330,6 +502,8 @@ impl Datapath {
             bridges: BridgeFinder::default(),
             bridge: None,
             bridge_warning: None,
+            tc_mode: None,
+            clsact_created: Vec::new(),
         };
         dp.attach_programs()?;
         netdev::route_replace(dp.network, &dp.overlay.name)?;
@@ -343,6 +517,7 @@ impl Datapath {
             vtep_mac = %vtep_mac,
             decap = dp.decap_hook.name(),
             xdp_mode = ?dp.xdp_mode,
+            tc = dp.tc_mode.map(TcMode::name),
             adopted_peers = dp.peers.len(),
             pinned = dp.spec.pin_dir.is_some(),
             "datapath attached"
@@ -362,25 +537,55 @@ impl Datapath {
         };
         for hook in hooks {
             let pin = dir.join(hook.pin_name());
-            match adopt_link(&pin, |fd| self.programs.adopt(hook, fd)) {
+            let nl_path = NlPin::path(&pin);
+            let adopted = match NlPin::read(&nl_path) {
+                Some(nl) => match self.programs.adopt_netlink(hook, &nl) {
+                    Ok(()) => {
+                        self.tc_mode = Some(TcMode::Netlink);
+                        Adopted::Yes
+                    }
+                    Err(reason) => {
+                        tracing::warn!(filter = %nl_path.display(), %reason, "cannot adopt our TC filter; attaching anew");
+                        let _ = std::fs::remove_dir_all(&nl_path);
+                        Adopted::No
+                    }
+                },
+                None => adopt_link(&pin, |fd| self.programs.adopt(hook, fd)),
+            };
+            match adopted {
                 Adopted::Yes => {
                     self.decap_adopted |= hook != Hook::Encap;
+                    if hook != Hook::Decap(DecapHook::Xdp) && self.tc_mode.is_none() {
+                        self.tc_mode = Some(TcMode::Tcx);
+                    }
                     tracing::info!(link = %pin.display(), "adopted pinned link")
                 }
                 Adopted::No => {
                     let link = self.attach_hook(hook)?;
-                    let link = self.programs.release_for_pin(link)?;
-                    pin_link(link, &pin)?;
+                    if matches!(link, OwnedLink::Tc(..)) && self.tc_mode == Some(TcMode::Netlink) {
+                        let (iface, ingress) = match hook {
+                            Hook::Encap => (self.overlay.name.clone(), false),
+                            _ => (self.underlay.name.clone(), true),
+                        };
+                        let nl = self.programs.release_netlink(link, &iface, ingress)?;
+                        nl.write(&nl_path)?;
+                    } else {
+                        let link = self.programs.release_for_pin(link)?;
+                        pin_link(link, &pin)?;
+                    }
                 }
             }
+        }
+        // Whoever removes the datapath later removes the qdiscs we created, if still empty.
+        for iface in self.clsact_created.drain(..) {
+            let marker = clsact_marker(&dir, &iface);
+            std::fs::create_dir_all(&marker)
+                .map_err(|e| DatapathError::Config(format!("recording {}: {e}", marker.display())))?;
         }
         // A previous run decapsulated on the other hook: remove it only now that ours is in
         // place, so no tunnel packet goes undecapsulated. While both run, the XDP one
         // decapsulates first and the TC one sees inner packets, which it passes.
-        let other_pin = dir.join(Hook::Decap(self.decap_hook.other()).pin_name());
-        if other_pin.exists() {
-            unpin(&other_pin);
-        }
+        remove_pinned_hook(&dir, Hook::Decap(self.decap_hook.other()));
         // The programs now count in this version's table: the older one goes (its counts with it).
         let legacy = dir.join(LEGACY_MAP_COUNTERS);
         if legacy.exists() {
@@ -393,12 +598,20 @@ impl Datapath {
 
     fn attach_hook(&mut self, hook: Hook) -> Result<OwnedLink, DatapathError> {
         let underlay = self.underlay.name.clone();
+        let (iface, program, direction) = match hook {
+            Hook::Encap => (self.overlay.name.clone(), PROG_ENCAP, TcAttachType::Egress),
+            Hook::Decap(DecapHook::Tc) => (underlay.clone(), PROG_DECAP_TC, TcAttachType::Ingress),
+            Hook::Decap(DecapHook::Xdp) => (underlay.clone(), PROG_DECAP, TcAttachType::Ingress),
+        };
         match hook {
-            Hook::Encap => {
-                let overlay = self.overlay.name.clone();
-                self.programs.attach_tc(PROG_ENCAP, &overlay, TcAttachType::Egress)
+            Hook::Encap | Hook::Decap(DecapHook::Tc) => {
+                let (link, mode, created) = self.programs.attach_tc(program, &iface, direction)?;
+                self.tc_mode = Some(mode);
+                if created {
+                    self.clsact_created.push(iface);
+                }
+                Ok(link)
             }
-            Hook::Decap(DecapHook::Tc) => self.programs.attach_tc(PROG_DECAP_TC, &underlay, TcAttachType::Ingress),
             Hook::Decap(DecapHook::Xdp) => {
                 let xdp = self.programs.decap_program()?;
                 let (link, mode) = match self.spec.xdp {
@@ -463,6 +676,11 @@ impl Datapath {
         }
     }
 
+    /// How the TC programs went on: TCX links, or classic filters under clsact (before 6.6).
+    pub fn tc_mode(&self) -> Option<TcMode> {
+        self.tc_mode
+    }
+
     pub fn counters(&mut self) -> Result<crate::host::Counters, DatapathError> {
         self.programs.counters()
     }
@@ -479,6 +697,9 @@ impl Datapath {
             Some(Links::Owned(links)) => {
                 for link in links {
                     self.programs.detach(link)?;
+                }
+                for iface in std::mem::take(&mut self.clsact_created) {
+                    remove_clsact_if_ours(&iface);
                 }
             }
             Some(Links::Pinned) => {
@@ -502,9 +723,15 @@ impl Datapath {
     /// the overlay device. Whatever is already gone is skipped.
     pub fn cleanup(pin_dir: &Path, overlay_device: &str) -> Result<(), DatapathError> {
         for hook in ALL_HOOKS {
-            let path = pin_dir.join(hook.pin_name());
-            if path.exists() {
-                unpin(&path);
+            remove_pinned_hook(pin_dir, hook);
+        }
+        if let Ok(entries) = std::fs::read_dir(pin_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(iface) = name.strip_prefix("clsact_created_") {
+                    remove_clsact_if_ours(&iface.replace(':', "."));
+                    let _ = std::fs::remove_dir(entry.path());
+                }
             }
         }
         for name in [
@@ -556,6 +783,24 @@ fn adopt_link(path: &Path, update: impl FnOnce(FdLink) -> Result<(), String>) ->
     }
 }
 
+/// Detach what a previous run left on `hook`: its pinned link, or its classic TC filter.
+fn remove_pinned_hook(dir: &Path, hook: Hook) {
+    let pin = dir.join(hook.pin_name());
+    if pin.exists() {
+        unpin(&pin);
+    }
+    let nl_path = NlPin::path(&pin);
+    if let Some(nl) = NlPin::read(&nl_path) {
+        // Dropping an attached link's handle removes the filter.
+        match nl.link() {
+            Ok(link) => drop(link),
+            Err(e) => tracing::warn!(filter = %nl_path.display(), "removing our TC filter: {e}"),
+        }
+        tracing::info!(filter = %nl_path.display(), "removed our TC filter");
+    }
+    let _ = std::fs::remove_dir_all(&nl_path);
+}
+
 /// Unpin (and so detach) the link pinned at `path`.
 fn unpin(path: &Path) {
     match PinnedLink::from_pin(path) {
@@ -574,6 +819,28 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netlink_filter_records_round_trip() {
+        let pin = NlPin {
+            iface: "eth0".into(),
+            ingress: true,
+            priority: 49152,
+            handle: 1,
+        };
+        assert_eq!(NlPin::parse(&pin.render()), Some(pin));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("link_decap_tc_tc");
+        let pin = NlPin::parse("eth0 ingress 1 2").unwrap();
+        pin.write(&path).unwrap();
+        assert_eq!(NlPin::read(&path), Some(pin));
+        assert_eq!(NlPin::parse("eth0 sideways 1 1"), None);
+        assert_eq!(NlPin::parse("eth0 egress 70000 1"), None);
+        assert_eq!(NlPin::path(Path::new("/p/link_encap")), Path::new("/p/link_encap_tc"));
+        let vlan = NlPin::parse("eth0.100 ingress 1 1").unwrap();
+        assert_eq!(vlan.render(), "eth0:100 ingress 1 1");
+        assert_eq!(NlPin::parse(&vlan.render()), Some(vlan));
+    }
 
     #[test]
     fn decap_hook_follows_the_underlay_driver() {

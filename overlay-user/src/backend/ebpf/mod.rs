@@ -53,6 +53,10 @@ pub struct Datapath {
     bridge: Option<bridge::AttachedBridge>,
     /// The last bridge trouble logged.
     bridge_warning: Option<String>,
+    /// How the TC programs are attached (probed at attach).
+    tc_mode: Option<attach::TcMode>,
+    /// Interfaces whose clsact qdisc we created (unpinned runs remove them when done).
+    clsact_created: Vec<String>,
 }
 
 /// The lease backend kind a wire format speaks.
@@ -76,8 +80,24 @@ impl EbpfBackend {
     /// Load the programs (so the agent can fall back before it leases if this kernel refuses
     /// them) and create the overlay device, whose MAC our lease publishes.
     pub fn new(spec: DatapathSpec) -> Result<Self, BackendError> {
-        let programs = Programs::load_pinned(spec.pin_dir.as_deref())
+        let mut programs = Programs::load_pinned(spec.pin_dir.as_deref())
             .map_err(|e| BackendError::Unavailable(format!("eBPF programs do not load: {e}")))?;
+        if spec.format == Format::Vxlan {
+            let takes_flags = programs
+                .probe_vxlan_encap()
+                .map_err(|e| BackendError::Unavailable(format!("probing bpf_skb_adjust_room: {e}")))?;
+            tracing::info!(
+                encap_l2_eth = takes_flags,
+                "probed bpf_skb_adjust_room's vxlan encap flags"
+            );
+            if !takes_flags {
+                return Err(BackendError::Unavailable(
+                    "this kernel's bpf_skb_adjust_room refuses BPF_F_ADJ_ROOM_ENCAP_L2_ETH (added in 5.13), \
+                     which the eBPF vxlan encapsulation needs"
+                        .into(),
+                ));
+            }
+        }
         let underlay = netdev::link_info(&spec.underlay)?;
         let device = netdev::create_overlay_device(&spec.overlay_device, spec.vtep_mac)?;
         let vtep_mac = device.mac.unwrap_or_default();
@@ -162,6 +182,10 @@ impl Backend for EbpfBackend {
             None => "not attached".into(),
         };
         let kind = backend_kind(self.spec.format).name();
-        format!("ebpf-{kind} (decap {mode}, device {})", self.spec.overlay_device)
+        let tc = match self.datapath.as_ref().and_then(|d| d.tc_mode()) {
+            Some(attach::TcMode::Netlink) => ", tc via clsact",
+            _ => "",
+        };
+        format!("ebpf-{kind} (decap {mode}{tc}, device {})", self.spec.overlay_device)
     }
 }

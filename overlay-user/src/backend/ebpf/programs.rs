@@ -5,15 +5,32 @@ use std::path::Path;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, Xdp},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use ipnetwork::Ipv4Network;
 use overlay_common::{
     Counter, CounterIndex, DatapathConfig, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_BRIDGE_OUT,
-    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_PROBE_VXLAN_ENCAP,
 };
 
 use crate::host::{Counters, HostError, netdev};
+
+/// Before 5.11 the kernel charges BPF maps to RLIMIT_MEMLOCK, 64 KiB by default there (Debian
+/// 11's systemd keeps it): our maps need more. Later kernels charge the memory cgroup instead
+/// and ignore the limit, so lifting it costs nothing there.
+fn lift_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::warn!(
+            "cannot lift RLIMIT_MEMLOCK ({}); on kernels before 5.11 our maps may not fit",
+            std::io::Error::last_os_error()
+        );
+    }
+}
 
 /// The compiled programs, embedded at build time (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
@@ -58,6 +75,7 @@ impl Programs {
     /// already pinned there by a previous run are reused with their contents, missing ones are
     /// created and pinned.
     pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        lift_memlock_limit();
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             netdev::ensure_bpffs(dir)?;
@@ -104,6 +122,32 @@ impl Programs {
     /// The TC-ingress decapsulation program: the same checks and counters as the XDP one.
     pub fn decap_tc_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, PROG_DECAP_TC)
+    }
+
+    /// Whether this kernel's `bpf_skb_adjust_room` takes the flags of the vxlan encapsulation
+    /// (BPF_F_ADJ_ROOM_ENCAP_L2_ETH, 5.13 and later): asked once by running a probe program on
+    /// a made-up IPv4 packet. Err: the probe itself could not run.
+    pub fn probe_vxlan_encap(&mut self) -> Result<bool, DatapathError> {
+        let name = PROG_PROBE_VXLAN_ENCAP;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        prog.load().map_err(|source| DatapathError::Program { name, source })?;
+        // Ethernet (IPv4), a 20-byte IPv4 header (UDP), an 8-byte UDP header, 32 bytes payload.
+        let mut frame = vec![0u8; 14 + 20 + 8 + 32];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame[14..24].copy_from_slice(&[0x45, 0, 0, 60, 0, 0, 0x40, 0, 64, 17]);
+        frame[26..34].copy_from_slice(&[10, 244, 1, 2, 10, 244, 2, 2]);
+        frame[36..38].copy_from_slice(&[0, 40]);
+        let mut out = vec![0u8; frame.len() + 128];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let ok = result.return_value == 0;
+        let _ = prog.unload();
+        Ok(ok)
     }
 
     /// One of our TC programs by name (encap, TC decap, bridge).
