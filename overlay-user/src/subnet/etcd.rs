@@ -101,12 +101,39 @@ pub struct EtcdRegistry {
     /// failover is done here, moving to the next endpoint when one cannot serve.
     clients: Arc<Vec<(String, Client)>>,
     current: Arc<AtomicUsize>,
-    /// When each endpoint last failed (None: it served, or was not tried yet): a host that does
-    /// not answer costs the connect timeout, so it is tried only after every other endpoint.
-    failed_at: Arc<Mutex<Vec<Option<Instant>>>>,
+    /// What each endpoint did last, with its last failure: a host that does not answer costs
+    /// the connect timeout, so it is tried only after every endpoint that answered.
+    health: Arc<Mutex<Vec<(Health, Option<Answer>)>>>,
     prefix: String,
     target: String,
 }
+
+/// An endpoint's last known state, in the order endpoints are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Health {
+    Served,
+    NotTried,
+    /// Up, but could not serve (no leader: an election may be on): worth asking again soon.
+    Answered(Instant),
+    /// Asked, no answer yet: a live member answers within milliseconds, a dead host never.
+    Asking,
+    /// Refused or silent, since then.
+    Silent(Instant),
+}
+
+impl Health {
+    fn answers(self) -> bool {
+        matches!(self, Health::Served | Health::NotTried | Health::Answered(_))
+    }
+}
+
+/// How long a request keeps asking members that answer "no leader" (an election takes a
+/// second or two) before it tries endpoints that did not answer at all.
+const ELECTION_PATIENCE: Duration = Duration::from_secs(3);
+const ASK_AGAIN_AFTER: Duration = Duration::from_millis(200);
+/// An endpoint found silent this recently is not asked again when every other one failed:
+/// its answer would again be nothing, after a connect timeout.
+const RECENTLY_SILENT: Duration = Duration::from_secs(10);
 
 /// What an endpoint answered when it could not serve a request, as an operator needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,24 +251,29 @@ impl EtcdRegistry {
         // Without credentials this connects lazily; with them it logs in, which needs the
         // endpoint up: endpoints down at start are skipped. In parallel, so a dead host listed
         // first does not hold up the live ones.
-        let connects = endpoints.iter().map(|e| {
-            let opts = opts.clone();
-            async move { (e.clone(), Client::connect([e], Some(opts)).await) }
-        });
+        let mut connects = tokio::task::JoinSet::new();
+        for (idx, e) in endpoints.iter().enumerate() {
+            let (e, opts) = (e.clone(), opts.clone());
+            connects.spawn(async move { (idx, Client::connect([&e], Some(opts)).await, e) });
+        }
         let mut clients = Vec::new();
         let mut last_err = None;
-        for (e, result) in futures::future::join_all(connects).await {
+        while let Some(joined) = connects.join_next().await {
+            let (idx, result, e) = joined.expect("etcd connect task panicked");
             match result {
-                Ok(c) => clients.push((e, c)),
+                Ok(c) => clients.push((idx, e, c)),
                 Err(source) => {
                     warn!("etcd endpoint {e} {}", Answer::of(&source));
                     last_err = Some(source);
                 }
             }
         }
+        // In the order given: the first listed is the first choice among equals.
+        clients.sort_by_key(|(idx, _, _)| *idx);
+        let clients: Vec<(String, Client)> = clients.into_iter().map(|(_, e, c)| (e, c)).collect();
         let Some(source) = last_err.filter(|_| clients.is_empty()) else {
             let registry = EtcdRegistry {
-                failed_at: Arc::new(Mutex::new(vec![None; clients.len()])),
+                health: Arc::new(Mutex::new(vec![(Health::NotTried, None); clients.len()])),
                 clients: Arc::new(clients),
                 current: Default::default(),
                 prefix: args.prefix.trim_end_matches('/').to_string(),
@@ -256,9 +288,10 @@ impl EtcdRegistry {
         })
     }
 
-    /// Ask every endpoint at once and start with the first that serves; those that fail are
-    /// marked as they fail, in the background, so no request waits on them first. Returns once
-    /// one endpoint served or all failed (the requests then report what each answered).
+    /// Ask every endpoint at once and start with the first that serves; a member answering "no
+    /// leader" is asked again while an election may be on, a silent one is marked as such when
+    /// its connect times out, in the background, so no request waits on it first. Returns once
+    /// one endpoint served, or none can (the requests then report what each answered).
     async fn probe(&self) {
         if self.clients.len() < 2 {
             return;
@@ -267,17 +300,26 @@ impl EtcdRegistry {
         for (idx, (_, client)) in self.clients.iter().enumerate() {
             let (registry, mut client, tx) = (self.clone(), client.clone(), tx.clone());
             let key = self.config_key();
+            self.set_health(idx, Health::Asking);
             tokio::spawn(async move {
-                let asked = client.get(key, Some(GetOptions::new().with_count_only()));
-                let served = match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(e)) => {
-                        debug!("etcd endpoint {} {}", registry.clients[idx].0, Answer::of(&e));
-                        false
+                let give_up = Instant::now() + ELECTION_PATIENCE;
+                let served = loop {
+                    let asked = client.get(key.clone(), Some(GetOptions::new().with_count_only()));
+                    let answer = match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
+                        Ok(Ok(_)) => break true,
+                        Ok(Err(e)) => Answer::of(&e),
+                        Err(_) => Answer::TimedOut(format!("no reply within {REQUEST_TIMEOUT:?}")),
+                    };
+                    debug!("etcd endpoint {} {answer}", registry.clients[idx].0);
+                    registry.mark(idx, Some(&answer));
+                    if !answer.answered() || Instant::now() >= give_up {
+                        break false;
                     }
-                    Err(_) => false,
+                    tokio::time::sleep(ASK_AGAIN_AFTER).await;
                 };
-                registry.mark(idx, served);
+                if served {
+                    registry.mark(idx, None);
+                }
                 let _ = tx.send((idx, served)).await;
             });
         }
@@ -290,20 +332,39 @@ impl EtcdRegistry {
         }
     }
 
-    fn mark(&self, idx: usize, served: bool) {
-        let mut failed = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
-        failed[idx] = (!served).then(Instant::now);
+    fn set_health(&self, idx: usize, health: Health) {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())[idx].0 = health;
     }
 
-    /// Endpoints in the order to try them: the one in use, then those not known to have failed,
-    /// then the failed ones, longest-failed first (the likeliest to be back).
-    fn order(&self) -> Vec<usize> {
-        let failed = self.failed_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    /// Record a request's outcome: `None` served, else what the endpoint answered.
+    fn mark(&self, idx: usize, failure: Option<&Answer>) {
+        let health = match failure {
+            None => Health::Served,
+            Some(a) if a.answered() => Health::Answered(Instant::now()),
+            Some(_) => Health::Silent(Instant::now()),
+        };
+        self.health.lock().unwrap_or_else(|p| p.into_inner())[idx] = (health, failure.cloned());
+    }
+
+    /// Endpoints in the order to try them: the one in use, then those that served or were not
+    /// tried, then those that answered but could not serve, then those not answering, the
+    /// longest-silent first (the likeliest to be back).
+    fn order(&self) -> Vec<(usize, Health)> {
+        let health: Vec<Health> = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|h| h.0)
+            .collect();
         let n = self.clients.len();
         let start = self.current.load(Ordering::Relaxed) % n;
-        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        let mut order: Vec<(usize, Health)> = (0..n).map(|i| (start + i) % n).map(|i| (i, health[i])).collect();
         // Stable: the rotation from the current endpoint is kept within each group.
-        order.sort_by_key(|&i| (failed[i].is_some(), failed[i]));
+        order.sort_by_key(|&(_, h)| match h {
+            Health::NotTried => Health::Served,
+            h => h,
+        });
         order
     }
 
@@ -322,21 +383,24 @@ impl EtcdRegistry {
     }
 
     /// Run one request, on the endpoint in use and then on each other one while the endpoint
-    /// cannot serve. Errors name the endpoint and key, and what each endpoint answered.
+    /// cannot serve. Members answering "no leader" are asked again for a while (an election
+    /// ends soon) before endpoints that did not answer, each of which costs a connect timeout.
+    /// Errors name the endpoint and key, and what each endpoint answered.
     async fn call<T, F, Fut>(&self, op: &'static str, key: &str, mut request: F) -> Result<T, RegistryError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let order = self.order();
-        let mut answers: Vec<(String, Answer)> = Vec::new();
-        for (tried, &idx) in order.iter().enumerate() {
+        let patience = Instant::now() + ELECTION_PATIENCE;
+        // The last answer of each endpoint asked, in the order first asked.
+        let mut answers: Vec<(usize, Answer)> = Vec::new();
+        let mut ask = async |idx: usize, answers: &mut Vec<(usize, Answer)>| -> Result<Option<T>, RegistryError> {
             let (endpoint, client) = &self.clients[idx];
             let answer = match tokio::time::timeout(REQUEST_TIMEOUT, request(client.clone())).await {
                 Ok(Ok(v)) => {
-                    self.mark(idx, true);
+                    self.mark(idx, None);
                     self.current.store(idx, Ordering::Relaxed);
-                    return Ok(v);
+                    return Ok(Some(v));
                 }
                 Ok(Err(e)) if cannot_serve(&e) => Answer::of(&e),
                 Ok(Err(e)) => {
@@ -349,12 +413,65 @@ impl EtcdRegistry {
                 }
                 Err(_) => Answer::TimedOut(format!("no reply within {REQUEST_TIMEOUT:?}")),
             };
-            self.mark(idx, false);
-            if tried + 1 < order.len() {
-                warn!("etcd endpoint {endpoint} {answer}; trying the next one");
+            self.mark(idx, Some(&answer));
+            if self.clients.len() > 1 {
+                warn!("etcd endpoint {endpoint} {answer}; trying another");
             }
-            answers.push((endpoint.clone(), answer));
+            match answers.iter_mut().find(|(i, _)| *i == idx) {
+                Some(last) => last.1 = answer,
+                None => answers.push((idx, answer)),
+            }
+            Ok(None)
+        };
+        // The members that answer, again and again while one says "no leader".
+        loop {
+            let answering: Vec<usize> = self
+                .order()
+                .into_iter()
+                .filter(|(_, h)| h.answers())
+                .map(|(i, _)| i)
+                .collect();
+            if answering.is_empty() {
+                break;
+            }
+            for &idx in &answering {
+                if let Some(v) = ask(idx, &mut answers).await? {
+                    return Ok(v);
+                }
+            }
+            let some_answered = answering
+                .iter()
+                .any(|i| answers.iter().any(|(j, a)| i == j && a.answered()));
+            if Instant::now() >= patience {
+                break;
+            }
+            if some_answered {
+                tokio::time::sleep(ASK_AGAIN_AFTER).await;
+            }
         }
+        // Then those that did not answer, each once (if not already asked).
+        let silent: Vec<usize> = self
+            .order()
+            .into_iter()
+            .filter(|(i, h)| !h.answers() && !answers.iter().any(|(j, _)| i == j))
+            .map(|(i, _)| i)
+            .collect();
+        for idx in silent {
+            let recent = self.health.lock().unwrap_or_else(|p| p.into_inner())[idx].clone();
+            if let (Health::Silent(since), Some(answer)) = recent
+                && since.elapsed() < RECENTLY_SILENT
+            {
+                answers.push((idx, answer));
+                continue;
+            }
+            if let Some(v) = ask(idx, &mut answers).await? {
+                return Ok(v);
+            }
+        }
+        let answers: Vec<(String, Answer)> = answers
+            .into_iter()
+            .map(|(i, a)| (self.clients[i].0.clone(), a))
+            .collect();
         if let [(endpoint, answer)] = answers.as_slice() {
             return Err(RegistryError::Request {
                 op,
