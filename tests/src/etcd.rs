@@ -71,6 +71,8 @@ pub struct Etcd {
     peer_port: u16,
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     starts: u32,
+    /// Member name and `--initial-cluster` when this is one member of a cluster.
+    member: Option<(String, String)>,
     /// Killed when the thread that started it ends (false only for the demo's `--keep`).
     die_with_parent: bool,
 }
@@ -124,6 +126,7 @@ impl Etcd {
                 peer_port: free_port(),
                 tls: tls.clone(),
                 starts: 0,
+                member: None,
                 die_with_parent: true,
             };
             match e.spawn() {
@@ -169,9 +172,50 @@ impl Etcd {
             peer_port: 2380,
             tls: None,
             starts: 0,
+            member: None,
         };
         e.spawn()?;
         Ok(e)
+    }
+
+    /// A cluster of one member per `(netns, host)`, each listening on `host` in its namespace
+    /// on the standard ports; launched together, as a member serves only once quorum forms.
+    pub fn start_cluster_in_netns(members: &[(&str, Ipv4Addr)]) -> Vec<Etcd> {
+        let initial = members
+            .iter()
+            .enumerate()
+            .map(|(i, (_, host))| format!("m{i}=http://{host}:2380"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let launched: Vec<(Etcd, Child, PathBuf)> = members
+            .iter()
+            .enumerate()
+            .map(|(i, (netns, host))| {
+                let mut e = Etcd {
+                    die_with_parent: true,
+                    child: None,
+                    netns: Some(netns.to_string()),
+                    host: *host,
+                    data: temp_dir(),
+                    client_port: 2379,
+                    peer_port: 2380,
+                    tls: None,
+                    starts: 0,
+                    member: Some((format!("m{i}"), initial.clone())),
+                };
+                let (child, log) = e.launch().unwrap_or_else(|e| panic!("{e}"));
+                (e, child, log)
+            })
+            .collect();
+        launched
+            .into_iter()
+            .map(|(mut e, child, log)| {
+                if let Err(text) = e.wait_serving(child, &log) {
+                    panic!("etcd member in {:?} did not start:\n{text}", e.netns);
+                }
+                e
+            })
+            .collect()
     }
 
     pub fn endpoint(&self) -> String {
@@ -184,6 +228,11 @@ impl Etcd {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
+        let (child, log_path) = self.launch()?;
+        self.wait_serving(child, &log_path)
+    }
+
+    fn launch(&mut self) -> Result<(Child, PathBuf), String> {
         self.starts += 1;
         let log_path = self.data.path().join(format!("etcd-{}.log", self.starts));
         let log = std::fs::File::create(&log_path).unwrap();
@@ -197,13 +246,17 @@ impl Etcd {
             }
             None => Command::new(ETCD_BIN),
         };
-        cmd.arg("--name=test")
+        let (name, initial) = self
+            .member
+            .clone()
+            .unwrap_or_else(|| ("test".to_string(), format!("test={peer}")));
+        cmd.arg(format!("--name={name}"))
             .arg(format!("--data-dir={}", self.data.path().join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=test={peer}"))
+            .arg(format!("--initial-cluster={initial}"))
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
             .stdin(Stdio::null())
@@ -226,10 +279,14 @@ impl Etcd {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| format!("spawning {ETCD_BIN}: {e}"))?;
+        let child = cmd.spawn().map_err(|e| format!("spawning {ETCD_BIN}: {e}"))?;
+        Ok((child, log_path))
+    }
+
+    fn wait_serving(&mut self, mut child: Child, log_path: &Path) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let text = std::fs::read_to_string(log_path).unwrap_or_default();
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!("etcd exited with {status}:\n{text}"));
             }

@@ -26,6 +26,10 @@ pub struct Status {
     pub lease_held: bool,
     pub subnet_file_written: bool,
     pub datapath_attached: bool,
+    /// Why the datapath is off its underlay now (the interface gone or being re-attached).
+    pub datapath_detached: Option<String>,
+    /// Times the datapath was attached again to a re-created or changed underlay.
+    pub underlay_reattached: u64,
     pub subnet: Option<String>,
     pub public_ip: Option<String>,
     pub backend: String,
@@ -46,15 +50,18 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn ready(&self) -> Result<(), &'static str> {
+    pub fn ready(&self) -> Result<(), String> {
         if !self.lease_held {
-            return Err("no subnet lease yet");
+            return Err("no subnet lease yet".into());
         }
         if !self.subnet_file_written {
-            return Err("subnet file not written yet");
+            return Err("subnet file not written yet".into());
+        }
+        if let Some(why) = &self.datapath_detached {
+            return Err(format!("datapath detached: {why}"));
         }
         if !self.datapath_attached {
-            return Err("datapath not attached yet");
+            return Err("datapath not attached yet".into());
         }
         Ok(())
     }
@@ -102,6 +109,19 @@ impl Status {
         );
         let _ = writeln!(m, "# TYPE overlay_ready gauge");
         let _ = writeln!(m, "overlay_ready {}", u8::from(self.ready().is_ok()));
+        let _ = writeln!(
+            m,
+            "# HELP overlay_datapath_attached 1 when the datapath is on its underlay, 0 while it is detached (the interface gone)."
+        );
+        let _ = writeln!(m, "# TYPE overlay_datapath_attached gauge");
+        let attached = self.datapath_attached && self.datapath_detached.is_none();
+        let _ = writeln!(m, "overlay_datapath_attached {}", u8::from(attached));
+        let _ = writeln!(
+            m,
+            "# HELP overlay_underlay_reattached_total Times the datapath was attached again to a re-created or changed underlay."
+        );
+        let _ = writeln!(m, "# TYPE overlay_underlay_reattached_total counter");
+        let _ = writeln!(m, "overlay_underlay_reattached_total {}", self.underlay_reattached);
         let _ = writeln!(
             m,
             "# HELP overlay_etcd_reconnects_total Times the etcd watch broke and was re-established by a re-list."
@@ -245,6 +265,11 @@ mod tests {
         assert!(respond("/readyz", &s).2.contains("datapath"));
         s.datapath_attached = true;
         assert_eq!(respond("/readyz", &s).0, "200 OK");
+        s.datapath_detached = Some("underlay interface eth0 is gone".into());
+        let (code, _, body) = respond("/readyz", &s);
+        assert_eq!(code, "503 Service Unavailable");
+        assert!(body.contains("eth0 is gone"), "{body}");
+        assert!(s.metrics().contains("overlay_datapath_attached 0"));
         assert_eq!(respond("/healthz", &Status::default()).0, "200 OK");
     }
 

@@ -31,7 +31,7 @@ use crate::{
         kernel_vxlan::KernelVxlan,
         userspace_udp::UserspaceUdp,
     },
-    host::{MacAddr, netdev},
+    host::{MacAddr, linkwatch::LinkEvents, netdev},
     subnet::{
         self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig,
         config::Backend as BackendConfig, etcd::EtcdRegistry,
@@ -145,6 +145,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     );
 
     let own_subnet = lease.subnet();
+    let current_lease = lease.clone();
     let (tx, rx) = mpsc::channel::<LeaseEvent>(1024);
     let run_manager = manager.clone();
     let run_config = config.clone();
@@ -158,6 +159,10 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         rules: &rules,
         peers: PeerSync::new(kind, status.clone()),
         flannel_routes,
+        underlay: Underlay::read(&iface),
+        iface: iface.clone(),
+        public_ip,
+        lease: current_lease,
     };
     let result = agent.follow_leases(own_subnet, rx, lease_task, &mut stop).await;
 
@@ -231,6 +236,36 @@ struct Agent<'a> {
     peers: PeerSync,
     /// flanneld's host-gw routes found at start, removed once our peers are in place.
     flannel_routes: takeover::Routes,
+    iface: String,
+    public_ip: Ipv4Addr,
+    /// The underlay as the datapath was last attached to it.
+    underlay: Option<Underlay>,
+    /// Ours, as last (re)acquired: re-attaching writes the subnet file from it.
+    lease: Lease,
+}
+
+/// What the datapath takes from its underlay: a new ifindex means the device was re-created
+/// (the programs went with the old one), a new MTU or address changes what we derive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Underlay {
+    ifindex: u32,
+    mtu: u32,
+    addr: Option<Ipv4Addr>,
+}
+
+impl Underlay {
+    /// None: no such interface (now).
+    fn read(iface: &str) -> Option<Underlay> {
+        let link = netdev::link_info(iface).ok()?;
+        let addr = interface_addresses()
+            .ok()
+            .and_then(|a| a.into_iter().find(|(n, _)| n == iface).map(|(_, a)| a));
+        Some(Underlay {
+            ifindex: link.ifindex,
+            mtu: link.mtu,
+            addr,
+        })
+    }
 }
 
 impl Agent<'_> {
@@ -247,6 +282,18 @@ impl Agent<'_> {
         let mut events_since_trim = 0usize;
         let mut tick = tokio::time::interval(RETRY_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Without notifications the tick still finds a changed underlay, a second later.
+        let mut links = match LinkEvents::subscribe() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("{e}; underlay changes are noticed on the 1 s tick only");
+                None
+            }
+        };
+        let link_changed = async |links: &mut Option<LinkEvents>| match links {
+            Some(l) => l.changed().await,
+            None => std::future::pending().await,
+        };
         let result = loop {
             tokio::select! {
                 event = rx.recv() => {
@@ -263,7 +310,12 @@ impl Agent<'_> {
                         }
                     }
                 }
+                _ = link_changed(&mut links) => {
+                    self.follow_underlay();
+                    self.backend.tick();
+                }
                 _ = tick.tick() => {
+                    self.follow_underlay();
                     self.backend.tick();
                     let counters = self.backend.counters();
                     self.status.lock().expect("status").counters = counters;
@@ -299,10 +351,77 @@ impl Agent<'_> {
                     self.backend, self.args, self.config, &l, self.network, self.status, self.rules,
                 )?;
                 self.peers.mark_dirty();
+                self.lease = l.clone();
                 return Ok(Some(l.subnet()));
             }
         }
         Ok(None)
+    }
+
+    /// Keep the datapath on the underlay: when the interface is gone, say so (`/readyz` 503,
+    /// `overlay_datapath_attached 0`); when it is back as a new device, or its MTU or address
+    /// changed, attach again and re-derive the MTU and subnet file. A failed attach is
+    /// retried on the next change or tick.
+    fn follow_underlay(&mut self) {
+        let now = Underlay::read(&self.iface);
+        let detached = self.status.lock().expect("status").datapath_detached.clone();
+        if now.is_some() && now == self.underlay && detached.is_none() {
+            return;
+        }
+        let why = match &now {
+            None => Some(format!("underlay interface {} is gone", self.iface)),
+            Some(u) if u.addr.is_none() && self.args.public_ip.is_none() => {
+                Some(format!("underlay interface {} has no IPv4 address", self.iface))
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            if detached.as_ref() != Some(&why) {
+                tracing::warn!("{why}: the datapath is detached until it is back");
+                self.status.lock().expect("status").datapath_detached = Some(why);
+            }
+            return;
+        }
+        let now = now.expect("checked above");
+        if let Some(addr) = now.addr
+            && self.args.public_ip.is_none()
+            && addr != self.public_ip
+        {
+            tracing::warn!(
+                iface = %self.iface,
+                old = %self.public_ip,
+                new = %addr,
+                "the underlay's address changed; our lease still publishes the old PublicIP until the agent restarts"
+            );
+            self.public_ip = addr;
+        }
+        let started = std::time::Instant::now();
+        let result = activate(
+            self.backend, self.args, self.config, &self.lease, self.network, self.status, self.rules,
+        );
+        match result {
+            Ok(()) => {
+                self.peers.mark_dirty();
+                self.peers.reconcile_if_dirty(self.backend);
+                tracing::info!(
+                    iface = %self.iface,
+                    ifindex = now.ifindex,
+                    mtu = self.backend.mtu(),
+                    took = ?started.elapsed(),
+                    "datapath attached again to the underlay"
+                );
+                let mut s = self.status.lock().expect("status");
+                s.datapath_detached = None;
+                s.underlay_reattached += 1;
+                drop(s);
+                self.underlay = Some(now);
+            }
+            Err(e) => {
+                let why = format!("attaching to underlay interface {} failed: {e:#}", self.iface);
+                tracing::warn!("{why} (retrying)");
+                self.status.lock().expect("status").datapath_detached = Some(why);
+            }
+        }
     }
 }
 

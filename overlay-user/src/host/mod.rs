@@ -1,6 +1,7 @@
 //! Host plumbing every backend uses, with nothing of the eBPF loader in it: links, addresses,
 //! routes and sysctls ([`netdev`]), MAC addresses as leases write them, and the datapath
 //! counters as the agent reports them.
+pub mod linkwatch;
 pub mod netdev;
 
 use std::{fmt, str::FromStr};

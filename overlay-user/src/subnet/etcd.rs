@@ -4,14 +4,18 @@
 use std::{
     future::Future,
     path::PathBuf,
-    time::{Duration, SystemTime},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
     Txn, TxnOp, WatchOptions, WatchStream,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     lease::{Lease, LeaseAttrs, LeaseError, RegistryEvent, SubnetKey},
@@ -94,11 +98,141 @@ pub enum EtcdError {
 #[derive(Clone)]
 pub struct EtcdRegistry {
     /// One client per endpoint: tonic's balancer keeps sending to a dead endpoint, so
-    /// failover is done here, moving to the next endpoint when one is unreachable.
-    clients: std::sync::Arc<Vec<(String, Client)>>,
-    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// failover is done here, moving to the next endpoint when one cannot serve.
+    clients: Arc<Vec<(String, Client)>>,
+    current: Arc<AtomicUsize>,
+    /// What each endpoint did last, with its last failure: a host that does not answer costs
+    /// the connect timeout, so it is tried only after every endpoint that answered.
+    health: Arc<Mutex<Vec<(Health, Option<Answer>)>>>,
     prefix: String,
     target: String,
+}
+
+/// An endpoint's last known state, in the order endpoints are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Health {
+    Served,
+    NotTried,
+    /// Up, but could not serve (no leader: an election may be on): worth asking again soon.
+    Answered(Instant),
+    /// Asked, no answer yet: a live member answers within milliseconds, a dead host never.
+    Asking,
+    /// Refused or silent, since then.
+    Silent(Instant),
+}
+
+impl Health {
+    fn answers(self) -> bool {
+        matches!(self, Health::Served | Health::NotTried | Health::Answered(_))
+    }
+}
+
+/// How long a request keeps asking members that answer "no leader" (an election takes a
+/// second or two) before it tries endpoints that did not answer at all.
+const ELECTION_PATIENCE: Duration = Duration::from_secs(3);
+const ASK_AGAIN_AFTER: Duration = Duration::from_millis(200);
+/// An endpoint found silent this recently is not asked again when every other one failed:
+/// its answer would again be nothing, after a connect timeout.
+const RECENTLY_SILENT: Duration = Duration::from_secs(10);
+
+/// What an endpoint answered when it could not serve a request, as an operator needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    /// Up, but its cluster has no leader (quorum lost): the member answered.
+    NoLeader,
+    Refused,
+    /// Nothing came back: host down, address gone, packets dropped.
+    TimedOut(String),
+    Tls(String),
+    Auth(String),
+    Other(String),
+}
+
+impl Answer {
+    fn of(e: &etcd_client::Error) -> Self {
+        // tonic wraps the cause (hyper, io, rustls) several levels deep: read the whole chain.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            let t = s.to_string();
+            if !text.contains(&t) {
+                text = format!("{text}: {t}");
+            }
+            source = s.source();
+        }
+        if let etcd_client::Error::GRpcStatus(s) = e {
+            let code = format!("{:?}", s.code());
+            if s.message().contains("no leader") {
+                return Answer::NoLeader;
+            }
+            if matches!(code.as_str(), "Unauthenticated" | "PermissionDenied") {
+                return Answer::Auth(s.message().to_string());
+            }
+        }
+        let lower = text.to_lowercase();
+        if lower.contains("no leader") {
+            Answer::NoLeader
+        } else if lower.contains("connection refused") {
+            Answer::Refused
+        } else if ["timed out", "timedout", "timeout", "elapsed", "deadline"]
+            .iter()
+            .any(|t| lower.contains(t))
+        {
+            Answer::TimedOut("no reply to the connection attempt".into())
+        } else if lower.contains("no route to host") || lower.contains("unreachable") {
+            Answer::TimedOut("no route to the host".into())
+        } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            Answer::Tls(text)
+        } else if lower.contains("authenticat") || lower.contains("permission denied") || lower.contains("password") {
+            Answer::Auth(text)
+        } else {
+            Answer::Other(text)
+        }
+    }
+
+    fn answered(&self) -> bool {
+        !matches!(self, Answer::Refused | Answer::TimedOut(_))
+    }
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::NoLeader => write!(
+                f,
+                "answered \"no leader\" (this member is up; its cluster has lost quorum)"
+            ),
+            Answer::Refused => write!(f, "connection refused (host up, no etcd listening)"),
+            Answer::TimedOut(t) => write!(f, "did not answer (host down or unreachable: {t})"),
+            Answer::Tls(t) => write!(f, "TLS failed: {t}"),
+            Answer::Auth(t) => write!(f, "refused our credentials: {t}"),
+            Answer::Other(t) => write!(f, "failed: {t}"),
+        }
+    }
+}
+
+/// The one-line meaning of every endpoint's answer: a member saying "no leader" is the cause to
+/// report, not a dead member's connect error.
+fn summary(answers: &[(String, Answer)]) -> String {
+    let no_leader: Vec<&str> = answers
+        .iter()
+        .filter(|(_, a)| *a == Answer::NoLeader)
+        .map(|(e, _)| e.as_str())
+        .collect();
+    let answered = answers.iter().filter(|(_, a)| a.answered()).count();
+    if !no_leader.is_empty() {
+        format!(
+            "etcd has no leader: {} reachable but cannot serve until quorum is back",
+            no_leader.join(", ")
+        )
+    } else if answered == 0 {
+        format!("none of the {} etcd endpoints answered", answers.len())
+    } else {
+        format!(
+            "no etcd endpoint could serve it ({answered} of {} answered)",
+            answers.len()
+        )
+    }
 }
 
 fn read_pem(flag: &'static str, path: &PathBuf) -> Result<Vec<u8>, EtcdError> {
@@ -114,26 +248,39 @@ impl EtcdRegistry {
         let endpoints = checked_endpoints(args)?;
         let opts = connect_options(args)?;
         let target = endpoints.join(",");
+        // Without credentials this connects lazily; with them it logs in, which needs the
+        // endpoint up: endpoints down at start are skipped. In parallel, so a dead host listed
+        // first does not hold up the live ones.
+        let mut connects = tokio::task::JoinSet::new();
+        for (idx, e) in endpoints.iter().enumerate() {
+            let (e, opts) = (e.clone(), opts.clone());
+            connects.spawn(async move { (idx, Client::connect([&e], Some(opts)).await, e) });
+        }
         let mut clients = Vec::new();
         let mut last_err = None;
-        for e in &endpoints {
-            // Without credentials this connects lazily; with them it logs in, which needs the
-            // endpoint up: endpoints down at start are skipped.
-            match Client::connect([e], Some(opts.clone())).await {
-                Ok(c) => clients.push((e.clone(), c)),
+        while let Some(joined) = connects.join_next().await {
+            let (idx, result, e) = joined.expect("etcd connect task panicked");
+            match result {
+                Ok(c) => clients.push((idx, e, c)),
                 Err(source) => {
-                    warn!("etcd endpoint {e}: {source}");
+                    warn!("etcd endpoint {e} {}", Answer::of(&source));
                     last_err = Some(source);
                 }
             }
         }
+        // In the order given: the first listed is the first choice among equals.
+        clients.sort_by_key(|(idx, _, _)| *idx);
+        let clients: Vec<(String, Client)> = clients.into_iter().map(|(_, e, c)| (e, c)).collect();
         let Some(source) = last_err.filter(|_| clients.is_empty()) else {
-            return Ok(EtcdRegistry {
-                clients: std::sync::Arc::new(clients),
+            let registry = EtcdRegistry {
+                health: Arc::new(Mutex::new(vec![(Health::NotTried, None); clients.len()])),
+                clients: Arc::new(clients),
                 current: Default::default(),
                 prefix: args.prefix.trim_end_matches('/').to_string(),
                 target,
-            });
+            };
+            registry.probe().await;
+            return Ok(registry);
         };
         Err(EtcdError::Connect {
             endpoints: target,
@@ -141,9 +288,89 @@ impl EtcdRegistry {
         })
     }
 
+    /// Ask every endpoint at once and start with the first that serves; a member answering "no
+    /// leader" is asked again while an election may be on, a silent one is marked as such when
+    /// its connect times out, in the background, so no request waits on it first. Returns once
+    /// one endpoint served, or none can (the requests then report what each answered).
+    async fn probe(&self) {
+        if self.clients.len() < 2 {
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(self.clients.len());
+        for (idx, (_, client)) in self.clients.iter().enumerate() {
+            let (registry, mut client, tx) = (self.clone(), client.clone(), tx.clone());
+            let key = self.config_key();
+            self.set_health(idx, Health::Asking);
+            tokio::spawn(async move {
+                let give_up = Instant::now() + ELECTION_PATIENCE;
+                let served = loop {
+                    let asked = client.get(key.clone(), Some(GetOptions::new().with_count_only()));
+                    let answer = match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
+                        Ok(Ok(_)) => break true,
+                        Ok(Err(e)) => Answer::of(&e),
+                        Err(_) => Answer::TimedOut(format!("no reply within {REQUEST_TIMEOUT:?}")),
+                    };
+                    debug!("etcd endpoint {} {answer}", registry.clients[idx].0);
+                    registry.mark(idx, Some(&answer));
+                    if !answer.answered() || Instant::now() >= give_up {
+                        break false;
+                    }
+                    tokio::time::sleep(ASK_AGAIN_AFTER).await;
+                };
+                if served {
+                    registry.mark(idx, None);
+                }
+                let _ = tx.send((idx, served)).await;
+            });
+        }
+        drop(tx);
+        while let Some((idx, served)) = rx.recv().await {
+            if served {
+                self.current.store(idx, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    fn set_health(&self, idx: usize, health: Health) {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())[idx].0 = health;
+    }
+
+    /// Record a request's outcome: `None` served, else what the endpoint answered.
+    fn mark(&self, idx: usize, failure: Option<&Answer>) {
+        let health = match failure {
+            None => Health::Served,
+            Some(a) if a.answered() => Health::Answered(Instant::now()),
+            Some(_) => Health::Silent(Instant::now()),
+        };
+        self.health.lock().unwrap_or_else(|p| p.into_inner())[idx] = (health, failure.cloned());
+    }
+
+    /// Endpoints in the order to try them: the one in use, then those that served or were not
+    /// tried, then those that answered but could not serve, then those not answering, the
+    /// longest-silent first (the likeliest to be back).
+    fn order(&self) -> Vec<(usize, Health)> {
+        let health: Vec<Health> = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|h| h.0)
+            .collect();
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut order: Vec<(usize, Health)> = (0..n).map(|i| (start + i) % n).map(|i| (i, health[i])).collect();
+        // Stable: the rotation from the current endpoint is kept within each group.
+        order.sort_by_key(|&(_, h)| match h {
+            Health::NotTried => Health::Served,
+            h => h,
+        });
+        order
+    }
+
     /// The client of the endpoint in use, for tools and tests that need etcd itself.
     pub fn client(&self) -> &Client {
-        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let i = self.current.load(Ordering::Relaxed);
         &self.clients[i % self.clients.len()].1
     }
 
@@ -155,33 +382,27 @@ impl EtcdRegistry {
         format!("{}{key}", self.subnets_prefix())
     }
 
-    /// Run one request, on the endpoint in use and then on each other one while the
-    /// endpoint is unreachable. Errors name the endpoint and key.
+    /// Run one request, on the endpoint in use and then on each other one while the endpoint
+    /// cannot serve. Members answering "no leader" are asked again for a while (an election
+    /// ends soon) before endpoints that did not answer, each of which costs a connect timeout.
+    /// Errors name the endpoint and key, and what each endpoint answered.
     async fn call<T, F, Fut>(&self, op: &'static str, key: &str, mut request: F) -> Result<T, RegistryError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        use std::sync::atomic::Ordering;
-        let n = self.clients.len();
-        let start = self.current.load(Ordering::Relaxed);
-        let mut failure = None;
-        for i in 0..n {
-            let idx = (start + i) % n;
+        let patience = Instant::now() + ELECTION_PATIENCE;
+        // The last answer of each endpoint asked, in the order first asked.
+        let mut answers: Vec<(usize, Answer)> = Vec::new();
+        let mut ask = async |idx: usize, answers: &mut Vec<(usize, Answer)>| -> Result<Option<T>, RegistryError> {
             let (endpoint, client) = &self.clients[idx];
-            match tokio::time::timeout(REQUEST_TIMEOUT, request(client.clone())).await {
+            let answer = match tokio::time::timeout(REQUEST_TIMEOUT, request(client.clone())).await {
                 Ok(Ok(v)) => {
+                    self.mark(idx, None);
                     self.current.store(idx, Ordering::Relaxed);
-                    return Ok(v);
+                    return Ok(Some(v));
                 }
-                Ok(Err(e)) if unreachable(&e) => {
-                    failure = Some(RegistryError::Request {
-                        op,
-                        key: key.to_string(),
-                        target: endpoint.clone(),
-                        reason: e.to_string(),
-                    });
-                }
+                Ok(Err(e)) if cannot_serve(&e) => Answer::of(&e),
                 Ok(Err(e)) => {
                     return Err(RegistryError::Request {
                         op,
@@ -190,20 +411,85 @@ impl EtcdRegistry {
                         reason: e.to_string(),
                     });
                 }
-                Err(_) => {
-                    failure = Some(RegistryError::Timeout {
-                        op,
-                        key: key.to_string(),
-                        target: endpoint.clone(),
-                        after: REQUEST_TIMEOUT,
-                    });
+                Err(_) => Answer::TimedOut(format!("no reply within {REQUEST_TIMEOUT:?}")),
+            };
+            self.mark(idx, Some(&answer));
+            if self.clients.len() > 1 {
+                warn!("etcd endpoint {endpoint} {answer}; trying another");
+            }
+            match answers.iter_mut().find(|(i, _)| *i == idx) {
+                Some(last) => last.1 = answer,
+                None => answers.push((idx, answer)),
+            }
+            Ok(None)
+        };
+        // The members that answer, again and again while one says "no leader".
+        loop {
+            let answering: Vec<usize> = self
+                .order()
+                .into_iter()
+                .filter(|(_, h)| h.answers())
+                .map(|(i, _)| i)
+                .collect();
+            if answering.is_empty() {
+                break;
+            }
+            for &idx in &answering {
+                if let Some(v) = ask(idx, &mut answers).await? {
+                    return Ok(v);
                 }
             }
-            if i + 1 < n {
-                warn!("etcd endpoint {endpoint} unreachable; trying the next one");
+            let some_answered = answering
+                .iter()
+                .any(|i| answers.iter().any(|(j, a)| i == j && a.answered()));
+            if Instant::now() >= patience {
+                break;
+            }
+            if some_answered {
+                tokio::time::sleep(ASK_AGAIN_AFTER).await;
             }
         }
-        Err(failure.expect("at least one endpoint"))
+        // Then those that did not answer, each once (if not already asked).
+        let silent: Vec<usize> = self
+            .order()
+            .into_iter()
+            .filter(|(i, h)| !h.answers() && !answers.iter().any(|(j, _)| i == j))
+            .map(|(i, _)| i)
+            .collect();
+        for idx in silent {
+            let recent = self.health.lock().unwrap_or_else(|p| p.into_inner())[idx].clone();
+            if let (Health::Silent(since), Some(answer)) = recent
+                && since.elapsed() < RECENTLY_SILENT
+            {
+                answers.push((idx, answer));
+                continue;
+            }
+            if let Some(v) = ask(idx, &mut answers).await? {
+                return Ok(v);
+            }
+        }
+        let answers: Vec<(String, Answer)> = answers
+            .into_iter()
+            .map(|(i, a)| (self.clients[i].0.clone(), a))
+            .collect();
+        if let [(endpoint, answer)] = answers.as_slice() {
+            return Err(RegistryError::Request {
+                op,
+                key: key.to_string(),
+                target: endpoint.clone(),
+                reason: answer.to_string(),
+            });
+        }
+        Err(RegistryError::NoEndpointServed {
+            op,
+            key: key.to_string(),
+            summary: summary(&answers),
+            answers: answers
+                .iter()
+                .map(|(e, a)| format!("{e} {a}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     }
 
     fn parse_kv(&self, kv: &etcd_client::KeyValue) -> Result<Lease, LeaseError> {
@@ -419,7 +705,7 @@ impl Registry for EtcdRegistry {
 
 /// Errors after which another endpoint may do better: no connection, or a member that cannot
 /// serve (no leader). tonic's `Code` is matched by name since tonic is not a direct dependency.
-fn unreachable(e: &etcd_client::Error) -> bool {
+fn cannot_serve(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => {

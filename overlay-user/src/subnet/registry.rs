@@ -16,6 +16,15 @@ pub enum RegistryError {
         target: String,
         reason: String,
     },
+    /// Every endpoint was tried and none could serve; `summary` says what that means (no
+    /// leader, nothing answering) and `answers` what each endpoint answered, in the order tried.
+    #[error("{op} {key}: {summary}; {answers}")]
+    NoEndpointServed {
+        op: &'static str,
+        key: String,
+        summary: String,
+        answers: String,
+    },
     #[error("{op} {key} on {target} timed out after {after:?}")]
     Timeout {
         op: &'static str,

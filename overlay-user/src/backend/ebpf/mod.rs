@@ -142,6 +142,10 @@ impl Backend for EbpfBackend {
         // Our lease was lost and taken again: the old datapath gives way first (pinned links
         // stay and are adopted), then the programs are loaded anew.
         drop(self.datapath.take());
+        // The underlay may have been re-created or changed its MTU since: derive ours anew.
+        if self.spec.mtu.is_none() {
+            self.mtu = self.spec.effective_mtu(netdev::link_info(&self.spec.underlay)?.mtu);
+        }
         let programs = match self.programs.take() {
             Some(p) => p,
             None => Programs::load_pinned(self.spec.pin_dir.as_deref())?,
