@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     maps::lpm_trie::Key,
@@ -20,7 +20,7 @@ use network_types::{
     ip::{IpProto, Ipv4Hdr},
 };
 use overlay_common::{
-    CounterIndex, DropReason, Format, flow_hash, flow_src_port,
+    CounterIndex, DatapathConfig, DropReason, Format, flow_hash, flow_src_port,
     wire::{Encap, IPV4_MF, IPV4_OFFSET_MASK},
 };
 
@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Address family of `bpf_fib_lookup` (AF_INET from the kernel's socket.h).
-const AF_INET: u8 = 2;
+pub const AF_INET: u8 = 2;
 
 pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     let cfg = CONFIG.get(0).ok_or(DropReason::NoConfig)?;
@@ -46,13 +46,26 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     let ihl = ipv4_header_len(&ip).ok_or(DropReason::NotIpv4)?;
 
     let peer = PEERS.get(Key::new(32, ip.dst_addr)).ok_or(DropReason::NoPeer)?;
-    let peer_ip = peer.public_ip;
-    let peer_mac = peer.vtep_mac;
+    encap_to_peer(ctx, cfg, format, peer.public_ip, peer.vtep_mac, &ip, ihl)
+}
 
+/// Wrap the IPv4 packet after the Ethernet header (`ip`, `ihl` bytes of header) for the peer
+/// at `peer_ip` and send it out of the underlay, counted. Shared by the overlay device's egress
+/// and host routing's from-container program.
+#[inline(always)]
+pub fn encap_to_peer(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    format: Format,
+    peer_ip: [u8; 4],
+    peer_mac: [u8; 6],
+    ip: &Ipv4Hdr,
+    ihl: usize,
+) -> Result<i32, DropReason> {
     // The inner flow picks the outer source port, so receivers spread tunnel flows over their
     // queues as they do for the kernel's vxlan device. Ports only where the protocol has them
     // and the packet is whole: every fragment of a datagram must leave on the same port.
-    let whole = ipv4_frags(&ip) & (IPV4_MF | IPV4_OFFSET_MASK) == 0;
+    let whole = ipv4_frags(ip) & (IPV4_MF | IPV4_OFFSET_MASK) == 0;
     let ports = if whole && has_ports(ip.proto) {
         read::<_, [u8; 4]>(ctx, EthHdr::LEN + ihl)
             .map(u32::from_ne_bytes)
@@ -97,7 +110,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::EncapFailed);
     }
 
-    let action = redirect_to_peer(ctx, cfg.underlay_ifindex, cfg.public_ip, peer_ip)?;
+    let action = redirect_to_peer(ctx, cfg.underlay_ifindex, cfg.public_ip, peer_ip, None)?;
     count(CounterIndex::encap(format), inner_len as u64);
     Ok(action)
 }
@@ -114,8 +127,16 @@ fn has_ports(protocol: u8) -> bool {
 
 /// Route the outer packet: the fib lookup gives next hop and MACs when the neighbour is known
 /// (the common case); otherwise the kernel resolves it (`bpf_redirect_neigh`), so peers behind
-/// a gateway and cold neighbour caches both work.
-fn redirect_to_peer(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> Result<i32, DropReason> {
+/// a gateway and cold neighbour caches both work. `nexthop`: resolve that address rather than
+/// the packet's own destination (an unencapsulated packet routed via a peer's PublicIP).
+#[inline(always)]
+pub fn redirect_to_peer(
+    ctx: &TcContext,
+    ifindex: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    nexthop: Option<[u8; 4]>,
+) -> Result<i32, DropReason> {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.ifindex = ifindex;
@@ -142,7 +163,14 @@ fn redirect_to_peer(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -
         return Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32);
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+        let Some(nh) = nexthop else {
+            return Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+        };
+        let mut params: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        params.nh_family = AF_INET as u32;
+        params.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(nh);
+        let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
+        return Ok(unsafe { bpf_redirect_neigh(ifindex, &mut params, size, 0) } as i32);
     }
     Err(DropReason::NoRoute)
 }

@@ -371,6 +371,7 @@ fn make_backend(
             decap: args.decap,
             pin_dir: Some(args.pin_dir.clone()),
             bridge_redirect: args.bridge_redirect,
+            host_routing: args.host_routing,
         })
     };
     // eBPF, or the kernel datapath if asked for or (auto) if eBPF is unavailable here.

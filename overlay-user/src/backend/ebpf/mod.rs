@@ -10,12 +10,14 @@
 //!   program on its egress.
 pub mod attach;
 pub mod bridge;
+pub mod host_routing;
 pub mod peers;
 pub mod programs;
 
 use std::collections::HashMap;
 
 pub use attach::{DatapathSpec, DecapAttach, DecapHook, XdpAttach, choose_decap};
+pub use host_routing::HostRouting;
 use aya::programs::XdpMode;
 use ipnetwork::Ipv4Network;
 pub use overlay_common::Format;
@@ -57,6 +59,8 @@ pub struct Datapath {
     tc_mode: Option<attach::TcMode>,
     /// Interfaces whose clsact qdisc we created (unpinned runs remove them when done).
     clsact_created: Vec<String>,
+    /// Container traffic past the host's stack: on or off, and what it attached.
+    host_routing: host_routing::HostRoutingState,
 }
 
 /// The lease backend kind a wire format speaks.
@@ -186,6 +190,13 @@ impl Backend for EbpfBackend {
             Some(attach::TcMode::Netlink) => ", tc via clsact",
             _ => "",
         };
-        format!("ebpf-{kind} (decap {mode}{tc}, device {})", self.spec.overlay_device)
+        let routing = match &self.datapath {
+            Some(d) => d.host_routing_description(),
+            None => "not attached".into(),
+        };
+        format!(
+            "ebpf-{kind} (decap {mode}{tc}, device {}, host routing {routing})",
+            self.spec.overlay_device
+        )
     }
 }
