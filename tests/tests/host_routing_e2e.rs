@@ -114,12 +114,14 @@ fn shortcut_end_to_end(backend: &str) -> anyhow::Result<()> {
 
     // A container restarts: new veth (new ifindex), same IP, new MAC. Nothing reaches the old
     // port; once the new container has spoken, the agent follows it within a second.
+    let c2_ip = c2.ip;
     c.lab.hosts[0].recreate_container(0)?;
     let c1a = &c.lab.host(1).containers[0];
+    let c2 = &c.lab.host(2).containers[0];
+    assert_eq!(c2.ip, c2_ip);
     c1a.ns.ip(&["link", "set", "eth0", "address", "02:42:0a:f4:ee:01"])?;
     let r = ping(&c1a.ns, c2.ip, 3, 56, false, "0.05")?;
     assert_eq!(r.received, 3, "{backend}: restarted container -> {}: {r:?}", c2.ip);
-    let c2 = &c.lab.host(2).containers[0];
     c.wait_until("the restarted container is reached on the shortcut", Duration::from_secs(3), || {
         let before = counter(&agents[0], "shortcut_to_container")?.0;
         let r = ping(&c2.ns, c1a.ip, 1, 56, false, "0.05")?;
@@ -130,14 +132,16 @@ fn shortcut_end_to_end(backend: &str) -> anyhow::Result<()> {
     assert_eq!(r.received, 5, "{backend}: -> restarted container: {r:?}");
 
     // Agent restart: not one ping lost (the stack's path carries them while no agent runs).
-    let pinger = background_ping(c2.ns.name().to_string(), c1a.ip, 150);
+    let c1a_ip = c1a.ip;
+    let pinger = background_ping(c2.ns.name().to_string(), c1a_ip, 150);
     std::thread::sleep(Duration::from_millis(500));
     agents.remove(0).stop()?;
     let restarted = c.start_agent(1, &["--ip-masq"])?;
+    let c2 = &c.lab.host(2).containers[0];
     let r = pinger.join().expect("pinger")?;
     assert_eq!(r.received, 150, "{backend}: pings lost across the agent restart: {r:?}");
     c.wait_until("the restarted agent takes the shortcut again", Duration::from_secs(5), || {
-        ping(&c2.ns, c1a.ip, 1, 56, false, "0.05")?;
+        ping(&c2.ns, c1a_ip, 1, 56, false, "0.05")?;
         Ok(counter(&restarted, "shortcut_to_container")?.0 > 0)
     })?;
     drop(restarted);
