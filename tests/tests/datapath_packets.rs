@@ -1161,7 +1161,13 @@ fn host_routing_from_container_table() {
                 &echo(LOCAL_CONTAINER, PEER_CONTAINER, 1),
                 0,
             );
-            let big = |ttl| Ip { ttl, ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17) }.build(&vec![7u8; mtu as usize - 20]);
+            let big = |ttl| {
+                Ip {
+                    ttl,
+                    ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17)
+                }
+                .build(&vec![7u8; mtu as usize - 20])
+            };
             shortcut(&mut b, "exactly the MTU", &from_container(&big(63)), &big(62), 0);
             let over = |ttl| {
                 Ip {
@@ -1253,7 +1259,11 @@ fn host_routing_from_container_table() {
         expected.extend(inner(62));
         assert_eq!(out, expected, "route mode: routed as it is, to the peer's MAC");
         assert_eq!(b.counter(CounterIndex::ShortcutFromContainer), 1);
-        assert_eq!(b.counter(CounterIndex::encap(Format::Vxlan)), 0, "route mode encapsulates nothing");
+        assert_eq!(
+            b.counter(CounterIndex::encap(Format::Vxlan)),
+            0,
+            "route mode encapsulates nothing"
+        );
         // Larger than the MTU: GSO packets go (cut later), others to the stack.
         let over = |ttl| {
             Ip {
@@ -1265,7 +1275,11 @@ fn host_routing_from_container_table() {
         let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &from_container(&over(63)), 1400);
         let mut expected = eth(PEER_NEIGH_MAC, nic_mac, 0x0800);
         expected.extend(over(62));
-        assert_eq!((verdict, &out), (TC_ACT_REDIRECT, &expected), "route mode, GSO over the MTU");
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_REDIRECT, &expected),
+            "route mode, GSO over the MTU"
+        );
         let frame = from_container(&over(63));
         let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &frame, 0);
         assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &frame), "route mode, over the MTU");
@@ -1349,7 +1363,12 @@ fn host_routing_to_container_table() {
                 }
             };
 
-            check(&mut programs, "off (not configured)", &echo(PEER_CONTAINER, LOCAL_CONTAINER, 63), None);
+            check(
+                &mut programs,
+                "off (not configured)",
+                &echo(PEER_CONTAINER, LOCAL_CONTAINER, 63),
+                None,
+            );
             programs.set_host_routing(&host_routing(HostRoutingMode::Encap, 1450))?;
             check(
                 &mut programs,

@@ -9,7 +9,9 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::{
     backend::{
         Peer,
-        ebpf::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, HostRouting, Programs, XdpAttach, backend_kind},
+        ebpf::{
+            Datapath, DatapathSpec, DecapAttach, DecapHook, Format, HostRouting, Programs, XdpAttach, backend_kind,
+        },
     },
     host::MacAddr,
 };

@@ -8,8 +8,8 @@
 use std::{
     collections::{HashMap, HashSet},
     io,
-    net::Ipv4Addr,
     mem::size_of,
+    net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 

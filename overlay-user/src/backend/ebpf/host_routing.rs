@@ -145,23 +145,20 @@ fn link_mac(name: &str) -> Option<MacAddr> {
         .map(MacAddr)
 }
 
-impl Datapath {
-    /// Decide host routing once, log the choice and its reason, and attach the underlay's half.
-    pub(super) fn start_host_routing(&mut self) {
-        let reason = match (self.spec.host_routing, self.programs.host_routing_refused.clone()) {
+impl HostRoutingState {
+    /// Decide host routing once, log the choice and its reason, and attach the underlay's half
+    /// (`overlay_to_container` on its TC ingress). Returns the interface whose clsact qdisc it
+    /// created, if it did.
+    pub(super) fn start(&mut self, programs: &mut Programs, choice: HostRouting, underlay: &str) -> Option<String> {
+        let mut created_on = None;
+        let reason = match (choice, programs.host_routing_refused.clone()) {
             (HostRouting::Kernel, _) => Some("--host-routing=kernel".to_string()),
             (HostRouting::Bpf, Some(why)) => Some(format!("this kernel refuses the host-routing programs: {why}")),
             (HostRouting::Bpf, None) => {
-                let underlay = self.underlay.name.clone();
-                match self
-                    .programs
-                    .attach_tc(PROG_TO_CONTAINER, &underlay, aya::programs::TcAttachType::Ingress)
-                {
+                match programs.attach_tc(PROG_TO_CONTAINER, underlay, aya::programs::TcAttachType::Ingress) {
                     Ok((link, _, created)) => {
-                        self.host_routing.underlay_link = Some(link);
-                        if created {
-                            self.clsact_created.push(underlay);
-                        }
+                        self.underlay_link = Some(link);
+                        created_on = created.then(|| underlay.to_string());
                         None
                     }
                     Err(e) => Some(format!("attaching to the underlay failed: {e}")),
@@ -175,63 +172,64 @@ impl Datapath {
             ),
             Some(why) => tracing::info!(reason = %why, "host routing: kernel (every packet through the host's stack)"),
         }
-        self.host_routing.off = reason;
+        self.off = reason;
+        created_on
     }
 
     /// `bpf`, or `kernel (why)`.
-    pub fn host_routing_description(&self) -> String {
-        match &self.host_routing.off {
+    pub fn description(&self) -> String {
+        match &self.off {
             None => "bpf".into(),
             Some(why) => format!("kernel ({why})"),
         }
     }
 
-    /// With the bridge read: the config, the programs on its ports and the endpoints follow it.
-    pub(super) fn sync_host_routing(&mut self, device: &BridgeDevice, fdb: &HashMap<MacAddr, u32>) -> Result<(), String> {
-        if self.host_routing.off.is_some() {
+    /// With the bridge read (`fdb`, already copied into the bridge maps): the config, the
+    /// programs on its ports and the endpoints follow it. `mtu`: the largest packet sent whole.
+    pub(super) fn sync(
+        &mut self,
+        programs: &mut Programs,
+        device: &BridgeDevice,
+        fdb: &HashMap<MacAddr, u32>,
+        subnet: ipnetwork::Ipv4Network,
+        mode: HostRoutingMode,
+        mtu: u32,
+    ) -> Result<(), String> {
+        if self.off.is_some() {
             return Ok(());
         }
         // The bridge's MAC changes as ports come and go unless someone set it: read it each time.
         let bridge_mac = link_mac(&device.name).ok_or_else(|| format!("no MAC on the bridge {}", device.name))?;
         let config = HostRoutingConfig {
             bridge_mac: bridge_mac.0,
-            mode: HostRoutingMode::Encap as u8,
+            mode: mode as u8,
             _pad: 0,
-            mtu: self.overlay.mtu,
+            mtu,
         };
-        if self.host_routing.config != Some(config) {
-            self.programs
+        if self.config != Some(config) {
+            programs
                 .set_host_routing(&config)
                 .map_err(|e| format!("host routing config: {e}"))?;
-            self.host_routing.config = Some(config);
+            self.config = Some(config);
         }
 
         let wanted: HashSet<u32> = fdb.values().copied().collect();
-        let gone: Vec<u32> = self
-            .host_routing
-            .ports
-            .keys()
-            .filter(|p| !wanted.contains(p))
-            .copied()
-            .collect();
+        let gone: Vec<u32> = self.ports.keys().filter(|p| !wanted.contains(p)).copied().collect();
         for port in gone {
-            self.detach_port(port);
+            self.detach_port(programs, port);
         }
         let mut failed = None;
         for &port in &wanted {
-            if self.host_routing.ports.contains_key(&port) {
+            if self.ports.contains_key(&port) {
                 continue;
             }
             let Some(name) = ifname(port) else { continue };
             let veth = netdev::link_info(&name).map(|l| l.is_veth()).unwrap_or(false);
-            self.host_routing.veth.insert(port, veth);
-            match self
-                .programs
-                .attach_tc(PROG_FROM_CONTAINER, &name, aya::programs::TcAttachType::Ingress)
-            {
+            self.veth.insert(port, veth);
+            match programs.attach_tc(PROG_FROM_CONTAINER, &name, aya::programs::TcAttachType::Ingress) {
                 Ok((link, _, clsact_created)) => {
                     tracing::debug!(port = %name, "host routing on the container's port");
-                    self.host_routing.ports.insert(
+                    self.ports.insert(
                         port,
                         PortLink {
                             name,
@@ -245,22 +243,22 @@ impl Datapath {
                 }
             }
         }
-        self.host_routing.veth.retain(|p, _| wanted.contains(p));
+        self.veth.retain(|p, _| wanted.contains(p));
 
         let neighbours = bridge::neighbours(device.ifindex)
             .map_err(|e| format!("reading the neighbours of {}: {e}", device.name))?;
-        let veth = &self.host_routing.veth;
-        let endpoints = local_endpoints(self.subnet, &neighbours, fdb, |p| veth.get(&p) == Some(&true));
-        self.programs
-            .sync_local_endpoints(&mut self.host_routing.endpoints, &endpoints)
+        let veth = &self.veth;
+        let endpoints = local_endpoints(subnet, &neighbours, fdb, |p| veth.get(&p) == Some(&true));
+        programs
+            .sync_local_endpoints(&mut self.endpoints, &endpoints)
             .map_err(|e| format!("local endpoints: {e}"))?;
         failed.map_or(Ok(()), Err)
     }
 
-    fn detach_port(&mut self, port: u32) {
-        let Some(p) = self.host_routing.ports.remove(&port) else { return };
+    fn detach_port(&mut self, programs: &mut Programs, port: u32) {
+        let Some(p) = self.ports.remove(&port) else { return };
         // A deleted port took our program with it.
-        if let Err(e) = self.programs.detach(p.link) {
+        if let Err(e) = programs.detach(p.link) {
             tracing::debug!(port = %p.name, "detaching host routing: {e}");
         }
         if p.clsact_created {
@@ -269,26 +267,61 @@ impl Datapath {
     }
 
     /// Take host routing off the bridge's ports and forget the endpoints (the bridge went).
-    pub(super) fn stop_host_routing_ports(&mut self) {
-        let ports: Vec<u32> = self.host_routing.ports.keys().copied().collect();
+    pub(super) fn stop_ports(&mut self, programs: &mut Programs) {
+        let ports: Vec<u32> = self.ports.keys().copied().collect();
         for port in ports {
-            self.detach_port(port);
+            self.detach_port(programs, port);
         }
-        self.host_routing.veth.clear();
-        let mut endpoints = std::mem::take(&mut self.host_routing.endpoints);
-        if let Err(e) = self.programs.sync_local_endpoints(&mut endpoints, &HashMap::new()) {
+        self.veth.clear();
+        let mut endpoints = std::mem::take(&mut self.endpoints);
+        if let Err(e) = programs.sync_local_endpoints(&mut endpoints, &HashMap::new()) {
             tracing::warn!("clearing the local endpoints: {e}");
         }
     }
 
     /// Everything host routing attached goes.
-    pub(super) fn stop_host_routing(&mut self) {
-        self.stop_host_routing_ports();
-        if let Some(link) = self.host_routing.underlay_link.take()
-            && let Err(e) = self.programs.detach(link)
+    pub(super) fn stop(&mut self, programs: &mut Programs) {
+        self.stop_ports(programs);
+        if let Some(link) = self.underlay_link.take()
+            && let Err(e) = programs.detach(link)
         {
             tracing::debug!("detaching host routing from the underlay: {e}");
         }
+    }
+}
+
+impl Datapath {
+    pub(super) fn start_host_routing(&mut self) {
+        let underlay = self.underlay.name.clone();
+        if let Some(iface) = self
+            .host_routing
+            .start(&mut self.programs, self.spec.host_routing, &underlay)
+        {
+            self.clsact_created.push(iface);
+        }
+    }
+
+    /// `bpf`, or `kernel (why)`.
+    pub fn host_routing_description(&self) -> String {
+        self.host_routing.description()
+    }
+
+    pub(super) fn sync_host_routing(
+        &mut self,
+        device: &BridgeDevice,
+        fdb: &HashMap<MacAddr, u32>,
+    ) -> Result<(), String> {
+        let (subnet, mtu) = (self.subnet, self.overlay.mtu);
+        self.host_routing
+            .sync(&mut self.programs, device, fdb, subnet, HostRoutingMode::Encap, mtu)
+    }
+
+    pub(super) fn stop_host_routing_ports(&mut self) {
+        self.host_routing.stop_ports(&mut self.programs);
+    }
+
+    pub(super) fn stop_host_routing(&mut self) {
+        self.host_routing.stop(&mut self.programs);
     }
 }
 

@@ -10,6 +10,7 @@
 //!   program on its egress.
 pub mod attach;
 pub mod bridge;
+pub mod host_gw;
 pub mod host_routing;
 pub mod peers;
 pub mod programs;
@@ -17,8 +18,9 @@ pub mod programs;
 use std::collections::HashMap;
 
 pub use attach::{DatapathSpec, DecapAttach, DecapHook, XdpAttach, choose_decap};
-pub use host_routing::HostRouting;
 use aya::programs::XdpMode;
+pub use host_gw::EbpfHostGw;
+pub use host_routing::HostRouting;
 use ipnetwork::Ipv4Network;
 pub use overlay_common::Format;
 pub use programs::{DatapathError, Programs};
