@@ -18,6 +18,14 @@ pub const fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// The IPv4 header checksum after the TTL went down by one, from the one before (RFC 1624
+/// incremental update, as the kernel's ip_decrease_ttl): the TTL is the high byte of its
+/// 16-bit word, so the sum drops by 0x0100 and the checksum rises by as much.
+pub const fn ttl_decrement_checksum(check: u16) -> u16 {
+    let sum = check as u32 + 0x0100;
+    (sum + (sum >> 16)) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,5 +41,24 @@ mod tests {
         h[10] = 0xb8;
         h[11] = 0x61;
         assert_eq!(ipv4_header_checksum(&h), 0);
+    }
+
+    #[test]
+    fn ttl_decrement_matches_a_full_recomputation() {
+        // Checksums near the wrap-around included (0xff00 and up carry into the low byte).
+        for (ttl, ident) in [(64u8, 0u16), (2, 0x1234), (255, 0xffff), (3, 0xfeff), (100, 0x00ff)] {
+            for src_low in [0u8, 1, 0x7f, 0xfe, 0xff] {
+                let mut h = [
+                    0x45, 0, 0, 84, 0, 0, 0x40, 0, ttl, 1, 0, 0, 10, 244, 1, src_low, 10, 244, 2, 3,
+                ];
+                h[4..6].copy_from_slice(&ident.to_be_bytes());
+                let check = ipv4_header_checksum(&h);
+                h[10..12].copy_from_slice(&check.to_be_bytes());
+                h[8] -= 1;
+                let updated = ttl_decrement_checksum(check);
+                h[10..12].copy_from_slice(&updated.to_be_bytes());
+                assert_eq!(ipv4_header_checksum(&h), 0, "ttl {ttl} ident {ident:#x} src {src_low}");
+            }
+        }
     }
 }

@@ -18,13 +18,20 @@ pub const MAP_PEERS_BY_IP: &str = "OVL_PEERS_BY_IP_V1";
 /// One-entry array holding this host's [`DatapathConfig`].
 pub const MAP_CONFIG: &str = "OVL_CONFIG_V1";
 /// Per-CPU array of [`Counter`], indexed by [`CounterIndex`].
-pub const MAP_COUNTERS: &str = "OVL_COUNTERS_V2";
+pub const MAP_COUNTERS: &str = "OVL_COUNTERS_V3";
 /// Exact table: container MAC -> ifindex of its port on the container bridge (the agent's copy
 /// of the bridge's forwarding database). Not pinned: it belongs to the running agent.
 pub const MAP_BRIDGE_FDB: &str = "OVL_BRIDGE_FDB_V1";
 /// Device map of the bridge's live ports (ifindex -> ifindex). The kernel deletes an entry
 /// when its device goes away, so a stale FDB entry never sends a packet into the void.
 pub const MAP_BRIDGE_PORTS: &str = "OVL_BRIDGE_PORTS_V1";
+
+/// Exact table: local container IPv4 address -> [`LocalEndpoint`] (its port on the container
+/// bridge and its MAC), for host routing's delivery straight into the container. Not pinned:
+/// the agent keeps it current.
+pub const MAP_LOCAL_ENDPOINTS: &str = "OVL_LOCAL_ENDPOINTS_V1";
+/// One-entry array holding this host's [`HostRoutingConfig`]. Not pinned.
+pub const MAP_HOST_ROUTING: &str = "OVL_HOST_ROUTING_V1";
 
 /// Upper bound on containers behind one host's bridge.
 pub const MAX_BRIDGE_PORTS: u32 = 16384;
@@ -40,6 +47,10 @@ pub const PROG_BRIDGE_OUT: &str = "overlay_bridge_out";
 /// Never attached: run at start on made-up packets to ask the kernel which
 /// `bpf_skb_adjust_room` flags it takes ([`adjust_room`]).
 pub const PROG_PROBE_ADJUST_ROOM: &str = "overlay_probe_adjust_room";
+/// Host routing: TC ingress of each container's host-side veth (to remote subnets, straight
+/// to the underlay) and of the underlay (to a local container, straight into its namespace).
+pub const PROG_FROM_CONTAINER: &str = "overlay_from_container";
+pub const PROG_TO_CONTAINER: &str = "overlay_to_container";
 
 /// Tunnel wire format, chosen per network (flannel's `Backend.Type`).
 #[repr(u8)]
@@ -134,6 +145,55 @@ impl DatapathConfig {
     }
 }
 
+/// Value of [`MAP_LOCAL_ENDPOINTS`]: where a local container's packets are handed over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    /// The container's port on the bridge: the host-side end of its veth.
+    pub port_ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
+
+/// How the host-routing programs forward towards peers.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostRoutingMode {
+    /// Programs pass every packet to the stack (`--host-routing=kernel`, or not set up yet).
+    Off = 0,
+    /// Encapsulate in the [`DatapathConfig`]'s format towards the peer's PublicIP.
+    Encap = 1,
+    /// No encapsulation: route to the peer's PublicIP as next hop (eBPF host-gw).
+    Route = 2,
+}
+
+/// Value of [`MAP_HOST_ROUTING`] (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRoutingConfig {
+    /// The container bridge's MAC: containers address routed frames to it, and frames we
+    /// deliver to them come from it, so their neighbour entry for the gateway stays right.
+    pub bridge_mac: [u8; 6],
+    /// [`HostRoutingMode`] as u8.
+    pub mode: u8,
+    pub _pad: u8,
+    /// Largest packet that goes out whole; larger non-GSO ones go to the stack, which answers
+    /// "fragmentation needed" (or fragments).
+    pub mtu: u32,
+}
+const _: () = assert!(core::mem::size_of::<HostRoutingConfig>() == 12);
+
+impl HostRoutingConfig {
+    pub const fn mode(&self) -> HostRoutingMode {
+        match self.mode {
+            1 => HostRoutingMode::Encap,
+            2 => HostRoutingMode::Route,
+            _ => HostRoutingMode::Off,
+        }
+    }
+}
+
 /// Packets and bytes; one per [`CounterIndex`] per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -180,10 +240,17 @@ pub enum CounterIndex {
     /// Bridge egress: a unicast frame for a MAC with no live port in our FDB copy; the bridge
     /// forwards it (in software, if it was decapsulated: see overlay-ebpf's bridge.rs).
     BridgeUnknownPort = 17,
+    /// Host routing: a packet from the underlay handed straight into a local container.
+    ShortcutToContainer = 18,
+    /// Host routing: a container's packet sent straight to the underlay towards its peer.
+    ShortcutFromContainer = 19,
+    /// Host routing: a container's packet larger than the MTU (not GSO), handed to the stack
+    /// so it answers "fragmentation needed".
+    ShortcutOversize = 20,
 }
 
 impl CounterIndex {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 21;
     pub const ALL: [CounterIndex; Self::COUNT as usize] = [
         Self::EncapUdp,
         Self::EncapVxlan,
@@ -203,6 +270,9 @@ impl CounterIndex {
         Self::DropNoConfig,
         Self::BridgeRedirect,
         Self::BridgeUnknownPort,
+        Self::ShortcutToContainer,
+        Self::ShortcutFromContainer,
+        Self::ShortcutOversize,
     ];
 
     /// Stable snake_case name, used in metrics and the status output.
@@ -226,6 +296,9 @@ impl CounterIndex {
             Self::DropNoConfig => "drop_no_config",
             Self::BridgeRedirect => "bridge_redirect",
             Self::BridgeUnknownPort => "bridge_unknown_port",
+            Self::ShortcutToContainer => "shortcut_to_container",
+            Self::ShortcutFromContainer => "shortcut_from_container",
+            Self::ShortcutOversize => "shortcut_oversize",
         }
     }
 
@@ -349,6 +422,8 @@ mod pod {
     unsafe impl aya::Pod for super::PeerSubnet {}
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::LocalEndpoint {}
+    unsafe impl aya::Pod for super::HostRoutingConfig {}
 }
 
 #[cfg(test)]

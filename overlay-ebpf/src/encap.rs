@@ -8,7 +8,7 @@ use core::mem::offset_of;
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     maps::lpm_trie::Key,
@@ -19,7 +19,7 @@ use network_types::{
     ip::{IpProto, Ipv4Hdr},
 };
 use overlay_common::{
-    CounterIndex, DropReason, Format, flow_hash, flow_src_port,
+    CounterIndex, DatapathConfig, DropReason, Format, flow_hash, flow_src_port,
     wire::{Encap, IPV4_MF, IPV4_OFFSET_MASK},
 };
 
@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// Address family of `bpf_fib_lookup` (AF_INET from the kernel's socket.h).
-const AF_INET: u8 = 2;
+pub const AF_INET: u8 = 2;
 
 pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     let cfg = CONFIG.get(0).ok_or(DropReason::NoConfig)?;
@@ -45,13 +45,26 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     let ihl = ipv4_header_len(&ip).ok_or(DropReason::NotIpv4)?;
 
     let peer = PEERS.get(Key::new(32, ip.dst_addr)).ok_or(DropReason::NoPeer)?;
-    let peer_ip = peer.public_ip;
-    let peer_mac = peer.vtep_mac;
+    encap_to_peer(ctx, cfg, format, peer.public_ip, peer.vtep_mac, &ip, ihl)
+}
 
+/// Wrap the IPv4 packet after the Ethernet header (`ip`, `ihl` bytes of header) for the peer
+/// at `peer_ip` and send it out of the underlay, counted. Shared by the overlay device's egress
+/// and host routing's from-container program.
+#[inline(always)]
+pub fn encap_to_peer(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    format: Format,
+    peer_ip: [u8; 4],
+    peer_mac: [u8; 6],
+    ip: &Ipv4Hdr,
+    ihl: usize,
+) -> Result<i32, DropReason> {
     // The inner flow picks the outer source port, so receivers spread tunnel flows over their
     // queues as they do for the kernel's vxlan device. Ports only where the protocol has them
     // and the packet is whole: every fragment of a datagram must leave on the same port.
-    let whole = ipv4_frags(&ip) & (IPV4_MF | IPV4_OFFSET_MASK) == 0;
+    let whole = ipv4_frags(ip) & (IPV4_MF | IPV4_OFFSET_MASK) == 0;
     let ports = if whole && has_ports(ip.proto) {
         read::<_, [u8; 4]>(ctx, EthHdr::LEN + ihl)
             .map(u32::from_ne_bytes)
@@ -96,7 +109,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::EncapFailed);
     }
 
-    let action = redirect_to_peer(ctx, cfg.underlay_ifindex, cfg.public_ip, peer_ip)?;
+    let action = redirect_to_peer(ctx, cfg.underlay_ifindex, cfg.public_ip, peer_ip, None)?;
     count(CounterIndex::encap(format), inner_len as u64);
     Ok(action)
 }
@@ -113,8 +126,16 @@ fn has_ports(protocol: u8) -> bool {
 
 /// Route the outer packet: the fib lookup gives next hop and MACs when the neighbour is known
 /// (the common case); otherwise the kernel resolves it (`bpf_redirect_neigh`), so peers behind
-/// a gateway and cold neighbour caches both work.
-fn redirect_to_peer(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> Result<i32, DropReason> {
+/// a gateway and cold neighbour caches both work. `nexthop`: resolve that address rather than
+/// the packet's own destination (an unencapsulated packet routed via a peer's PublicIP).
+#[inline(always)]
+pub fn redirect_to_peer(
+    ctx: &TcContext,
+    ifindex: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    nexthop: Option<[u8; 4]>,
+) -> Result<i32, DropReason> {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.ifindex = ifindex;
@@ -141,7 +162,14 @@ fn redirect_to_peer(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4]) -
         return Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32);
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+        let Some(nh) = nexthop else {
+            return Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+        };
+        let mut params: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        params.nh_family = AF_INET as u32;
+        params.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(nh);
+        let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
+        return Ok(unsafe { bpf_redirect_neigh(ifindex, &mut params, size, 0) } as i32);
     }
     Err(DropReason::NoRoute)
 }

@@ -7,6 +7,8 @@
 //! - `overlay_bridge_out` (TC egress of the container bridge): unicast frames for a known
 //!   container go straight to its port, keeping their offloads (which the bridge would drop for
 //!   packets TC decapsulation let in).
+//! - `overlay_from_container` (TC ingress of each container's veth) and `overlay_to_container`
+//!   (TC ingress of the underlay, after decapsulation): host routing, see `host_routing.rs`.
 #![no_std]
 #![no_main]
 
@@ -15,6 +17,7 @@ mod counters;
 mod decap;
 mod encap;
 mod headers;
+mod host_routing;
 mod maps;
 mod packet;
 mod probe;
@@ -68,6 +71,22 @@ pub fn overlay_bridge_out(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn overlay_probe_adjust_room(ctx: TcContext) -> i32 {
     probe::probe_adjust_room(&ctx)
+}
+
+#[classifier]
+pub fn overlay_from_container(ctx: TcContext) -> i32 {
+    match host_routing::from_container(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            counters::count(reason.counter(), ctx.len() as u64);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[classifier]
+pub fn overlay_to_container(ctx: TcContext) -> i32 {
+    host_routing::to_container(&ctx)
 }
 
 #[cfg(not(test))]

@@ -413,6 +413,8 @@ impl Drop for OverlayProcess {
 pub enum Backend {
     Udp,
     Vxlan,
+    /// No tunnel (agents only: `overlay datapath` speaks the two wire formats).
+    HostGw,
 }
 
 impl Backend {
@@ -420,6 +422,7 @@ impl Backend {
         match self {
             Backend::Udp => "udp",
             Backend::Vxlan => "vxlan",
+            Backend::HostGw => "host-gw",
         }
     }
 
@@ -427,6 +430,7 @@ impl Backend {
         match self {
             Backend::Udp => 28,
             Backend::Vxlan => 50,
+            Backend::HostGw => 0,
         }
     }
 }

@@ -247,7 +247,7 @@ fn vxlan_interoperates_with_flannel_kernel_device_tc_decap() -> anyhow::Result<(
 fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
     use overlay::backend::{
         Peer,
-        ebpf::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, Programs, XdpAttach},
+        ebpf::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, HostRouting, Programs, XdpAttach},
     };
 
     let lab = lab::static_lab(2, 1, Backend::Vxlan)?;
@@ -267,6 +267,7 @@ fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
         decap: DecapAttach::Xdp,
         pin_dir: Some(pin_dir.clone()),
         bridge_redirect: true,
+        host_routing: HostRouting::Bpf,
     };
     let peer = Peer {
         subnet: lab::static_subnet(2),

@@ -1053,3 +1053,370 @@ fn run_bridge(programs: &mut Programs, desc: &str, frame: &[u8], verdict: u32, c
         }
     }
 }
+
+// ---- host routing ----------------------------------------------------------------------------
+
+const BRIDGE_MAC: [u8; 6] = [0x02, 0x42, 0xb0, 0, 0, 0x01];
+const CONTAINER_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0xf4, 0x01, 0x02];
+
+fn host_routing(mode: overlay_common::HostRoutingMode, mtu: u32) -> overlay_common::HostRoutingConfig {
+    overlay_common::HostRoutingConfig {
+        bridge_mac: BRIDGE_MAC,
+        mode: mode as u8,
+        _pad: 0,
+        mtu,
+    }
+}
+
+/// Run `name` (a host-routing program) on `frame`; `gso_size` > 0 marks the skb as GSO.
+fn run_host_routing(programs: &mut Programs, name: &'static str, frame: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
+    // struct __sk_buff: gso_segs at 164, gso_size at 176, 192 bytes in all.
+    let mut ctx = vec![0u8; 192];
+    if gso_size > 0 {
+        ctx[164..168].copy_from_slice(&2u32.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    }
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = programs
+        .tc_program(name)
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{name}: test run on a {}-byte frame: {e}", frame.len()));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// A frame a container sends to its gateway (the bridge).
+fn from_container(inner: &[u8]) -> Vec<u8> {
+    let mut f = eth(BRIDGE_MAC, CONTAINER_MAC, 0x0800);
+    f.extend(inner);
+    f
+}
+
+#[test]
+fn host_routing_from_container_table() {
+    use overlay_common::{HostRoutingMode, PROG_FROM_CONTAINER};
+    in_test_namespace(|ifindex, nic_mac| {
+        for format in [Format::Udp, Format::Vxlan] {
+            let mtu = 1500 - format.overhead();
+            let mut b = Bench::new(format, ifindex, nic_mac).unwrap();
+            let echo = |src, dst, ttl| {
+                Ip {
+                    ttl,
+                    ..Ip::new(src, dst, 1)
+                }
+                .build(&icmp_echo(32))
+            };
+            let to_peer = from_container(&echo(LOCAL_CONTAINER, PEER_CONTAINER, 63));
+
+            // Unconfigured (the map's zeroes), then off: everything to the stack.
+            b.programs
+                .set_host_routing(&host_routing(HostRoutingMode::Off, mtu))
+                .unwrap();
+            let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &to_peer, 0);
+            assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &to_peer), "{format:?} off");
+            b.programs
+                .set_host_routing(&host_routing(HostRoutingMode::Encap, mtu))
+                .unwrap();
+
+            // The shortcut: TTL down by one, encapsulated, out of the underlay to the peer.
+            let shortcut = |b: &mut Bench, desc: &str, frame: &[u8], inner_out: &[u8], gso: u32| {
+                let before = b.programs.counters().unwrap();
+                let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, frame, gso);
+                assert_eq!(verdict, TC_ACT_REDIRECT, "{format:?} {desc}: verdict");
+                let expected = encapsulated(
+                    format,
+                    eth(PEER_NEIGH_MAC, nic_mac, 0x0800),
+                    PEER_IP,
+                    inner_out,
+                    sport_of(&out),
+                );
+                assert_eq!(out, expected, "{format:?} {desc}: output frame");
+                let after = b.programs.counters().unwrap();
+                for c in [CounterIndex::ShortcutFromContainer, CounterIndex::encap(format)] {
+                    assert_eq!(
+                        after.get(c).packets,
+                        before.get(c).packets + 1,
+                        "{format:?} {desc}: {}",
+                        c.name()
+                    );
+                }
+            };
+            shortcut(
+                &mut b,
+                "echo to a peer's container",
+                &to_peer,
+                &echo(LOCAL_CONTAINER, PEER_CONTAINER, 62),
+                0,
+            );
+            shortcut(
+                &mut b,
+                "TTL 2 (leaves with 1)",
+                &from_container(&echo(LOCAL_CONTAINER, PEER_CONTAINER, 2)),
+                &echo(LOCAL_CONTAINER, PEER_CONTAINER, 1),
+                0,
+            );
+            let big = |ttl| {
+                Ip {
+                    ttl,
+                    ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17)
+                }
+                .build(&vec![7u8; mtu as usize - 20])
+            };
+            shortcut(&mut b, "exactly the MTU", &from_container(&big(63)), &big(62), 0);
+            let over = |ttl| {
+                Ip {
+                    ttl,
+                    ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17)
+                }
+                .build(&vec![7u8; mtu as usize - 20 + 1])
+            };
+            // (A GSO packet over the MTU: in the route-mode case below. test_run cannot mark
+            // an skb as TCP GSO, and adjust_room refuses other GSO skbs.)
+
+            // To the stack, untouched.
+            let mut arp = eth([0xff; 6], CONTAINER_MAC, 0x0806);
+            arp.extend([0u8; 28]);
+            let mut to_other_container = eth([0x02, 0x42, 0x0a, 0xf4, 0x01, 0x03], CONTAINER_MAC, 0x0800);
+            to_other_container.extend(echo(LOCAL_CONTAINER, [10, 244, 1, 3], 64));
+            let mut ipv6 = eth(BRIDGE_MAC, CONTAINER_MAC, 0x86dd);
+            ipv6.extend([0x60u8; 40]);
+            let passes: Vec<(&str, Vec<u8>, Option<CounterIndex>)> = vec![
+                ("ARP", arp, None),
+                ("to another container (its MAC)", to_other_container, None),
+                ("IPv6", ipv6, None),
+                (
+                    "to a container on this host, via the gateway",
+                    from_container(&echo(LOCAL_CONTAINER, [10, 244, 1, 3], 64)),
+                    None,
+                ),
+                (
+                    "to the host",
+                    from_container(&echo(LOCAL_CONTAINER, [10, 244, 1, 1], 64)),
+                    None,
+                ),
+                (
+                    "to the outside world",
+                    from_container(&echo(LOCAL_CONTAINER, [192, 0, 2, 1], 64)),
+                    None,
+                ),
+                (
+                    "spoofed source (another subnet's address)",
+                    from_container(&echo([10, 244, 3, 9], PEER_CONTAINER, 64)),
+                    None,
+                ),
+                (
+                    "TTL 1 (the stack answers time exceeded)",
+                    from_container(&echo(LOCAL_CONTAINER, PEER_CONTAINER, 1)),
+                    None,
+                ),
+                (
+                    "over the MTU, not GSO (the stack answers fragmentation needed)",
+                    from_container(&over(63)),
+                    Some(CounterIndex::ShortcutOversize),
+                ),
+            ];
+            for (desc, frame, counter) in passes {
+                let before = b.programs.counters().unwrap();
+                let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &frame, 0);
+                assert_eq!(verdict, TC_ACT_UNSPEC, "{format:?} {desc}: verdict");
+                assert_eq!(out, frame, "{format:?} {desc}: frame changed");
+                let after = b.programs.counters().unwrap();
+                for c in CounterIndex::ALL {
+                    let moved = after.get(c).packets - before.get(c).packets;
+                    assert_eq!(moved, u64::from(Some(c) == counter), "{format:?} {desc}: {}", c.name());
+                }
+            }
+
+            // A peer without a route: dropped and counted, as the overlay device's encap does.
+            let before = b.counter(CounterIndex::DropNoRoute);
+            let frame = from_container(&echo(LOCAL_CONTAINER, [10, 244, 4, 2], 64));
+            let (verdict, _) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &frame, 0);
+            assert_eq!(verdict, TC_ACT_SHOT, "{format:?} unroutable peer");
+            assert_eq!(b.counter(CounterIndex::DropNoRoute), before + 1);
+        }
+
+        // eBPF host-gw: no encapsulation, the peer's PublicIP as next hop.
+        let mut b = Bench::new(Format::Vxlan, ifindex, nic_mac).unwrap();
+        b.programs
+            .set_host_routing(&host_routing(HostRoutingMode::Route, 1500))
+            .unwrap();
+        let inner = |ttl| {
+            Ip {
+                ttl,
+                ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 1)
+            }
+            .build(&icmp_echo(32))
+        };
+        let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &from_container(&inner(63)), 0);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "route mode: verdict");
+        let mut expected = eth(PEER_NEIGH_MAC, nic_mac, 0x0800);
+        expected.extend(inner(62));
+        assert_eq!(out, expected, "route mode: routed as it is, to the peer's MAC");
+        assert_eq!(b.counter(CounterIndex::ShortcutFromContainer), 1);
+        assert_eq!(
+            b.counter(CounterIndex::encap(Format::Vxlan)),
+            0,
+            "route mode encapsulates nothing"
+        );
+        // Larger than the MTU: GSO packets go (cut later), others to the stack.
+        let over = |ttl| {
+            Ip {
+                ttl,
+                ..Ip::new(LOCAL_CONTAINER, PEER_CONTAINER, 17)
+            }
+            .build(&vec![7u8; 1500 - 20 + 1])
+        };
+        let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &from_container(&over(63)), 1400);
+        let mut expected = eth(PEER_NEIGH_MAC, nic_mac, 0x0800);
+        expected.extend(over(62));
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_REDIRECT, &expected),
+            "route mode, GSO over the MTU"
+        );
+        let frame = from_container(&over(63));
+        let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &frame, 0);
+        assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &frame), "route mode, over the MTU");
+        assert_eq!(b.counter(CounterIndex::ShortcutOversize), 1);
+        // A peer whose neighbour is cold: the kernel resolves its PublicIP (bpf_redirect_neigh).
+        let cold = Ip {
+            ttl: 63,
+            ..Ip::new(LOCAL_CONTAINER, [10, 244, 3, 2], 1)
+        }
+        .build(&icmp_echo(32));
+        let (verdict, out) = run_host_routing(&mut b.programs, PROG_FROM_CONTAINER, &from_container(&cold), 0);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "route mode, cold neighbour: verdict");
+        assert_eq!(out[14 + 8], 62, "route mode, cold neighbour: TTL");
+    });
+}
+
+#[test]
+fn host_routing_to_container_table() {
+    use overlay::backend::ebpf::bridge::Mirror;
+    use overlay_common::{HostRoutingMode, LocalEndpoint, PROG_TO_CONTAINER};
+
+    let ns = Netns::new("hrt").expect("namespace");
+    ns.ip(&["link", "add", "port0", "type", "veth", "peer", "name", "port0c"])
+        .expect("veth");
+    let out = ns.ip(&["-j", "link", "show", "port0"]).expect("ip link show");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+    let port0 = v[0]["ifindex"].as_u64().expect("ifindex") as u32;
+    let ns_name = ns.name().to_string();
+    let r = ns
+        .spawn(move || {
+            let mut programs = Programs::load().unwrap();
+            programs.upsert_peer(&Peer {
+                subnet: "10.244.2.0/24".parse().unwrap(),
+                public_ip: Ipv4Addr::from(PEER_IP),
+                vtep_mac: Some(MacAddr(PEER_VTEP)),
+            })?;
+            let mut mirror = Mirror::default();
+            programs.sync_bridge_fdb(&mut mirror, &[(MacAddr(CONTAINER_MAC), port0)].into())?;
+            let mut endpoints = Default::default();
+            let endpoint = LocalEndpoint {
+                port_ifindex: port0,
+                mac: CONTAINER_MAC,
+                _pad: [0; 2],
+            };
+            programs.sync_local_endpoints(&mut endpoints, &[(Ipv4Addr::from(LOCAL_CONTAINER), endpoint)].into())?;
+            let echo = |src, dst, ttl| {
+                decapsulated(
+                    &Ip {
+                        ttl,
+                        ..Ip::new(src, dst, 1)
+                    }
+                    .build(&icmp_echo(32)),
+                )
+            };
+            let delivered = |ttl| {
+                let mut f = eth(CONTAINER_MAC, BRIDGE_MAC, 0x0800);
+                f.extend(
+                    Ip {
+                        ttl,
+                        ..Ip::new(PEER_CONTAINER, LOCAL_CONTAINER, 1)
+                    }
+                    .build(&icmp_echo(32)),
+                );
+                f
+            };
+            let check = |programs: &mut Programs, desc: &str, frame: &[u8], expect: Option<Vec<u8>>| {
+                let before = programs.counters().unwrap().get(CounterIndex::ShortcutToContainer);
+                let (verdict, out) = run_host_routing(programs, PROG_TO_CONTAINER, frame, 0);
+                let after = programs.counters().unwrap().get(CounterIndex::ShortcutToContainer);
+                match expect {
+                    Some(expected) => {
+                        assert_eq!(verdict, TC_ACT_REDIRECT, "{desc}: verdict");
+                        assert_eq!(out, expected, "{desc}: output frame");
+                        assert_eq!(after.packets, before.packets + 1, "{desc}: counter");
+                    }
+                    None => {
+                        assert_eq!(verdict, TC_ACT_UNSPEC, "{desc}: verdict");
+                        assert_eq!(out, frame, "{desc}: frame changed");
+                        assert_eq!(after, before, "{desc}: counter");
+                    }
+                }
+            };
+
+            check(
+                &mut programs,
+                "off (not configured)",
+                &echo(PEER_CONTAINER, LOCAL_CONTAINER, 63),
+                None,
+            );
+            programs.set_host_routing(&host_routing(HostRoutingMode::Encap, 1450))?;
+            check(
+                &mut programs,
+                "from a peer's container to a known one",
+                &echo(PEER_CONTAINER, LOCAL_CONTAINER, 63),
+                Some(delivered(62)),
+            );
+            check(
+                &mut programs,
+                "TTL 2",
+                &echo(PEER_CONTAINER, LOCAL_CONTAINER, 2),
+                Some(delivered(1)),
+            );
+            check(&mut programs, "TTL 1", &echo(PEER_CONTAINER, LOCAL_CONTAINER, 1), None);
+            check(
+                &mut programs,
+                "to an unknown container",
+                &echo(PEER_CONTAINER, [10, 244, 1, 7], 63),
+                None,
+            );
+            check(
+                &mut programs,
+                "from outside the overlay (not a peer's subnet)",
+                &echo([192, 0, 2, 1], LOCAL_CONTAINER, 63),
+                None,
+            );
+            let mut arp = eth([0xff; 6], REMOTE_NIC_MAC, 0x0806);
+            arp.extend([0u8; 28]);
+            check(&mut programs, "ARP", &arp, None);
+            let tunnel = good_tunnel_frame(Format::Vxlan, &inner_packet(PEER_CONTAINER, LOCAL_CONTAINER));
+            check(&mut programs, "a tunnel packet (not decapsulated)", &tunnel, None);
+
+            // The port goes away before the agent's next look: the devmap forgets it at once.
+            overlay_tests::netns::run(std::process::Command::new("ip").args(["-n", &ns_name, "link", "del", "port0"]))?;
+            check(
+                &mut programs,
+                "known container, port deleted",
+                &echo(PEER_CONTAINER, LOCAL_CONTAINER, 63),
+                None,
+            );
+            programs.set_host_routing(&host_routing(HostRoutingMode::Off, 1450))?;
+            check(&mut programs, "off", &echo(PEER_CONTAINER, LOCAL_CONTAINER, 63), None);
+            anyhow::Ok(())
+        })
+        .join();
+    match r {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e)) | Err(e)) => panic!("{e:#}"),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}

@@ -5,7 +5,7 @@ use std::{
 };
 
 use crate::{
-    backend::ebpf::{DecapAttach, XdpAttach},
+    backend::ebpf::{DecapAttach, HostRouting, XdpAttach},
     subnet::etcd::EtcdArgs,
 };
 
@@ -132,6 +132,11 @@ pub struct AgentArgs {
     /// would segment each decapsulated 64 KB packet in software. =false keeps the bridge's path.
     #[arg(long = "bridge-redirect", env = "OVERLAY_BRIDGE_REDIRECT", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
     pub bridge_redirect: bool,
+    /// bpf: packets between local containers and peers skip the host's stack (bridge, IP
+    /// forwarding, netfilter) where the kernel has the helpers (5.10+); kernel: every packet
+    /// through the stack, as flannel.
+    #[arg(long = "host-routing", env = "OVERLAY_HOST_ROUTING", value_enum, default_value_t = HostRouting::Bpf)]
+    pub host_routing: HostRouting,
     /// If our lease is deleted from etcd, lease again instead of stopping (flanneld stops).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub reacquire_lease: bool,

@@ -26,7 +26,7 @@ use crate::{
     backend::{
         Backend, BackendError,
         direct_routing::DirectRouting,
-        ebpf::{Datapath, DatapathSpec, EbpfBackend, Format},
+        ebpf::{Datapath, DatapathSpec, EbpfBackend, EbpfHostGw, Format, HostRouting},
         host_gw::HostGw,
         kernel_vxlan::KernelVxlan,
         userspace_udp::UserspaceUdp,
@@ -501,6 +501,7 @@ fn make_backend(
             decap: args.decap,
             pin_dir: Some(args.pin_dir.clone()),
             bridge_redirect: args.bridge_redirect,
+            host_routing: args.host_routing,
         })
     };
     // eBPF, or the kernel datapath if asked for or (auto) if eBPF is unavailable here.
@@ -527,10 +528,24 @@ fn make_backend(
         BackendConfig::Unsupported(_) => unreachable!("refused by check_supported"),
         BackendConfig::HostGw => {
             iface::check_host_gw(iface, public_ip)?;
-            (
-                Box::new(HostGw::new(iface, public_ip)?) as Box<dyn Backend>,
-                BackendKind::HostGw,
-            )
+            // Our eBPF host-gw is the kernel's routes plus host routing's shortcut: without
+            // host routing it would be the kernel's host-gw with nothing added.
+            let kernel = || -> anyhow::Result<Box<dyn Backend>> { Ok(Box::new(HostGw::new(iface, public_ip)?)) };
+            let ebpf = || EbpfHostGw::new(iface, public_ip, args.host_routing);
+            let backend: Box<dyn Backend> = match (args.datapath, args.host_routing) {
+                (DatapathChoice::Kernel, _) | (DatapathChoice::Auto, HostRouting::Kernel) => kernel()?,
+                (DatapathChoice::Ebpf, _) => Box::new(ebpf()?),
+                (DatapathChoice::Auto, HostRouting::Bpf) => match ebpf() {
+                    Ok(b) => Box::new(b),
+                    Err(e @ BackendError::Unavailable(_)) => {
+                        tracing::warn!("{e}; falling back to the kernel's host-gw routes");
+                        *fell_back.borrow_mut() = Some(e.to_string());
+                        kernel()?
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            (backend, BackendKind::HostGw)
         }
         BackendConfig::Vxlan {
             vni,

@@ -9,7 +9,9 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::{
     backend::{
         Peer,
-        ebpf::{Datapath, DatapathSpec, DecapAttach, DecapHook, Format, Programs, XdpAttach, backend_kind},
+        ebpf::{
+            Datapath, DatapathSpec, DecapAttach, DecapHook, Format, HostRouting, Programs, XdpAttach, backend_kind,
+        },
     },
     host::MacAddr,
 };
@@ -75,6 +77,10 @@ pub struct Args {
     /// would segment each decapsulated 64 KB packet in software. =false keeps the bridge's path.
     #[arg(long = "bridge-redirect", num_args = 0..=1, default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
     pub bridge_redirect: bool,
+    /// bpf: packets between local containers and peers skip the host's stack where the kernel
+    /// has the helpers; kernel: every packet through the stack.
+    #[arg(long = "host-routing", value_enum, default_value_t = HostRouting::Bpf)]
+    pub host_routing: HostRouting,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -114,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         vtep_mac: args.vtep_mac,
         pin_dir: None,
         bridge_redirect: args.bridge_redirect,
+        host_routing: args.host_routing,
         xdp: args.xdp_mode,
         decap: args.decap,
     };
@@ -129,6 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "vtep_mac": dp.vtep_mac().to_string(),
         "mtu": dp.mtu(),
         "decap": dp.decap_hook().name(),
+        "host_routing": dp.host_routing_description(),
         "xdp_mode": match (dp.decap_hook(), dp.xdp_mode()) {
             (DecapHook::Tc, _) => "none".to_string(),
             (DecapHook::Xdp, Some(m)) => format!("{m:?}"),

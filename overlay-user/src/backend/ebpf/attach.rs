@@ -135,6 +135,8 @@ pub struct DatapathSpec {
     /// With TC decapsulation, hand frames for a container from the container bridge's egress
     /// straight to the container's port (see [`Datapath::sync_bridge`]).
     pub bridge_redirect: bool,
+    /// Whether container traffic to and from peers may skip the host's stack.
+    pub host_routing: super::HostRouting,
 }
 
 impl DatapathSpec {
@@ -332,10 +334,10 @@ pub(super) enum Links {
 }
 
 /// Pinned by versions whose counter table was shorter; removed by cleanup.
-const LEGACY_MAP_COUNTERS: &str = "OVL_COUNTERS_V1";
+const LEGACY_MAP_COUNTERS: [&str; 2] = ["OVL_COUNTERS_V1", "OVL_COUNTERS_V2"];
 
 impl Programs {
-    fn attach_tc(
+    pub(super) fn attach_tc(
         &mut self,
         program: &'static str,
         iface: &str,
@@ -382,7 +384,7 @@ impl Programs {
         Ok(())
     }
 
-    fn detach(&mut self, link: OwnedLink) -> Result<(), DatapathError> {
+    pub(super) fn detach(&mut self, link: OwnedLink) -> Result<(), DatapathError> {
         match link {
             OwnedLink::Tc(name, id) => self
                 .tc_program(name)?
@@ -513,8 +515,10 @@ impl Datapath {
             tc_mode: None,
             clsact_created: Vec::new(),
             native_xdp: None,
+            host_routing: Default::default(),
         };
         dp.attach_programs()?;
+        dp.start_host_routing();
         netdev::route_replace(dp.network, &dp.overlay.name)?;
         dp.sync_bridge();
         tracing::info!(
@@ -569,10 +573,11 @@ impl Datapath {
         // decapsulates first and the TC one sees inner packets, which it passes.
         remove_pinned_hook(&dir, Hook::Decap(self.decap_hook.other()));
         // The programs now count in this version's table: the older one goes (its counts with it).
-        let legacy = dir.join(LEGACY_MAP_COUNTERS);
-        if legacy.exists() {
-            let _ = std::fs::remove_file(&legacy);
-            tracing::info!(map = %legacy.display(), "removed the previous version's counter table");
+        for legacy in LEGACY_MAP_COUNTERS.map(|name| dir.join(name)) {
+            if legacy.exists() {
+                let _ = std::fs::remove_file(&legacy);
+                tracing::info!(map = %legacy.display(), "removed a previous version's counter table");
+            }
         }
         self.links = Some(Links::Pinned);
         Ok(())
@@ -737,6 +742,7 @@ impl Datapath {
 
     fn detach_inner(&mut self) -> Result<(), DatapathError> {
         self.detach_bridge();
+        self.stop_host_routing();
         match self.links.take() {
             Some(Links::Owned(links)) => {
                 for link in links {
@@ -778,9 +784,10 @@ impl Datapath {
                 }
             }
         }
-        for name in [
-            MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS, LEGACY_MAP_COUNTERS,
-        ] {
+        for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS]
+            .into_iter()
+            .chain(LEGACY_MAP_COUNTERS)
+        {
             let path = pin_dir.join(name);
             if path.exists() {
                 std::fs::remove_file(&path)

@@ -9,6 +9,7 @@ use std::{
     collections::{HashMap, HashSet},
     io,
     mem::size_of,
+    net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -103,6 +104,31 @@ impl BridgeFinder {
 /// The bridge's learned and static entries: container MAC -> port ifindex. Local entries (the
 /// bridge's and its ports' own addresses: frames for this host) are left out.
 pub fn fdb(bridge_ifindex: u32) -> io::Result<HashMap<MacAddr, u32>> {
+    let mut out = HashMap::new();
+    // family AF_BRIDGE: the kernel dumps every bridge's FDB (and each device's own
+    // addresses); we keep the entries whose NDA_MASTER is our bridge.
+    dump_neighbours(libc::AF_BRIDGE as u8, |body| {
+        if let Some((mac, port)) = parse_fdb_entry(body, bridge_ifindex) {
+            out.insert(mac, port);
+        }
+    })?;
+    Ok(out)
+}
+
+/// The bridge device's IPv4 neighbours with a usable MAC: container address -> MAC.
+pub fn neighbours(bridge_ifindex: u32) -> io::Result<HashMap<Ipv4Addr, MacAddr>> {
+    let mut out = HashMap::new();
+    dump_neighbours(libc::AF_INET as u8, |body| {
+        if let Some((ip, mac)) = parse_neighbour(body, bridge_ifindex) {
+            out.insert(ip, mac);
+        }
+    })?;
+    Ok(out)
+}
+
+/// Dump the neighbour table of `family` over rtnetlink, each RTM_NEWNEIGH body (ndmsg and
+/// attributes) to `each`. An interrupted or failed dump is an error, never a short table.
+fn dump_neighbours(family: u8, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     let sock = netlink_socket()?;
     // A dump that stalls must not hold the agent's loop: give up, the next tick asks again.
     let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
@@ -119,20 +145,17 @@ pub fn fdb(bridge_ifindex: u32) -> io::Result<HashMap<MacAddr, u32>> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    // ndmsg alone, family AF_BRIDGE: the kernel dumps every bridge's FDB (and each device's
-    // own addresses); we keep the entries whose NDA_MASTER is our bridge.
     let mut req = [0u8; NLMSG_HDR + NDMSG_LEN];
     req[0..4].copy_from_slice(&((NLMSG_HDR + NDMSG_LEN) as u32).to_ne_bytes());
     req[4..6].copy_from_slice(&RTM_GETNEIGH.to_ne_bytes());
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[NLMSG_HDR] = libc::AF_BRIDGE as u8;
+    req[NLMSG_HDR] = family;
     // SAFETY: sending a byte buffer we own on a socket we own.
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
 
-    let mut out = HashMap::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: receiving into a buffer we own, at most its length.
@@ -156,7 +179,7 @@ pub fn fdb(bridge_ifindex: u32) -> io::Result<HashMap<MacAddr, u32>> {
                 // The table changed under the dump, which may have missed entries: next tick.
                 return Err(io::Error::new(
                     io::ErrorKind::Interrupted,
-                    "the FDB changed during the dump",
+                    "the table changed during the dump",
                 ));
             }
             // DONE and ERROR carry an errno (0: fine): a failed dump must not pass for a short one.
@@ -166,18 +189,46 @@ pub fn fdb(bridge_ifindex: u32) -> io::Result<HashMap<MacAddr, u32>> {
                 .unwrap_or(0);
             match kind {
                 NLMSG_DONE | NLMSG_ERROR if code < 0 => return Err(io::Error::from_raw_os_error(-code)),
-                NLMSG_DONE => return Ok(out),
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {}
-                RTM_NEWNEIGH => {
-                    if let Some((mac, port)) = parse_fdb_entry(&msgs[NLMSG_HDR..len], bridge_ifindex) {
-                        out.insert(mac, port);
-                    }
-                }
+                RTM_NEWNEIGH => each(&msgs[NLMSG_HDR..len]),
                 _ => {}
             }
             msgs = &msgs[align4(len).min(msgs.len())..];
         }
     }
+}
+
+/// One AF_INET RTM_NEWNEIGH body: Some((address, MAC)) for an entry on `ifindex` whose MAC is
+/// known and believed (not one being resolved or failed).
+fn parse_neighbour(body: &[u8], ifindex: u32) -> Option<(Ipv4Addr, MacAddr)> {
+    if body.len() < NDMSG_LEN || body[0] != libc::AF_INET as u8 {
+        return None;
+    }
+    let dev = i32::from_ne_bytes(body[4..8].try_into().ok()?) as u32;
+    let state = u16::from_ne_bytes(body[8..10].try_into().ok()?);
+    let usable = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT;
+    if dev != ifindex || state & usable == 0 {
+        return None;
+    }
+    let (mut ip, mut mac) = (None, None);
+    let mut attrs = &body[NDMSG_LEN..];
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        let value = &attrs[4..len];
+        match kind {
+            NDA_DST if value.len() == 4 => ip = Some(Ipv4Addr::from(<[u8; 4]>::try_from(value).ok()?)),
+            NDA_LLADDR if value.len() == 6 => mac = Some(MacAddr(value.try_into().ok()?)),
+            _ => {}
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    let mac = mac?;
+    (mac.0[0] & 1 == 0 && mac != MacAddr::default()).then_some((ip?, mac))
 }
 
 /// One RTM_NEWNEIGH body (ndmsg + attributes): Some((MAC, port)) for a forwarding entry of
@@ -253,11 +304,17 @@ const NDA_LLADDR: u16 = libc::NDA_LLADDR;
 const NDA_MASTER: u16 = libc::NDA_MASTER;
 const NLA_TYPE_MASK: u16 = libc::NLA_TYPE_MASK as u16;
 const NUD_PERMANENT: u16 = libc::NUD_PERMANENT;
+const NUD_REACHABLE: u16 = libc::NUD_REACHABLE;
+const NUD_STALE: u16 = libc::NUD_STALE;
+const NUD_DELAY: u16 = libc::NUD_DELAY;
+const NUD_PROBE: u16 = libc::NUD_PROBE;
+const NDA_DST: u16 = libc::NDA_DST;
 
 /// The container bridge our egress program is on, with what its maps hold.
 pub(super) struct AttachedBridge {
     device: BridgeDevice,
-    link: SchedClassifierLinkId,
+    /// The bridge program, when bridge redirect is on (host routing follows the bridge without).
+    link: Option<SchedClassifierLinkId>,
     /// We created the bridge's clsact qdisc for our filter (no TCX): removed with it.
     clsact_created: bool,
     mirror: Mirror,
@@ -348,51 +405,66 @@ impl Datapath {
     /// until it has seen a new container, that container's packets take the bridge's own
     /// (slower) path. Failures are logged: the datapath works without this, only slower.
     ///
-    /// Only TC decapsulation needs it: after XDP decapsulation the kernel's GRO rebuilds plain
-    /// TCP packets, which the bridge forwards with their offloads.
+    /// The bridge program is needed with TC decapsulation only: after XDP decapsulation the
+    /// kernel's GRO rebuilds plain TCP packets, which the bridge forwards with their offloads.
+    /// Host routing needs the bridge followed with either hook (see `host_routing`).
     pub fn sync_bridge(&mut self) {
-        if !self.spec.bridge_redirect || self.decap_hook != DecapHook::Tc {
+        let redirect = self.spec.bridge_redirect && self.decap_hook == DecapHook::Tc;
+        let routing = self.host_routing.off.is_none();
+        if !redirect && !routing {
             return;
         }
         let found = self.bridges.find(self.subnet, &self.overlay.name);
         if self.bridge.as_ref().map(|b| &b.device) != found.as_ref() {
             self.detach_bridge();
             let Some(device) = found else { return };
-            // As the other hooks: TCX, or a filter under clsact before 6.6.
-            match self.programs.bridge_program().and_then(|p| {
-                attach_tc_probing(p, &device.name, TcAttachType::Egress)
-                    .map_err(|e| DatapathError::Config(format!("eBPF program {PROG_BRIDGE_OUT}: {e}")))
-            }) {
-                Ok((link, mode, clsact_created)) => {
-                    tracing::info!(
-                        bridge = %device.name,
-                        tc = mode.attach_name(),
-                        "frames for containers go straight to their ports"
-                    );
-                    self.bridge_warning = None;
-                    self.bridge = Some(AttachedBridge {
-                        device,
-                        link,
-                        clsact_created,
-                        mirror: Mirror::default(),
-                    });
+            let mut clsact_created = false;
+            let link = if redirect {
+                // As the other hooks: TCX, or a filter under clsact before 6.6.
+                match self.programs.bridge_program().and_then(|p| {
+                    attach_tc_probing(p, &device.name, TcAttachType::Egress)
+                        .map_err(|e| DatapathError::Config(format!("eBPF program {PROG_BRIDGE_OUT}: {e}")))
+                }) {
+                    Ok((link, mode, created)) => {
+                        tracing::info!(
+                            bridge = %device.name,
+                            tc = mode.attach_name(),
+                            "frames for containers go straight to their ports"
+                        );
+                        clsact_created = created;
+                        Some(link)
+                    }
+                    Err(e) => {
+                        self.warn_bridge(format!(
+                            "cannot attach to the container bridge {} (packets take the bridge's own path): {e}",
+                            device.name
+                        ));
+                        if !routing {
+                            return;
+                        }
+                        None
+                    }
                 }
-                Err(e) => {
-                    self.warn_bridge(format!(
-                        "cannot attach to the container bridge {} (packets take the bridge's own path): {e}",
-                        device.name
-                    ));
-                    return;
-                }
-            }
+            } else {
+                None
+            };
+            self.bridge_warning = None;
+            self.bridge = Some(AttachedBridge {
+                device,
+                link,
+                clsact_created,
+                mirror: Mirror::default(),
+            });
         }
         let Some(attached) = self.bridge.as_mut() else { return };
-        let name = &attached.device.name;
-        let result = match fdb(attached.device.ifindex) {
+        let device = attached.device.clone();
+        let name = &device.name;
+        let result = match fdb(device.ifindex) {
             Ok(fdb) => self
                 .programs
                 .sync_bridge_fdb(&mut attached.mirror, &fdb)
-                .map_err(|e| format!("copying the forwarding database of {name}: {e}")),
+                .map_err(|e| format!("copying the forwarding database of {name}: {e}"))
+                .and_then(|()| self.sync_host_routing(&device, &fdb)),
             Err(e) => Err(format!("reading the forwarding database of {name}: {e}")),
         };
         match result {
@@ -410,10 +482,12 @@ impl Datapath {
     }
 
     pub(super) fn detach_bridge(&mut self) {
+        self.stop_host_routing_ports();
         let Some(mut old) = self.bridge.take() else { return };
         // A bridge that was deleted took our link with it: nothing to detach then.
-        if let Ok(p) = self.programs.bridge_program()
-            && let Err(e) = p.detach(old.link)
+        if let Some(link) = old.link
+            && let Ok(p) = self.programs.bridge_program()
+            && let Err(e) = p.detach(link)
         {
             tracing::debug!(bridge = %old.device.name, "detaching from the bridge: {e}");
         }

@@ -11,6 +11,8 @@
 pub mod attach;
 pub mod bridge;
 pub mod capabilities;
+pub mod host_gw;
+pub mod host_routing;
 pub mod peers;
 pub mod programs;
 
@@ -19,6 +21,8 @@ use std::collections::HashMap;
 pub use attach::{DatapathSpec, DecapAttach, DecapHook, XdpAttach, choose_decap};
 use aya::programs::XdpMode;
 pub use capabilities::Capabilities;
+pub use host_gw::EbpfHostGw;
+pub use host_routing::HostRouting;
 use ipnetwork::Ipv4Network;
 pub use overlay_common::Format;
 pub use programs::{DatapathError, Programs};
@@ -61,6 +65,8 @@ pub struct Datapath {
     clsact_created: Vec<String>,
     /// Whether native XDP attached on the underlay (None: not tried).
     native_xdp: Option<bool>,
+    /// Container traffic past the host's stack: on or off, and what it attached.
+    host_routing: host_routing::HostRoutingState,
 }
 
 /// The lease backend kind a wire format speaks.
@@ -205,6 +211,13 @@ impl Backend for EbpfBackend {
             Some(attach::TcMode::Netlink) => ", tc via clsact",
             _ => "",
         };
-        format!("ebpf-{kind} (decap {mode}{tc}, device {})", self.spec.overlay_device)
+        let routing = match &self.datapath {
+            Some(d) => d.host_routing_description(),
+            None => "not attached".into(),
+        };
+        format!(
+            "ebpf-{kind} (decap {mode}{tc}, device {}, host routing {routing})",
+            self.spec.overlay_device
+        )
     }
 }

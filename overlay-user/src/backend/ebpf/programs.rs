@@ -11,7 +11,8 @@ use aya::{
 use ipnetwork::Ipv4Network;
 use overlay_common::{
     Counter, CounterIndex, DatapathConfig, Format, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP,
-    PROG_BRIDGE_OUT, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_PROBE_ADJUST_ROOM, adjust_room,
+    PROG_BRIDGE_OUT, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_FROM_CONTAINER, PROG_PROBE_ADJUST_ROOM,
+    PROG_TO_CONTAINER, adjust_room,
 };
 
 use super::capabilities::{self, Capabilities};
@@ -84,6 +85,8 @@ pub enum DatapathError {
 /// The eBPF object loaded into the kernel, programs verified, nothing attached.
 pub struct Programs {
     pub(super) ebpf: Ebpf,
+    /// Why the host-routing programs did not load here (a kernel without bpf_redirect_peer).
+    pub(super) host_routing_refused: Option<String>,
 }
 
 impl Programs {
@@ -127,7 +130,18 @@ impl Programs {
                 "eBPF program {PROG_BRIDGE_OUT} does not load; the container bridge keeps its own path: {e}"
             );
         }
-        Ok(Self { ebpf })
+        // Host routing is optional too: without it, every packet takes the stack's path.
+        let mut host_routing_refused = None;
+        for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            if let Err(e) = prog.load() {
+                host_routing_refused.get_or_insert(format!("eBPF program {name} does not load: {e}"));
+            }
+        }
+        Ok(Self {
+            ebpf,
+            host_routing_refused,
+        })
     }
 
     pub fn encap_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
@@ -194,8 +208,13 @@ impl Programs {
         Ok(caps)
     }
 
-    /// One of our TC programs by name (encap, TC decap, bridge).
-    pub(super) fn tc_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+    /// Why the host-routing programs did not load, if they did not.
+    pub fn host_routing_refused(&self) -> Option<&str> {
+        self.host_routing_refused.as_deref()
+    }
+
+    /// One of our TC programs by name (encap, TC decap, bridge, host routing).
+    pub fn tc_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, name)
     }
 

@@ -24,9 +24,12 @@ Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH] [--s
   --svg PATH        chart of the ratios to host-gw (default target/bench/datapath.svg)
   --backends LIST   subset, in this order (default: all):
                     underlay,host-gw,kernel-vxlan,ebpf-vxlan,ebpf-udp,userspace-udp,
-                    ebpf-vxlan-xdp,ebpf-vxlan-generic
+                    ebpf-vxlan-xdp,ebpf-vxlan-generic,ebpf-vxlan-kernel-routing,
+                    ebpf-udp-kernel-routing,ebpf-host-gw
                     (ebpf-*: TC ingress decap on veth, the default; -xdp: native XDP
-                    decap; -generic: generic XDP decap)
+                    decap; -generic: generic XDP decap; all with host routing (container
+                    traffic past the host's stack) but -kernel-routing; ebpf-host-gw:
+                    the agent's host-gw with host routing, no encapsulation)
   --underlay KIND   veth: the hosts' eth0 are the two ends of one veth (default);
                     bridge: each host's eth0 is a port of a bridge, a switch between them
   --bpf-stats       enable kernel.bpf_stats_enabled during the run and record the run time
@@ -50,10 +53,16 @@ pub enum BenchBackend {
     /// Our vxlan datapath decapsulating in native XDP instead of TC ingress (the default on veth).
     EbpfVxlanXdp,
     EbpfVxlanGeneric,
+    /// Our datapaths with every packet through the host's stack (`--host-routing=kernel`),
+    /// as before host routing: what the shortcut gains.
+    EbpfVxlanKernelRouting,
+    EbpfUdpKernelRouting,
+    /// Our eBPF host-gw: the kernel's host-gw routes plus host routing, no encapsulation.
+    EbpfHostGw,
 }
 
 impl BenchBackend {
-    pub const ALL: [BenchBackend; 8] = [
+    pub const ALL: [BenchBackend; 11] = [
         BenchBackend::Underlay,
         BenchBackend::HostGw,
         BenchBackend::KernelVxlan,
@@ -62,6 +71,9 @@ impl BenchBackend {
         BenchBackend::UserspaceUdp,
         BenchBackend::EbpfVxlanXdp,
         BenchBackend::EbpfVxlanGeneric,
+        BenchBackend::EbpfVxlanKernelRouting,
+        BenchBackend::EbpfUdpKernelRouting,
+        BenchBackend::EbpfHostGw,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +86,9 @@ impl BenchBackend {
             BenchBackend::UserspaceUdp => "userspace-udp",
             BenchBackend::EbpfVxlanXdp => "ebpf-vxlan-xdp",
             BenchBackend::EbpfVxlanGeneric => "ebpf-vxlan-generic",
+            BenchBackend::EbpfVxlanKernelRouting => "ebpf-vxlan-kernel-routing",
+            BenchBackend::EbpfUdpKernelRouting => "ebpf-udp-kernel-routing",
+            BenchBackend::EbpfHostGw => "ebpf-host-gw",
         }
     }
 
@@ -96,7 +111,20 @@ impl BenchBackend {
             BenchBackend::EbpfUdp => Some((Backend::Udp, &[])),
             BenchBackend::EbpfVxlanXdp => Some((Backend::Vxlan, &["--decap", "xdp"])),
             BenchBackend::EbpfVxlanGeneric => Some((Backend::Vxlan, &["--decap", "xdp", "--xdp-mode", "generic"])),
+            BenchBackend::EbpfVxlanKernelRouting => Some((Backend::Vxlan, &["--host-routing=kernel"])),
+            BenchBackend::EbpfUdpKernelRouting => Some((Backend::Udp, &["--host-routing=kernel"])),
+            BenchBackend::EbpfHostGw => Some((Backend::HostGw, &[])),
         }
+    }
+
+    /// `--host-routing` of our datapaths: "bpf" (the default) or "kernel"; None for the others.
+    pub fn host_routing(self) -> Option<&'static str> {
+        let (_, extra) = self.ebpf()?;
+        Some(if extra.contains(&"--host-routing=kernel") {
+            "kernel"
+        } else {
+            "bpf"
+        })
     }
 
     /// Container MTU = overlay MTU, as flannel hands it to docker.

@@ -195,6 +195,7 @@ pub fn report_json(opts: &Options, runs: &[Vec<Value>]) -> Value {
             };
             json!({
                 "backend": b.name(),
+                "host_routing": b.host_routing(),
                 "container_mtu": b.container_mtu(),
                 "xdp_mode": xdp,
                 "summary": summary,
@@ -384,8 +385,18 @@ fn userspace_ratio_cell(r: &Value, m: Metric) -> String {
     x.map(|x| format!("{x:.2}x")).unwrap_or("-".into())
 }
 
-/// The decap hooks of the hosts, deduplicated: "tc", "xdp" (native), "xdp-gen" (generic).
+/// The decap hooks of the hosts, deduplicated: "tc", "xdp" (native), "xdp-gen" (generic),
+/// with "+hr" where host routing (the shortcut past the host's stack) was on.
 fn decap_cell(r: &Value) -> String {
+    let hooks = decap_hooks(r);
+    if r["host_routing"] == "bpf" {
+        format!("{hooks}+hr")
+    } else {
+        hooks
+    }
+}
+
+fn decap_hooks(r: &Value) -> String {
     match r["xdp_mode"].as_array() {
         Some(modes) => {
             let mut m: Vec<&str> = modes
