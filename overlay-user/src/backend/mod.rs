@@ -107,8 +107,8 @@ impl Peer {
                 public_ip,
                 vtep_mac: lease.attrs.vxlan_v6()?.map(|v| v.vtep_mac),
             }),
-            // An IPv6 subnet without a PublicIPv6 cannot be reached over IPv6.
-            _ => None,
+            (Some(_), None) => return Err("lease with an IPv6 subnet but without PublicIPv6".into()),
+            (None, _) => None,
         };
         let peer = Peer {
             subnet: lease.subnet(),
@@ -118,6 +118,12 @@ impl Peer {
         };
         peer.check(ours)?;
         Ok(peer)
+    }
+
+    /// Who the peer is: its lease's key (IPv4 subnet, IPv6 subnet), unique in every network,
+    /// IPv6-only ones included.
+    pub fn key(&self) -> SubnetKey {
+        SubnetKey::new(self.subnet, self.ipv6.map(|v| v.subnet))
     }
 
     /// The IPv4 subnet, None for a peer of an IPv6-only network.
@@ -205,9 +211,10 @@ pub trait Backend: Send {
     /// Add or update a peer (one that passed [`Peer::check`]); repeating an unchanged peer is
     /// cheap and does nothing.
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError>;
-    fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError>;
-    /// The subnets of the peers as currently programmed.
-    fn peers(&self) -> Vec<Ipv4Network>;
+    /// Remove the peer whose [`Peer::key`] is `key`; an unknown one is fine.
+    fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError>;
+    /// The keys of the peers as currently programmed.
+    fn peers(&self) -> Vec<SubnetKey>;
     /// Periodic upkeep (about once a second), for backends that follow local state.
     fn tick(&mut self) {}
     /// Datapath counters, where the backend has them.
