@@ -189,15 +189,15 @@ impl KernelVxlan {
 
 impl Backend for KernelVxlan {
     fn lease_attrs(&self) -> LeaseAttrs {
-        // An IPv6-only lease still says vxlan in BackendData, as flannel's (VNI, and no device).
-        let v4_mac = self.v4.as_ref().map(|d| d.vtep_mac).unwrap_or_default();
-        let attrs = LeaseAttrs::new(
-            self.public_ip,
-            LeaseBackend::Vxlan(VxlanData {
+        // IPv6-only: no IPv4 device, no BackendData, as flannel writes it.
+        let backend = match &self.v4 {
+            Some(dev) => LeaseBackend::Vxlan(VxlanData {
                 vni: self.vni,
-                vtep_mac: v4_mac,
+                vtep_mac: dev.vtep_mac,
             }),
-        );
+            None => LeaseBackend::VxlanNoIpv4,
+        };
+        let attrs = LeaseAttrs::new(self.public_ip, backend);
         match (self.public_ipv6, &self.v6) {
             (Some(ip), Some(dev)) => attrs.with_ipv6(
                 ip,

@@ -263,6 +263,9 @@ pub enum LeaseBackend {
     /// flannel's udp backend writes no `BackendType`.
     Udp,
     Vxlan(VxlanData),
+    /// vxlan in an IPv6-only network: flannel has no IPv4 device there and writes no
+    /// `BackendData`; the VtepMAC is in `BackendV6Data`.
+    VxlanNoIpv4,
     HostGw,
     /// A backend we do not speak (wireguard, ipip...), kept as written.
     Unsupported {
@@ -289,7 +292,7 @@ impl LeaseBackend {
             "host-gw" => LeaseBackend::HostGw,
             "vxlan" => {
                 let Some(value) = &data else {
-                    return invalid("vxlan lease without BackendData", backend_type, data);
+                    return LeaseBackend::VxlanNoIpv4;
                 };
                 match VxlanData::parse(value, "BackendData") {
                     Ok(v) => LeaseBackend::Vxlan(v),
@@ -303,7 +306,7 @@ impl LeaseBackend {
     pub fn kind(&self) -> Option<BackendKind> {
         match self {
             LeaseBackend::Udp => Some(BackendKind::Udp),
-            LeaseBackend::Vxlan(_) => Some(BackendKind::Vxlan),
+            LeaseBackend::Vxlan(_) | LeaseBackend::VxlanNoIpv4 => Some(BackendKind::Vxlan),
             LeaseBackend::HostGw => Some(BackendKind::HostGw),
             LeaseBackend::Unsupported { .. } | LeaseBackend::Invalid { .. } => None,
         }
@@ -313,7 +316,7 @@ impl LeaseBackend {
     pub fn written_type(&self) -> &str {
         match self {
             LeaseBackend::Udp => "",
-            LeaseBackend::Vxlan(_) => "vxlan",
+            LeaseBackend::Vxlan(_) | LeaseBackend::VxlanNoIpv4 => "vxlan",
             LeaseBackend::HostGw => "host-gw",
             LeaseBackend::Unsupported { backend_type, .. } | LeaseBackend::Invalid { backend_type, .. } => backend_type,
         }
@@ -330,7 +333,7 @@ impl LeaseBackend {
     /// `BackendData` as JSON.
     pub fn data(&self) -> Option<Value> {
         match self {
-            LeaseBackend::Udp | LeaseBackend::HostGw => None,
+            LeaseBackend::Udp | LeaseBackend::HostGw | LeaseBackend::VxlanNoIpv4 => None,
             LeaseBackend::Vxlan(v) => Some(v.to_json()),
             LeaseBackend::Unsupported { data, .. } | LeaseBackend::Invalid { data, .. } => data.clone(),
         }
@@ -621,8 +624,8 @@ mod tests {
             parse(r#"{"PublicIP":"10.0.0.1","BackendType":"host-gw"}"#),
             LeaseBackend::HostGw
         );
+        assert_eq!(parse(r#"{"BackendType":"vxlan"}"#), LeaseBackend::VxlanNoIpv4);
         for (json, why) in [
-            (r#"{"BackendType":"vxlan"}"#, "without BackendData"),
             (
                 r#"{"BackendType":"vxlan","BackendData":{"VNI":1}}"#, "without BackendData.VtepMAC",
             ),
