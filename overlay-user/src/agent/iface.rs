@@ -44,23 +44,28 @@ fn interfaces_v6() -> anyhow::Result<Vec<(String, Vec<Ipv6Addr>)>> {
         let Some(name) = link["ifname"].as_str() else {
             continue;
         };
-        let mut ranked: Vec<((bool, bool, bool), Ipv6Addr)> = link["addr_info"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|a| a["deprecated"] != true)
-            .filter_map(|a| {
-                let ip = a["local"].as_str()?.parse::<Ipv6Addr>().ok()?;
-                let link_local = (ip.segments()[0] & 0xffc0) == 0xfe80;
-                let usable = !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast();
-                usable.then_some(((link_local, a["dynamic"] == true, a["temporary"] == true), ip))
-            })
-            .collect();
-        // Stable: equal ranks keep the kernel's order.
-        ranked.sort_by_key(|(rank, _)| *rank);
-        v.push((name.to_string(), ranked.into_iter().map(|(_, ip)| ip).collect()));
+        v.push((name.to_string(), ranked_ipv6(&link["addr_info"])));
     }
     Ok(v)
+}
+
+/// The usable IPv6 addresses of one `ip -j addr` entry's `addr_info`, best first.
+fn ranked_ipv6(addr_info: &serde_json::Value) -> Vec<Ipv6Addr> {
+    let mut ranked: Vec<((bool, bool, bool), Ipv6Addr)> = addr_info
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["deprecated"] != true)
+        .filter_map(|a| {
+            let ip = a["local"].as_str()?.parse::<Ipv6Addr>().ok()?;
+            let link_local = (ip.segments()[0] & 0xffc0) == 0xfe80;
+            let usable = !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast();
+            usable.then_some(((link_local, a["dynamic"] == true, a["temporary"] == true), ip))
+        })
+        .collect();
+    // Stable: equal ranks keep the kernel's order.
+    ranked.sort_by_key(|(rank, _)| *rank);
+    ranked.into_iter().map(|(_, ip)| ip).collect()
 }
 
 /// The address flannel takes for IPv6 on the chosen interface: `--public-ipv6`, else the
@@ -352,6 +357,20 @@ mod tests {
             let got = pick(flags).unwrap_or_else(|e| panic!("{flags:?}: {e:#}"));
             assert_eq!(&got, want, "{flags:?}");
         }
+    }
+
+    #[test]
+    fn ipv6_addresses_ranked_as_flannel_ranks_them() {
+        let info = serde_json::json!([
+            {"local": "fe80::1", "scope": "link"},
+            {"local": "fd00::9", "dynamic": true, "temporary": true},
+            {"local": "fd00::8", "dynamic": true},
+            {"local": "fd00::7", "deprecated": true},
+            {"local": "::1"},
+            {"local": "fd00::6"},
+        ]);
+        let got: Vec<String> = ranked_ipv6(&info).iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["fd00::6", "fd00::8", "fd00::9", "fe80::1"]);
     }
 
     #[test]
