@@ -583,3 +583,45 @@ fn udp_backend_with_ipv6_is_refused_naming_the_field() -> anyhow::Result<()> {
     assert!(err.contains("EnableIPv6") && err.contains("udp"), "{err}");
     Ok(())
 }
+
+#[test]
+fn nftables_mode_has_flannels_ip6_table_and_puts_it_back() -> anyhow::Result<()> {
+    let config = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/56","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
+    let mut l = V6Lab::new(2, config, false)?;
+    let a1 = l.start_agent(1, &["-iptables-resync=1"])?;
+    let a2 = l.start_agent(2, &[])?;
+    for i in 1..=2 {
+        l.add_container_from_subnet_file(i)?;
+    }
+    let h1 = l.host(1);
+    let table = h1.exec("nft", &["list", "table", "ip6", "flannel-ipv6"])?;
+    let subnet = a1.ready["ipv6_subnet"].as_str().context("no ipv6_subnet")?;
+    for rule in [
+        format!("ip6 saddr {subnet} ip6 daddr fd00:244::/56 return"),
+        "ip6 saddr fd00:244::/56 ip6 daddr != ff00::/8 masquerade".to_string(),
+        "ip6 daddr fd00:244::/56 accept".to_string(),
+    ] {
+        assert!(table.contains(&rule), "{rule:?} missing from:\n{table}");
+    }
+    assert!(
+        h1.exec("nft", &["list", "table", "ip", "flannel-ipv4"])?
+            .contains("10.244.0.0/16")
+    );
+    h1.exec("nft", &["delete", "table", "ip6", "flannel-ipv6"])?;
+    l.wait_until("the ip6 flannel-ipv6 table put back", || {
+        Ok(h1
+            .exec("nft", &["list", "table", "ip6", "flannel-ipv6"])
+            .is_ok_and(|t| t.contains("masquerade")))
+    })?;
+    l.wait_until("host 1 has host 2 as peer", || {
+        Ok(h1
+            .ip(&["-6", "route", "show", "dev", "flannel-v6.1", "proto", "73"])?
+            .lines()
+            .count()
+            == 1)
+    })?;
+    l.pings(1, l.container(2).ipv6.context("v6")?.into())?;
+    a1.stop()?;
+    a2.stop()?;
+    Ok(())
+}
