@@ -92,7 +92,14 @@ fn two_hosts_both_ways(backend: Backend, hook: &str) -> anyhow::Result<()> {
     );
 
     // No peer owns 10.244.99.0/24: dropped on host1 and counted.
-    let r = ping(&c1.ns, "10.244.99.2".parse()?, 2, 56, false, "0.05")?;
+    let r = ping(
+        &c1.ns,
+        "10.244.99.2".parse::<std::net::Ipv4Addr>()?,
+        2,
+        56,
+        false,
+        "0.05",
+    )?;
     assert_eq!(r.received, 0);
 
     if hook == "tc" {
@@ -273,6 +280,7 @@ fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
         subnet: lab::static_subnet(2),
         public_ip: lab.host(2).public_ip,
         vtep_mac: Some(lab::static_vtep_mac(2).parse().map_err(anyhow::Error::msg)?),
+        ipv6: None,
     };
     let (c1, c2) = (&h1.containers[0], &lab.host(2).containers[0]);
     let result = (|| -> anyhow::Result<()> {

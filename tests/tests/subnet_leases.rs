@@ -342,3 +342,118 @@ async fn leases_listing_shows_hosts_backend_data_and_ttl() {
     let resv = lines.iter().find(|r| r.starts_with("10.6.200.0/24")).unwrap();
     assert!(resv.contains("reservation") && resv.contains("udp"), "{resv}");
 }
+
+/// Leases written by hand as flannel writes them (dual stack, and IPv6-only where flannel has no
+/// IPv4 device and writes no BackendData) are read with their IPv6 side, ours are written in the
+/// same shape, and IPv6 subnets are allocated within IPv6SubnetMin/Max around flannel's.
+#[tokio::test]
+async fn flannel_dual_stack_and_ipv6_only_leases_are_read_and_ours_written_alike() {
+    use overlay::backend::Peer;
+    use overlay::subnet::BackendKind;
+
+    let etcd = Etcd::start();
+    let reg = registry(&etcd.endpoint(), PREFIX).await;
+    let cfg = with_config(
+        &reg,
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/56",
+            "IPv6SubnetMin":"fd00:244:0:7::","IPv6SubnetMax":"fd00:244:0:8::","Backend":{"Type":"vxlan"}}"#,
+    )
+    .await;
+    let flannel_value = r#"{"PublicIP":"192.168.50.7","PublicIPv6":"fd01::7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:07"},"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:06:07"}}"#;
+    let mut c = reg.client().clone();
+    c.put(
+        format!("{PREFIX}/subnets/10.244.7.0-24&fd00:244:0:7::-64"),
+        flannel_value,
+        None,
+    )
+    .await
+    .unwrap();
+
+    let m = LeaseManager::new(reg.clone(), short(30, 10)).unwrap();
+    let ours = vxlan_attrs(1, "0e:00:00:00:00:01").with_ipv6(
+        "fd01::1".parse().unwrap(),
+        Some(VxlanData {
+            vni: 1,
+            vtep_mac: "0e:00:00:00:06:01".parse().unwrap(),
+        }),
+    );
+    let lease = m.acquire(&cfg, &ours).await.unwrap();
+    assert_eq!(
+        lease.key.ipv6.unwrap().to_string(),
+        "fd00:244:0:8::/64",
+        "the only IPv6 subnet in range that flannel's lease leaves"
+    );
+    let key = format!("{PREFIX}/subnets/{}-24&fd00:244:0:8::-64", lease.subnet().network());
+    let (value, _) = raw_get(&reg, &key).await.expect("dual-stack key as flannel names it");
+    assert_eq!(
+        value,
+        r#"{"PublicIP":"192.168.50.1","PublicIPv6":"fd01::1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:06:01"}}"#
+    );
+
+    // flannel's lease as a peer, with its IPv6 side.
+    let (tx, mut rx) = mpsc::channel(16);
+    let run = tokio::spawn(async move { m.run(&cfg, lease, tx).await });
+    let event = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let overlay::subnet::LeaseEvent::Added(theirs) = event else {
+        panic!("expected flannel's lease added, got {event:?}")
+    };
+    let peer = Peer::from_lease(&theirs, BackendKind::Vxlan).unwrap();
+    let v6 = peer.ipv6.expect("IPv6 side");
+    assert_eq!(
+        (
+            v6.subnet.to_string(),
+            v6.public_ip.to_string(),
+            v6.vtep_mac.unwrap().to_string()
+        ),
+        ("fd00:244:0:7::/64".into(), "fd01::7".into(), "0e:00:00:00:06:07".into())
+    );
+    assert_eq!(peer.vtep_mac.unwrap().to_string(), "0e:00:00:00:00:07");
+    run.abort();
+
+    // IPv6-only, in another prefix: flannel's key carries the empty IPv4 subnet.
+    let reg6 = registry(&etcd.endpoint(), "/v6only/network").await;
+    let cfg6 = with_config(
+        &reg6,
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56","Backend":{"Type":"vxlan"}}"#,
+    )
+    .await;
+    let flannel_v6only = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd01::9","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:06:09"}}"#;
+    c.put(
+        "/v6only/network/subnets/0.0.0.0-0&fd00:10:0:9::-64", flannel_v6only, None,
+    )
+    .await
+    .unwrap();
+    let m6 = LeaseManager::new(reg6.clone(), short(30, 10)).unwrap();
+    let ours6 = LeaseAttrs::new(Ipv4Addr::UNSPECIFIED, LeaseBackend::VxlanNoIpv4).with_ipv6(
+        "fd01::1".parse().unwrap(),
+        Some(VxlanData {
+            vni: 1,
+            vtep_mac: "0e:00:00:00:06:01".parse().unwrap(),
+        }),
+    );
+    let mine = m6.acquire(&cfg6, &ours6).await.unwrap();
+    assert_eq!(mine.key.ipv4_subnet(), None);
+    assert_ne!(mine.key.ipv6.unwrap().to_string(), "fd00:10:0:9::/64");
+    let key6 = format!("/v6only/network/subnets/{}", mine.key);
+    assert!(key6.contains("/0.0.0.0-0&fd00:10:"), "{key6}");
+    let (value, _) = raw_get(&reg6, &key6).await.expect("IPv6-only key");
+    assert_eq!(
+        value,
+        r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd01::1","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:06:01"}}"#,
+        "as flannel writes it: no BackendData"
+    );
+    let listing = reg6.list().await.unwrap();
+    let theirs = listing
+        .leases
+        .iter()
+        .find(|l| l.attrs.public_ipv6 == Some("fd01::9".parse().unwrap()))
+        .expect("flannel's IPv6-only lease read");
+    let peer = Peer::from_lease(theirs, BackendKind::Vxlan).unwrap();
+    assert_eq!(peer.ipv4(), None);
+    assert_eq!(peer.ipv6.unwrap().vtep_mac.unwrap().to_string(), "0e:00:00:00:06:09");
+    // A second start of the same host (same PublicIPv6) gets its lease back.
+    assert_eq!(m6.acquire(&cfg6, &ours6).await.unwrap().key, mine.key);
+}

@@ -41,7 +41,7 @@ pub struct FlannelRoute {
 
 /// The devices flanneld would have made for any backend (`flannel.<VNI>`, `flannel0`), and its
 /// routes via peers on `iface` to subnets of `network`.
-pub fn find(config: &NetworkConfig, network: Ipv4Network, iface: &str) -> Leftovers {
+pub fn find(config: &NetworkConfig, network: Option<Ipv4Network>, iface: &str) -> Leftovers {
     let mut names = vec!["flannel.1".to_string(), "flannel0".to_string()];
     let mut vxlan_device = None;
     if let Backend::Vxlan { vni, .. } = config.backend {
@@ -56,8 +56,11 @@ pub fn find(config: &NetworkConfig, network: Ipv4Network, iface: &str) -> Leftov
         .and_then(|d| netdev::link_info(&d).ok())
         .filter(|l| l.kind.as_deref() == Some("vxlan"))
         .and_then(|l| l.mac);
-    let routes = netdev::ip(&["-j", "-4", "route", "show", "dev", iface, "proto", "boot"])
-        .map(|json| flannel_routes(&json, network))
+    let routes = network
+        .and_then(|network| {
+            let json = netdev::ip(&["-j", "-4", "route", "show", "dev", iface, "proto", "boot"]).ok()?;
+            Some(flannel_routes(&json, network))
+        })
         .unwrap_or_default();
     Leftovers {
         devices,
