@@ -15,6 +15,7 @@ mod counters;
 mod decap;
 mod encap;
 mod headers;
+mod ipv6;
 mod maps;
 mod packet;
 

@@ -2,7 +2,7 @@
 //! checked on arrival.
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     time::Duration,
 };
 
@@ -34,7 +34,7 @@ impl PingResult {
 /// Does not fail on loss: the caller asserts on the counts.
 pub fn ping(
     ns: &Netns,
-    dst: Ipv4Addr,
+    dst: impl Into<IpAddr>,
     count: u32,
     size: u32,
     dont_fragment: bool,
@@ -55,7 +55,7 @@ pub fn ping(
     if dont_fragment {
         cmd.args(["-M", "do"]);
     }
-    cmd.arg(dst.to_string());
+    cmd.arg(dst.into().to_string());
     let out = cmd.output().context("running ping (install iputils-ping)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     parse_ping(&text).with_context(|| format!("unreadable ping output: {text}{}", String::from_utf8_lossy(&out.stderr)))
@@ -98,13 +98,18 @@ fn pattern(i: u64) -> u8 {
 pub fn tcp_transfer_verified(
     client_ns: &Netns,
     server_ns: &Netns,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     port: u16,
     bytes: u64,
 ) -> anyhow::Result<u64> {
+    let server_ip: IpAddr = server_ip.into();
+    let any: IpAddr = match server_ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = server_ns.spawn(move || -> anyhow::Result<u64> {
-        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        let listener = TcpListener::bind((any, port))?;
         ready_tx.send(()).ok();
         listener.set_nonblocking(false)?;
         let (mut s, _) = listener.accept()?;

@@ -92,7 +92,14 @@ fn two_hosts_both_ways(backend: Backend, hook: &str) -> anyhow::Result<()> {
     );
 
     // No peer owns 10.244.99.0/24: dropped on host1 and counted.
-    let r = ping(&c1.ns, "10.244.99.2".parse()?, 2, 56, false, "0.05")?;
+    let r = ping(
+        &c1.ns,
+        "10.244.99.2".parse::<std::net::Ipv4Addr>()?,
+        2,
+        56,
+        false,
+        "0.05",
+    )?;
     assert_eq!(r.received, 0);
 
     if hook == "tc" {

@@ -14,7 +14,8 @@ use aya::programs::{
 };
 use ipnetwork::Ipv4Network;
 use overlay_common::{
-    DatapathConfig, Format, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+    DatapathConfig, Format, MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, MAP_PEERS6,
+    MAP_PEERS6_BY_IP, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
 };
 
 use super::{
@@ -324,7 +325,7 @@ pub(super) enum Links {
 }
 
 /// Pinned by versions whose counter table was shorter; removed by cleanup.
-const LEGACY_MAP_COUNTERS: &str = "OVL_COUNTERS_V1";
+const LEGACY_MAP_COUNTERS: [&str; 2] = ["OVL_COUNTERS_V1", "OVL_COUNTERS_V2"];
 
 impl Programs {
     fn attach_tc(
@@ -499,6 +500,7 @@ impl Datapath {
             xdp_mode: None,
             links: None,
             peers,
+            ipv6: None,
             bridges: BridgeFinder::default(),
             bridge: None,
             bridge_warning: None,
@@ -587,10 +589,11 @@ impl Datapath {
         // decapsulates first and the TC one sees inner packets, which it passes.
         remove_pinned_hook(&dir, Hook::Decap(self.decap_hook.other()));
         // The programs now count in this version's table: the older one goes (its counts with it).
-        let legacy = dir.join(LEGACY_MAP_COUNTERS);
-        if legacy.exists() {
-            let _ = std::fs::remove_file(&legacy);
-            tracing::info!(map = %legacy.display(), "removed the previous version's counter table");
+        for legacy in LEGACY_MAP_COUNTERS.map(|name| dir.join(name)) {
+            if legacy.exists() {
+                let _ = std::fs::remove_file(&legacy);
+                tracing::info!(map = %legacy.display(), "removed the previous version's counter table");
+            }
         }
         self.links = Some(Links::Pinned);
         Ok(())
@@ -734,9 +737,10 @@ impl Datapath {
                 }
             }
         }
-        for name in [
-            MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS, LEGACY_MAP_COUNTERS,
-        ] {
+        let maps = [
+            MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS6, MAP_PEERS6_BY_IP, MAP_CONFIG6,
+        ];
+        for name in maps.into_iter().chain(LEGACY_MAP_COUNTERS) {
             let path = pin_dir.join(name);
             if path.exists() {
                 std::fs::remove_file(&path)

@@ -6,10 +6,12 @@
 //! - [`attach`]: the programs put on a host ([`Datapath`]): the overlay device whose egress
 //!   encapsulates, XDP or TC ingress on the underlay that decapsulates, pinning and adoption.
 //! - [`peers`]: the peer table in the maps.
+//! - [`ipv6`]: IPv6 (VXLAN over IPv6, flannel's `flannel-v6.<VNI>`): its config, peers, route.
 //! - [`bridge`]: the container bridge followed, its forwarding database mirrored for the
 //!   program on its egress.
 pub mod attach;
 pub mod bridge;
+pub mod ipv6;
 pub mod peers;
 pub mod programs;
 
@@ -46,6 +48,8 @@ pub struct Datapath {
     links: Option<attach::Links>,
     /// What the peer maps hold.
     peers: HashMap<Ipv4Network, Peer>,
+    /// Our IPv6 side and the v6 peer maps' contents, once enabled.
+    ipv6: Option<ipv6::Ipv6Side>,
     bridges: bridge::BridgeFinder,
     /// The container bridge our egress program is on, with what its maps hold. Owned by this
     /// process, never pinned: without the agent to keep the FDB copy current, packets take
