@@ -3,7 +3,7 @@
 //! included. `stop`/`restart` keep the data and ports, for the reconnect tests.
 
 use std::{
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -65,7 +65,7 @@ pub struct Etcd {
     child: Option<Child>,
     /// Network namespace etcd runs in (None: ours) and the address it listens on there.
     netns: Option<String>,
-    host: Ipv4Addr,
+    host: IpAddr,
     data: TempDir,
     client_port: u16,
     peer_port: u16,
@@ -118,7 +118,7 @@ impl Etcd {
             let mut e = Etcd {
                 child: None,
                 netns: None,
-                host: Ipv4Addr::LOCALHOST,
+                host: Ipv4Addr::LOCALHOST.into(),
                 data: temp_dir(),
                 client_port: free_port(),
                 peer_port: free_port(),
@@ -137,20 +137,20 @@ impl Etcd {
     /// Start a plain-HTTP etcd inside network namespace `netns`, listening on `host` there
     /// (the lab's agents reach it over the underlay; the ports are the standard ones, as the
     /// namespace is ours alone).
-    pub fn start_in_netns(netns: &str, host: Ipv4Addr) -> Self {
+    pub fn start_in_netns(netns: &str, host: impl Into<IpAddr>) -> Self {
         Self::start_in_netns_opts(netns, host, true)
     }
 
     /// As [`Self::start_in_netns`]; with `die_with_parent` false etcd outlives this process.
-    pub fn start_in_netns_opts(netns: &str, host: Ipv4Addr, die_with_parent: bool) -> Self {
-        Self::spawn_in_netns(netns, host, die_with_parent)
+    pub fn start_in_netns_opts(netns: &str, host: impl Into<IpAddr>, die_with_parent: bool) -> Self {
+        Self::spawn_in_netns(netns, host.into(), die_with_parent)
             .unwrap_or_else(|log| panic!("etcd did not start in {netns}:\n{log}"))
     }
 
     /// As [`Self::start_in_netns`], but a failed start is an error carrying the end of etcd's
     /// log rather than a panic: for the benchmark, which reports a failed setup and goes on.
-    pub fn try_start_in_netns(netns: &str, host: Ipv4Addr) -> anyhow::Result<Self> {
-        Self::spawn_in_netns(netns, host, true).map_err(|log| {
+    pub fn try_start_in_netns(netns: &str, host: impl Into<IpAddr>) -> anyhow::Result<Self> {
+        Self::spawn_in_netns(netns, host.into(), true).map_err(|log| {
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(20)..].join("\n");
             anyhow::anyhow!("etcd did not start in {netns}:\n{tail}")
@@ -158,7 +158,7 @@ impl Etcd {
     }
 
     /// A failed start gives etcd's log; its data directory goes with the dropped value.
-    fn spawn_in_netns(netns: &str, host: Ipv4Addr, die_with_parent: bool) -> Result<Self, String> {
+    fn spawn_in_netns(netns: &str, host: IpAddr, die_with_parent: bool) -> Result<Self, String> {
         let mut e = Etcd {
             die_with_parent,
             child: None,
@@ -176,7 +176,7 @@ impl Etcd {
 
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}:{}", self.host, self.client_port)
+        format!("{scheme}://{}", SocketAddr::new(self.host, self.client_port))
     }
 
     pub fn port(&self) -> u16 {
@@ -188,7 +188,7 @@ impl Etcd {
         let log_path = self.data.path().join(format!("etcd-{}.log", self.starts));
         let log = std::fs::File::create(&log_path).unwrap();
         let client = self.endpoint();
-        let peer = format!("http://{}:{}", self.host, self.peer_port);
+        let peer = format!("http://{}", SocketAddr::new(self.host, self.peer_port));
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");

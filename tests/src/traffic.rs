@@ -102,7 +102,7 @@ pub fn tcp_transfer_verified(
     port: u16,
     bytes: u64,
 ) -> anyhow::Result<u64> {
-    let server_ip: IpAddr = server_ip.into();
+    let server_ip = server_ip.into();
     let any: IpAddr = match server_ip {
         IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),

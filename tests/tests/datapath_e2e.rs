@@ -279,6 +279,7 @@ fn pinned_datapath_switches_decap_hook_on_restart() -> anyhow::Result<()> {
         subnet: lab::static_subnet(2),
         public_ip: lab.host(2).public_ip,
         vtep_mac: Some(lab::static_vtep_mac(2).parse().map_err(anyhow::Error::msg)?),
+        ipv6: None,
     };
     let (c1, c2) = (&h1.containers[0], &lab.host(2).containers[0]);
     let result = (|| -> anyhow::Result<()> {

@@ -244,6 +244,7 @@ impl Bench {
                 subnet: format!("10.244.{third}.0/24").parse()?,
                 public_ip: Ipv4Addr::from(ip),
                 vtep_mac: Some(MacAddr(PEER_VTEP)),
+                ipv6: None,
             })?;
         }
         Ok(Bench { programs, nic_mac })
@@ -846,6 +847,7 @@ fn removing_an_old_lease_keeps_the_hosts_new_one() {
             subnet: "10.244.2.0/24".parse().unwrap(),
             public_ip: Ipv4Addr::from(PEER_IP),
             vtep_mac: Some(MacAddr(PEER_VTEP)),
+            ipv6: None,
         };
         let new = Peer {
             subnet: "10.244.9.0/24".parse().unwrap(),

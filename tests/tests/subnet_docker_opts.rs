@@ -141,3 +141,36 @@ fn reads_the_file_the_agent_writes() {
         "DOCKER_OPTS=\" --bip=10.5.52.1/24 --ip-masq=true --mtu=1450\"\n"
     );
 }
+
+/// mk-docker-opts.sh has no IPv6 line: a dual-stack subnet file gives the IPv4 options only, as
+/// the script gives. `-6` (ours) adds what Docker needs for IPv6 on its bridge.
+#[test]
+fn dual_stack_file_gives_the_scripts_output_and_ipv6_options_with_dash_6() {
+    let cfg = overlay::subnet::NetworkConfig::parse(
+        r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"vxlan"}}"#,
+    )
+    .unwrap();
+    let key = overlay::subnet::SubnetKey::parse("10.5.52.0-24&fd00:5:0:34::-64").unwrap();
+    let text = overlay::subnet::file::render(&cfg, &key, 1450, true);
+    let vars = overlay::subnet::file::parse_env(&text);
+    assert_eq!(vars["FLANNEL_IPV6_NETWORK"], "fd00:5::/56");
+    assert_eq!(vars["FLANNEL_IPV6_SUBNET"], "fd00:5:0:34::1/64");
+    assert_eq!(
+        run(Some(&text), &[], &[]).unwrap(),
+        "DOCKER_OPT_BIP=\"--bip=10.5.52.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n\
+         DOCKER_OPTS=\" --bip=10.5.52.1/24 --ip-masq=false --mtu=1450\"\n"
+    );
+    assert_eq!(
+        run(Some(&text), &["-6", "-c"], &[]).unwrap(),
+        "DOCKER_OPTS=\" --bip=10.5.52.1/24 --fixed-cidr-v6=fd00:5:0:34::/64 --ip-masq=false --ipv6 --mtu=1450\"\n"
+    );
+    let bad = run(Some("FLANNEL_IPV6_SUBNET=fd00::1\n"), &["-6"], &[]).unwrap_err();
+    assert!(bad.contains("FLANNEL_IPV6_SUBNET") && bad.contains("fd00::1"), "{bad}");
+    // IPv6-only: no FLANNEL_SUBNET, so no --bip.
+    let v6only = "FLANNEL_IPV6_NETWORK=fd00:5::/56\nFLANNEL_IPV6_SUBNET=fd00:5:0:34::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
+    assert_eq!(
+        run(Some(v6only), &["-6", "-i"], &[]).unwrap(),
+        "DOCKER_OPT_FIXED_CIDR_V6=\"--fixed-cidr-v6=fd00:5:0:34::/64\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\n\
+         DOCKER_OPT_IPV6=\"--ipv6\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n"
+    );
+}

@@ -40,7 +40,8 @@ pub struct AgentArgs {
     /// The address other hosts send tunnel traffic to [default: the interface's address].
     #[arg(long = "public-ip")]
     pub public_ip: Option<Ipv4Addr>,
-    /// flanneld's IPv6 public address; our datapath carries IPv4 only, so it is only checked.
+    /// The IPv6 address other hosts send IPv6 tunnel traffic to, when the network has IPv6
+    /// [default: the interface's best IPv6 address].
     #[arg(long = "public-ipv6")]
     pub public_ipv6: Option<Ipv6Addr>,
     /// Where to write FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_MTU, FLANNEL_IPMASQ.
@@ -154,9 +155,6 @@ impl AgentArgs {
                  implemented. Drop the flag and give --etcd-endpoints, or run flanneld on Kubernetes"
                     .into(),
             );
-        }
-        if self.public_ipv6.is_some() {
-            tracing::warn!("--public-ipv6 is accepted but unused: this agent carries IPv4 only");
         }
         if self.vmodule.as_deref().is_some_and(|v| !v.is_empty()) {
             tracing::warn!(

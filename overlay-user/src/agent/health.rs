@@ -11,14 +11,13 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use ipnetwork::Ipv4Network;
 use overlay_common::CounterIndex;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
 };
 
-use crate::{backend::Peer, host::Counters};
+use crate::{backend::Peer, host::Counters, subnet::SubnetKey};
 
 /// What the agent reports; updated by the agent loop, read by the HTTP handlers.
 #[derive(Debug, Clone, Default)]
@@ -33,9 +32,9 @@ pub struct Status {
     /// The peers the agent wants, by subnet: its one copy of the desired state (see
     /// [`super::peers`]). Kept up to date one event at a time: rebuilding it per event cost
     /// O(peers) and held up the next map update (10 ms at 10,000 peers).
-    pub peers: BTreeMap<Ipv4Network, Peer>,
+    pub peers: BTreeMap<SubnetKey, Peer>,
     /// Those of `peers` the backend has not taken yet (retried every second).
-    pub unapplied: BTreeSet<Ipv4Network>,
+    pub unapplied: BTreeSet<SubnetKey>,
     pub counters: Option<Counters>,
     /// Counted by the lease manager as it re-establishes a broken watch.
     pub etcd_reconnects: Arc<AtomicU64>,
@@ -57,7 +56,10 @@ impl Status {
 
     /// The peers in the datapath: wanted and taken by the backend.
     fn programmed_peers(&self) -> impl Iterator<Item = &Peer> {
-        self.peers.values().filter(|p| !self.unapplied.contains(&p.subnet))
+        self.peers
+            .iter()
+            .filter(|(k, _)| !self.unapplied.contains(k))
+            .map(|(_, p)| p)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -67,7 +69,11 @@ impl Status {
             "public_ip": self.public_ip,
             "backend": self.backend,
             "lease_expires_unix": self.lease_expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-            "peers": self.programmed_peers().map(|p| serde_json::json!({"subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.map(|m| m.to_string())})).collect::<Vec<_>>(),
+            "peers": self.programmed_peers().map(|p| serde_json::json!({
+                "subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.map(|m| m.to_string()),
+                "ipv6_subnet": p.ipv6.map(|v| v.subnet.to_string()), "public_ipv6": p.ipv6.map(|v| v.public_ip.to_string()),
+                "vtep_mac_v6": p.ipv6.and_then(|v| v.vtep_mac).map(|m| m.to_string()),
+            })).collect::<Vec<_>>(),
             "unapplied_peers": self.unapplied.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             "counters": self.counters.as_ref().map(|c| c.to_json()),
             "etcd_reconnects": self.etcd_reconnects.load(Ordering::Relaxed),

@@ -3,7 +3,11 @@
 //! interface), then each `--iface-regex` (against addresses, then names), then
 //! `--iface-can-reach` (the interface `ip route get` picks); with none of them, the interface
 //! holding `--public-ip`, else the default route's interface.
-use std::net::Ipv4Addr;
+use std::{
+    fmt::{Debug, Display},
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -12,10 +16,66 @@ use crate::host::netdev;
 
 /// The interface with the address it is reached at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chosen {
+pub struct Chosen<A = Ipv4Addr> {
     pub name: String,
     /// The interface's own address (flannel's IfaceAddr).
-    pub addr: Ipv4Addr,
+    pub addr: A,
+}
+
+/// What an address family needs for the choice: v4 in dual stack and IPv4, v6 in IPv6-only.
+pub trait Family: Copy + PartialEq + FromStr + Display + Debug {
+    const NAME: &'static str;
+}
+impl Family for Ipv4Addr {
+    const NAME: &'static str = "IPv4";
+}
+impl Family for Ipv6Addr {
+    const NAME: &'static str = "IPv6";
+}
+
+/// Interfaces in kernel order with their usable IPv6 addresses, best first as flannel ranks
+/// them (pkg/ip GetInterfaceIP6Addrs): global before link-local, permanent before dynamic,
+/// stable before temporary; deprecated ones left out.
+fn interfaces_v6() -> anyhow::Result<Vec<(String, Vec<Ipv6Addr>)>> {
+    let out = netdev::ip(&["-j", "-6", "addr", "show"])?;
+    let links: serde_json::Value = serde_json::from_str(&out).context("reading interface IPv6 addresses")?;
+    let mut v = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        let Some(name) = link["ifname"].as_str() else {
+            continue;
+        };
+        let mut ranked: Vec<((bool, bool, bool), Ipv6Addr)> = link["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["deprecated"] != true)
+            .filter_map(|a| {
+                let ip = a["local"].as_str()?.parse::<Ipv6Addr>().ok()?;
+                let link_local = (ip.segments()[0] & 0xffc0) == 0xfe80;
+                let usable = !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast();
+                usable.then_some(((link_local, a["dynamic"] == true, a["temporary"] == true), ip))
+            })
+            .collect();
+        // Stable: equal ranks keep the kernel's order.
+        ranked.sort_by_key(|(rank, _)| *rank);
+        v.push((name.to_string(), ranked.into_iter().map(|(_, ip)| ip).collect()));
+    }
+    Ok(v)
+}
+
+/// The address flannel takes for IPv6 on the chosen interface: `--public-ipv6`, else the
+/// interface's best IPv6 address.
+pub fn pick_ipv6(args: &AgentArgs, iface: &str) -> anyhow::Result<Ipv6Addr> {
+    if let Some(ip) = args.public_ipv6 {
+        return Ok(ip);
+    }
+    interfaces_v6()?
+        .into_iter()
+        .find(|(n, _)| n == iface)
+        .and_then(|(_, addrs)| addrs.first().copied())
+        .with_context(|| {
+            format!("IPv6 is enabled (EnableIPv6) but interface {iface} has no usable IPv6 address; add one or pass --public-ipv6")
+        })
 }
 
 /// Interfaces in kernel order with all their IPv4 addresses.
@@ -39,13 +99,15 @@ fn interfaces() -> anyhow::Result<Vec<(String, Vec<Ipv4Addr>)>> {
 }
 
 /// The choice among `ifaces`, or why each way found nothing (flanneld logs those and exits 1).
-pub fn choose(
+pub fn choose<A: Family>(
     args: &AgentArgs,
-    ifaces: &[(String, Vec<Ipv4Addr>)],
-    route_get: &dyn Fn(Ipv4Addr) -> anyhow::Result<(String, Option<Ipv4Addr>)>,
+    ifaces: &[(String, Vec<A>)],
+    public_ip: Option<A>,
+    can_reach: Option<A>,
+    route_get: &dyn Fn(A) -> anyhow::Result<(String, Option<A>)>,
     default_route: &dyn Fn() -> anyhow::Result<String>,
-) -> anyhow::Result<Chosen> {
-    let first_addr = |name: &str| -> Result<Chosen, String> {
+) -> anyhow::Result<Chosen<A>> {
+    let first_addr = |name: &str| -> Result<Chosen<A>, String> {
         match ifaces.iter().find(|(n, _)| n == name) {
             None => Err(format!("no interface {name}")),
             Some((_, addrs)) => addrs
@@ -54,10 +116,10 @@ pub fn choose(
                     name: name.into(),
                     addr: *a,
                 })
-                .ok_or(format!("interface {name} has no IPv4 address")),
+                .ok_or(format!("interface {name} has no {} address", A::NAME)),
         }
     };
-    let holding = |ip: Ipv4Addr| {
+    let holding = |ip: A| {
         ifaces
             .iter()
             .find(|(_, addrs)| addrs.contains(&ip))
@@ -68,7 +130,7 @@ pub fn choose(
     };
     let given = !args.iface.is_empty() || !args.iface_regex.is_empty() || args.iface_can_reach.is_some();
     if !given {
-        if let Some(ip) = args.public_ip {
+        if let Some(ip) = public_ip {
             if let Some(found) = holding(ip) {
                 return Ok(found);
             }
@@ -80,7 +142,7 @@ pub fn choose(
     }
     let mut tried = Vec::new();
     for want in &args.iface {
-        let found = match want.parse::<Ipv4Addr>() {
+        let found = match want.parse::<A>() {
             Ok(ip) => holding(ip).ok_or(format!("no interface holds {ip}")),
             Err(_) => first_addr(want),
         };
@@ -107,7 +169,7 @@ pub fn choose(
             None => tried.push(format!("--iface-regex {pattern}: matches no interface name or address")),
         }
     }
-    if let Some(target) = args.iface_can_reach {
+    if let Some(target) = can_reach {
         match route_get(target) {
             Ok((dev, src)) => {
                 let found = match src {
@@ -130,16 +192,17 @@ pub fn choose(
     )
 }
 
-fn route_get(target: Ipv4Addr) -> anyhow::Result<(String, Option<Ipv4Addr>)> {
-    let out = netdev::ip(&["-j", "-4", "route", "get", &target.to_string()])?;
+fn route_get<A: Family>(target: A) -> anyhow::Result<(String, Option<A>)> {
+    let family = if A::NAME == "IPv4" { "-4" } else { "-6" };
+    let out = netdev::ip(&["-j", family, "route", "get", &target.to_string()])?;
     let routes: serde_json::Value = serde_json::from_str(&out).context("reading `ip route get`")?;
     let route = routes.as_array().and_then(|r| r.first()).context("no route")?;
     let dev = route["dev"].as_str().context("the route has no device")?.to_string();
     Ok((dev, route["prefsrc"].as_str().and_then(|s| s.parse().ok())))
 }
 
-fn default_route() -> anyhow::Result<String> {
-    let out = netdev::ip(&["-j", "-4", "route", "show", "default"])?;
+fn default_route(family: &str) -> anyhow::Result<String> {
+    let out = netdev::ip(&["-j", family, "route", "show", "default"])?;
     let routes: serde_json::Value = serde_json::from_str(&out).context("reading the default route")?;
     routes
         .as_array()
@@ -151,8 +214,26 @@ fn default_route() -> anyhow::Result<String> {
 
 /// The interface and the PublicIP: `--public-ip`, or the interface's address.
 pub fn pick_interface(args: &AgentArgs) -> anyhow::Result<(String, Ipv4Addr)> {
-    let chosen = choose(args, &interfaces()?, &route_get, &default_route)?;
+    let chosen = choose(
+        args,
+        &interfaces()?,
+        args.public_ip,
+        args.iface_can_reach,
+        &route_get,
+        &|| default_route("-4"),
+    )?;
     Ok((chosen.name.clone(), args.public_ip.unwrap_or(chosen.addr)))
+}
+
+/// IPv6-only networks: the interface chosen by its IPv6 addresses, as flannel's ipv6Stack
+/// (`--iface` names or IPv6 addresses, `--iface-regex`, else the interface holding
+/// `--public-ipv6`, else the IPv6 default route's), and the PublicIPv6. `--iface-can-reach`
+/// takes an IPv4 address here and so is not used.
+pub fn pick_interface_v6(args: &AgentArgs) -> anyhow::Result<(String, Ipv6Addr)> {
+    let chosen = choose(args, &interfaces_v6()?, args.public_ipv6, None, &route_get, &|| {
+        default_route("-6")
+    })?;
+    Ok((chosen.name.clone(), args.public_ipv6.unwrap_or(chosen.addr)))
 }
 
 /// (interface, first IPv4 address) for every interface that has one.
@@ -210,9 +291,12 @@ mod tests {
     }
 
     fn pick(flags: &[&str]) -> anyhow::Result<Chosen> {
+        let a = args(flags);
         choose(
-            &args(flags),
+            &a,
             &lab(),
+            a.public_ip,
+            a.iface_can_reach,
             &|target| {
                 if target.octets()[0] == 10 {
                     Ok(("eth1".into(), Some(ip("10.0.0.5"))))

@@ -1,6 +1,7 @@
 //! Masquerading and FORWARD rules as flanneld v0.28.9 writes them: the same chains
 //! (`FLANNEL-POSTRTG` in nat, `FLANNEL-FWD` in filter), rules and comments, jumps appended to
-//! POSTROUTING and FORWARD; or, with `"EnableNFTables": true`, its nftables table `flannel-ipv4`
+//! POSTROUTING and FORWARD, with iptables for IPv4 and ip6tables for IPv6; or, with
+//! `"EnableNFTables": true`, its nftables tables `ip flannel-ipv4` and `ip6 flannel-ipv6`
 //! with chains `postrtg` and `forward`. Being flannel's own rules, flanneld and this agent each
 //! take over the other's. They stay when the agent stops (a restart leaves no gap for
 //! masqueraded traffic), a background check puts back what a firewall reload deleted, and
@@ -12,11 +13,12 @@ use std::{
     time::Duration,
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
 pub const NAT_CHAIN: &str = "FLANNEL-POSTRTG";
 pub const FWD_CHAIN: &str = "FLANNEL-FWD";
 pub const NFT_TABLE: &str = "flannel-ipv4";
+pub const NFT_TABLE_V6: &str = "flannel-ipv6";
 const NFT_NAT_CHAIN: &str = "postrtg";
 const NFT_FWD_CHAIN: &str = "forward";
 /// kube-proxy marks packets it wants masqueraded itself; flannel leaves them alone.
@@ -36,11 +38,66 @@ pub struct IptablesError {
     message: String,
 }
 
-/// What the agent keeps installed.
+/// The address family a rule set is for: which tools, table and multicast range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn multicast(self) -> &'static str {
+        match self {
+            Family::V4 => "224.0.0.0/4",
+            Family::V6 => "ff00::/8",
+        }
+    }
+
+    /// nftables' family word, also its address match (`ip saddr`, `ip6 saddr`).
+    fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    fn nft_table(self) -> &'static str {
+        match self {
+            Family::V4 => NFT_TABLE,
+            Family::V6 => NFT_TABLE_V6,
+        }
+    }
+
+    fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+}
+
+/// What the agent keeps installed, for one address family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSet {
-    pub network: Ipv4Network,
-    pub subnet: Ipv4Network,
+    /// Both of one family: the network and our subnet of it.
+    pub network: IpNetwork,
+    pub subnet: IpNetwork,
     /// `--ip-masq`.
     pub masquerade: bool,
     /// `--random-fully` on MASQUERADE (flannel: unless --ip-masq-fully-random-disable).
@@ -89,10 +146,19 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Ipta
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn iptables(args: &[&str]) -> Result<String, IptablesError> {
+impl RuleSet {
+    pub fn family(&self) -> Family {
+        match self.network {
+            IpNetwork::V4(_) => Family::V4,
+            IpNetwork::V6(_) => Family::V6,
+        }
+    }
+}
+
+fn iptables(family: Family, args: &[&str]) -> Result<String, IptablesError> {
     let mut all = vec!["-w"];
     all.extend_from_slice(args);
-    run("iptables", &all, None)
+    run(family.iptables(), &all, None)
 }
 
 /// One iptables rule: table, chain and the rule's arguments.
@@ -139,7 +205,11 @@ fn masquerade_rules(set: &RuleSet) -> Vec<Rule> {
             NAT_CHAIN,
             &with(&["!", "-s", &n, "-d", &s], &c, &["-j", "RETURN"]),
         ),
-        rule("nat", NAT_CHAIN, &with(&["-s", &n, "!", "-d", "224.0.0.0/4"], &c, masq)),
+        rule(
+            "nat",
+            NAT_CHAIN,
+            &with(&["-s", &n, "!", "-d", set.family().multicast()], &c, masq),
+        ),
         rule("nat", NAT_CHAIN, &with(&["!", "-s", &n, "-d", &n], &c, masq)),
     ]
 }
@@ -187,8 +257,8 @@ fn quoted(arg: &str) -> String {
 }
 
 /// Lines of `iptables -S <chain>` that jump to `target`, as `-D` lines for iptables-restore.
-fn jumps_to(table: &str, chain: &str, target: &str) -> Result<Vec<String>, IptablesError> {
-    let listing = iptables(&["-t", table, "-S", chain])?;
+fn jumps_to(family: Family, table: &str, chain: &str, target: &str) -> Result<Vec<String>, IptablesError> {
+    let listing = iptables(family, &["-t", table, "-S", chain])?;
     Ok(listing
         .lines()
         .filter(|l| l.ends_with(&format!("-j {target}")))
@@ -199,7 +269,7 @@ fn jumps_to(table: &str, chain: &str, target: &str) -> Result<Vec<String>, Iptab
 
 /// Whether iptables' MASQUERADE knows --random-fully (iptables 1.6.2 and later).
 pub fn iptables_has_random_fully() -> bool {
-    let Ok(version) = iptables(&["--version"]) else {
+    let Ok(version) = iptables(Family::V4, &["--version"]) else {
         return false;
     };
     let numbers: Vec<u32> = version
@@ -214,9 +284,16 @@ pub fn iptables_has_random_fully() -> bool {
 
 /// Put `chain` in `table` in one iptables-restore transaction: the chain emptied and refilled,
 /// every jump to it from `from` removed and one appended at the end, as flannel does.
-fn restore_chain(table: &str, chain: &str, from: &str, jump: &Rule, rules: &[Rule]) -> Result<(), IptablesError> {
+fn restore_chain(
+    family: Family,
+    table: &str,
+    chain: &str,
+    from: &str,
+    jump: &Rule,
+    rules: &[Rule],
+) -> Result<(), IptablesError> {
     let mut script = format!("*{table}\n:{chain} - [0:0]\n");
-    for delete in jumps_to(table, from, chain).unwrap_or_default() {
+    for delete in jumps_to(family, table, from, chain).unwrap_or_default() {
         script += &format!("{delete}\n");
     }
     for r in std::iter::once(jump).chain(rules) {
@@ -224,18 +301,18 @@ fn restore_chain(table: &str, chain: &str, from: &str, jump: &Rule, rules: &[Rul
         script += &format!("-A {} {}\n", r.chain, spec.join(" "));
     }
     script += "COMMIT\n";
-    run("iptables-restore", &["-w", "--noflush"], Some(&script)).map(|_| ())
+    run(family.restore(), &["-w", "--noflush"], Some(&script)).map(|_| ())
 }
 
-fn remove_chain(table: &str, chain: &str, from: &str) {
-    for delete in jumps_to(table, from, chain).unwrap_or_default() {
+fn remove_chain(family: Family, table: &str, chain: &str, from: &str) {
+    for delete in jumps_to(family, table, from, chain).unwrap_or_default() {
         let args: Vec<String> = shell_words(&delete);
         let mut all = vec!["-t", table];
         all.extend(args.iter().map(String::as_str));
-        let _ = iptables(&all);
+        let _ = iptables(family, &all);
     }
-    let _ = iptables(&["-t", table, "-F", chain]);
-    let _ = iptables(&["-t", table, "-X", chain]);
+    let _ = iptables(family, &["-t", table, "-F", chain]);
+    let _ = iptables(family, &["-t", table, "-X", chain]);
 }
 
 /// Split an `iptables -S` line into arguments (it quotes comments with double quotes).
@@ -263,10 +340,11 @@ fn shell_words(line: &str) -> Vec<String> {
 /// flannel's nftables rules, as one `nft -f` script that replaces the table atomically.
 fn nft_script(set: &RuleSet, random_fully: bool) -> String {
     let (n, s) = (set.network, set.subnet);
-    let t = format!("ip {NFT_TABLE}");
+    let (f, name) = (set.family().nft(), set.family().nft_table());
+    let multicast = set.family().multicast();
+    let t = format!("{f} {name}");
     // Adding the table before deleting it makes the delete succeed when there is none.
-    let mut script =
-        format!("add table {t}\ndelete table {t}\nadd table {t} {{ comment \"rules for {NFT_TABLE}\" ; }}\n");
+    let mut script = format!("add table {t}\ndelete table {t}\nadd table {t} {{ comment \"rules for {name}\" ; }}\n");
     if set.masquerade {
         let masq = if random_fully {
             "masquerade fully-random"
@@ -279,11 +357,11 @@ fn nft_script(set: &RuleSet, random_fully: bool) -> String {
         );
         for r in [
             "meta mark & 0x4000 == 0x4000 return".to_string(),
-            format!("ip saddr {s} ip daddr {n} return"),
-            format!("ip saddr {n} ip daddr {s} return"),
-            format!("ip saddr != {n} ip daddr {s} return"),
-            format!("ip saddr {n} ip daddr != 224.0.0.0/4 {masq}"),
-            format!("ip saddr != {n} ip daddr {n} {masq}"),
+            format!("{f} saddr {s} {f} daddr {n} return"),
+            format!("{f} saddr {n} {f} daddr {s} return"),
+            format!("{f} saddr != {n} {f} daddr {s} return"),
+            format!("{f} saddr {n} {f} daddr != {multicast} {masq}"),
+            format!("{f} saddr != {n} {f} daddr {n} {masq}"),
         ] {
             script += &format!("add rule {t} {NFT_NAT_CHAIN} {r}\n");
         }
@@ -293,8 +371,8 @@ fn nft_script(set: &RuleSet, random_fully: bool) -> String {
             "add chain {t} {NFT_FWD_CHAIN} {{ type filter hook forward priority filter ; \
              comment \"chain to accept flannel traffic\" ; }}\n"
         );
-        script += &format!("add rule {t} {NFT_FWD_CHAIN} ip saddr {n} accept\n");
-        script += &format!("add rule {t} {NFT_FWD_CHAIN} ip daddr {n} accept\n");
+        script += &format!("add rule {t} {NFT_FWD_CHAIN} {f} saddr {n} accept\n");
+        script += &format!("add rule {t} {NFT_FWD_CHAIN} {f} daddr {n} accept\n");
     }
     script
 }
@@ -316,16 +394,17 @@ fn nft_install(set: &RuleSet) -> Result<(), IptablesError> {
     run("nft", &["-f", "-"], Some(&nft_script(set, false))).map(|_| ())
 }
 
-fn nft_remove() {
-    let t = format!("ip {NFT_TABLE}");
+fn nft_remove(family: Family) {
+    let t = format!("{} {}", family.nft(), family.nft_table());
     let _ = run("nft", &["-f", "-"], Some(&format!("add table {t}\ndelete table {t}\n")));
 }
 
 /// What of `set` is missing in the nftables table, if anything.
 fn nft_missing(set: &RuleSet) -> Option<String> {
-    let listing = match run("nft", &["-j", "list", "table", "ip", NFT_TABLE], None) {
+    let (f, name) = (set.family().nft(), set.family().nft_table());
+    let listing = match run("nft", &["-j", "list", "table", f, name], None) {
         Ok(l) => l,
-        Err(_) => return Some(format!("nftables table ip {NFT_TABLE}")),
+        Err(_) => return Some(format!("nftables table {f} {name}")),
     };
     let parsed: serde_json::Value = serde_json::from_str(&listing).ok()?;
     let items = parsed["nftables"].as_array()?;
@@ -335,9 +414,7 @@ fn nft_missing(set: &RuleSet) -> Option<String> {
         }
         let count = items.iter().filter(|i| i["rule"]["chain"] == chain).count();
         if count != expected {
-            return Some(format!(
-                "nftables chain {NFT_TABLE} {chain} ({count} of {expected} rules)"
-            ));
+            return Some(format!("nftables chain {name} {chain} ({count} of {expected} rules)"));
         }
     }
     None
@@ -345,29 +422,40 @@ fn nft_missing(set: &RuleSet) -> Option<String> {
 
 /// Install `set`, replacing what an earlier start left, and remove the rules of the other mode.
 pub fn install(set: &RuleSet) -> Result<(), IptablesError> {
-    for (table, chain, from) in OLD_CHAINS {
-        remove_chain(table, chain, from);
+    let family = set.family();
+    if family == Family::V4 {
+        for (table, chain, from) in OLD_CHAINS {
+            remove_chain(family, table, chain, from);
+        }
     }
     if set.nftables {
-        remove_iptables();
+        remove_iptables(family);
         nft_install(set)?;
         tracing::info!(
-            table = NFT_TABLE,
+            table = family.nft_table(),
             masquerade = set.masquerade,
             forward = set.forward,
             "installed nftables rules"
         );
         return Ok(());
     }
-    nft_remove();
+    nft_remove(family);
     if set.forward {
-        restore_chain("filter", FWD_CHAIN, "FORWARD", &forward_jump(), &forward_rules(set))?;
+        restore_chain(
+            family,
+            "filter",
+            FWD_CHAIN,
+            "FORWARD",
+            &forward_jump(),
+            &forward_rules(set),
+        )?;
         tracing::info!(network = %set.network, "installed FORWARD accept rules (chain {FWD_CHAIN})");
     } else {
-        remove_chain("filter", FWD_CHAIN, "FORWARD");
+        remove_chain(family, "filter", FWD_CHAIN, "FORWARD");
     }
     if set.masquerade {
         restore_chain(
+            family,
             "nat",
             NAT_CHAIN,
             "POSTROUTING",
@@ -380,7 +468,7 @@ pub fn install(set: &RuleSet) -> Result<(), IptablesError> {
             "installed masquerading rules (chain {NAT_CHAIN})"
         );
     } else {
-        remove_chain("nat", NAT_CHAIN, "POSTROUTING");
+        remove_chain(family, "nat", NAT_CHAIN, "POSTROUTING");
     }
     Ok(())
 }
@@ -402,67 +490,77 @@ pub fn missing(set: &RuleSet) -> Option<String> {
     wanted.into_iter().find_map(|r| {
         let mut args = vec!["-t", r.table, "-C", r.chain];
         args.extend(r.spec.iter().map(String::as_str));
-        iptables(&args)
-            .is_err()
-            .then(|| format!("iptables -t {} -A {} {}", r.table, r.chain, r.spec.join(" ")))
+        iptables(set.family(), &args).is_err().then(|| {
+            format!(
+                "{} -t {} -A {} {}",
+                set.family().iptables(),
+                r.table,
+                r.chain,
+                r.spec.join(" ")
+            )
+        })
     })
 }
 
-fn remove_iptables() {
-    remove_chain("nat", NAT_CHAIN, "POSTROUTING");
-    remove_chain("filter", FWD_CHAIN, "FORWARD");
+fn remove_iptables(family: Family) {
+    remove_chain(family, "nat", NAT_CHAIN, "POSTROUTING");
+    remove_chain(family, "filter", FWD_CHAIN, "FORWARD");
 }
 
-/// Remove every rule this agent (or flanneld) installs, in both modes: `--cleanup`.
+/// Remove every rule this agent (or flanneld) installs, both families, both modes: `--cleanup`.
 pub fn remove_all() {
-    remove_iptables();
-    for (table, chain, from) in OLD_CHAINS {
-        remove_chain(table, chain, from);
+    for family in Family::ALL {
+        remove_iptables(family);
+        nft_remove(family);
     }
-    nft_remove();
+    for (table, chain, from) in OLD_CHAINS {
+        remove_chain(Family::V4, table, chain, from);
+    }
 }
 
 /// flannel's `-ip-blackhole-route`: a blackhole route for our subnet where no route for it
 /// exists (with the container bridge holding the subnet, the bridge's route wins and this adds
 /// nothing, as in flanneld).
-fn ensure_blackhole(subnet: Ipv4Network) {
+fn ensure_blackhole(subnet: IpNetwork) {
     let s = subnet.to_string();
-    let existing = run("ip", &["-4", "route", "show", "exact", &s, "type", "blackhole"], None).unwrap_or_default();
+    let f = if subnet.is_ipv4() { Family::V4 } else { Family::V6 }.ip_flag();
+    let existing = run("ip", &[f, "route", "show", "exact", &s, "type", "blackhole"], None).unwrap_or_default();
     if existing.trim().is_empty() {
-        match run("ip", &["route", "add", "blackhole", &s], None) {
+        match run("ip", &[f, "route", "add", "blackhole", &s], None) {
             Ok(_) => tracing::info!(subnet = %s, "added the blackhole route for our subnet"),
             Err(e) => tracing::debug!("blackhole route for {s}: {e}"),
         }
     }
 }
 
-/// Keeps the current [`RuleSet`] installed: every `period` (flannel's `--iptables-resync`)
-/// a rule found missing (`iptables -F`, a firewall reload) has the set put back.
+/// Keeps the current [`RuleSet`]s (one per family) installed: every `period` (flannel's
+/// `--iptables-resync`) a rule found missing (`iptables -F`, a firewall reload) has its set
+/// put back.
 #[derive(Clone)]
 pub struct Upkeep {
-    current: Arc<Mutex<Option<RuleSet>>>,
+    current: Arc<Mutex<Vec<RuleSet>>>,
 }
 
 impl Upkeep {
     pub fn start(period: Duration) -> Self {
-        let current: Arc<Mutex<Option<RuleSet>>> = Arc::default();
+        let current: Arc<Mutex<Vec<RuleSet>>> = Arc::default();
         let watched = current.clone();
         std::thread::Builder::new()
             .name("rules-resync".into())
             .spawn(move || {
                 loop {
                     std::thread::sleep(period);
-                    let Some(set) = watched.lock().expect("rules").clone() else {
-                        continue;
-                    };
-                    if let Some(what) = missing(&set) {
-                        tracing::warn!("{what} is missing: putting the rules back");
-                        if let Err(e) = install(&set) {
-                            tracing::warn!("restoring the rules failed (will retry): {e}");
+                    let sets = watched.lock().expect("rules").clone();
+                    for set in sets {
+                        if let Some(what) = missing(&set) {
+                            tracing::warn!("{what} is missing: putting the rules back");
+                            if let Err(e) = install(&set) {
+                                tracing::warn!("restoring the rules failed (will retry): {e}");
+                            }
                         }
-                    }
-                    if set.blackhole {
-                        ensure_blackhole(set.subnet);
+                        if set.blackhole {
+                            ensure_blackhole(set.subnet);
+                        }
                     }
                 }
             })
@@ -470,10 +568,12 @@ impl Upkeep {
         Upkeep { current }
     }
 
-    /// Install `set` now and keep it installed from here on.
+    /// Install `set` now and keep it installed from here on, in place of its family's last one.
     pub fn apply(&self, set: RuleSet) -> Result<(), IptablesError> {
         install(&set)?;
-        *self.current.lock().expect("rules") = Some(set);
+        let mut current = self.current.lock().expect("rules");
+        current.retain(|s| s.family() != set.family());
+        current.push(set);
         Ok(())
     }
 }
@@ -548,5 +648,54 @@ mod tests {
             false,
         );
         assert!(!no_masq.contains("postrtg") && no_masq.contains("forward"));
+    }
+
+    fn set_v6() -> RuleSet {
+        RuleSet {
+            network: "fd00:244::/56".parse().unwrap(),
+            subnet: "fd00:244:0:3::/64".parse().unwrap(),
+            ..set()
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_are_flannels_masqip6rules_and_forward_rules() {
+        let lines: Vec<String> = masquerade_rules(&set_v6()).iter().map(|r| r.spec.join(" ")).collect();
+        let c = "-m comment --comment flanneld masq";
+        assert_eq!(
+            lines,
+            [
+                format!("-m mark --mark 0x4000/0x4000 {c} -j RETURN"),
+                format!("-s fd00:244:0:3::/64 -d fd00:244::/56 {c} -j RETURN"),
+                format!("-s fd00:244::/56 -d fd00:244:0:3::/64 {c} -j RETURN"),
+                format!("! -s fd00:244::/56 -d fd00:244:0:3::/64 {c} -j RETURN"),
+                format!("-s fd00:244::/56 ! -d ff00::/8 {c} -j MASQUERADE --random-fully"),
+                format!("! -s fd00:244::/56 -d fd00:244::/56 {c} -j MASQUERADE --random-fully"),
+            ]
+        );
+        let fwd: Vec<String> = forward_rules(&set_v6()).iter().map(|r| r.spec.join(" ")).collect();
+        assert_eq!(
+            fwd,
+            [
+                "-s fd00:244::/56 -m comment --comment flanneld forward -j ACCEPT",
+                "-d fd00:244::/56 -m comment --comment flanneld forward -j ACCEPT",
+            ]
+        );
+        assert_eq!(set_v6().family(), Family::V6);
+        assert_eq!(Family::V6.iptables(), "ip6tables");
+    }
+
+    #[test]
+    fn ipv6_nft_script_is_the_ip6_flannel_ipv6_table() {
+        let s = nft_script(&set_v6(), false);
+        assert!(
+            s.starts_with("add table ip6 flannel-ipv6\ndelete table ip6 flannel-ipv6\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("add rule ip6 flannel-ipv6 postrtg ip6 saddr fd00:244::/56 ip6 daddr != ff00::/8 masquerade\n")
+        );
+        assert!(s.contains("add rule ip6 flannel-ipv6 forward ip6 daddr fd00:244::/56 accept\n"));
+        assert!(!s.contains(" ip saddr"), "{s}");
     }
 }

@@ -10,14 +10,14 @@ pub mod peers;
 pub mod takeover;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Context as _;
 pub use args::{AgentArgs, DatapathChoice};
-use iface::{interface_addresses, pick_interface};
+use iface::{interface_addresses, pick_interface, pick_interface_v6, pick_ipv6};
 use ipnetwork::Ipv4Network;
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
@@ -33,7 +33,7 @@ use crate::{
     },
     host::netdev,
     subnet::{
-        self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig,
+        self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig, SubnetKey,
         config::Backend as BackendConfig, etcd::EtcdRegistry,
     },
 };
@@ -67,11 +67,16 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let mut stop = Stop::new()?;
-    let (iface, public_ip) = pick_interface(&args)?;
-    tracing::info!(%iface, %public_ip, "using interface");
+    // The interface depends on the config's families (IPv6-only picks by IPv6 address); an
+    // IPv4 network picks it first, as before, so a bad --iface fails before etcd is asked.
+    let early = if args.public_ipv6.is_none() || args.public_ip.is_some() {
+        pick_interface(&args).ok()
+    } else {
+        None
+    };
 
     let status: health::SharedStatus = Arc::new(Mutex::new(health::Status {
-        public_ip: Some(public_ip.to_string()),
+        public_ip: early.as_ref().map(|(_, ip)| ip.to_string()),
         ..Default::default()
     }));
     if args.healthz_port != 0 {
@@ -87,22 +92,31 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         c = manager.wait_for_config() => c,
         _ = stop.signalled() => return Ok(()),
     };
-    let network = config
-        .ipv4
-        .as_ref()
-        .map(|p| p.network)
-        .context("the network config has no IPv4 network")?;
+    let underlay = Underlay::pick(&args, &config, early)?;
+    let (iface, public_ip) = (
+        underlay.name.clone(),
+        underlay.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+    );
+    tracing::info!(%iface, public_ip = ?underlay.public_ip, public_ipv6 = ?underlay.public_ipv6, "using interface");
+    status.lock().expect("status").public_ip = Some(
+        underlay
+            .public_ip
+            .map(|ip| ip.to_string())
+            .or(underlay.public_ipv6.map(|ip| ip.to_string()))
+            .unwrap_or_default(),
+    );
+    let network = config.ipv4.as_ref().map(|p| p.network);
     let flannel_leftovers = takeover::find(&config);
-    let (mut backend, kind) = make_backend(&config, &args, &iface, public_ip)?;
-    tracing::info!(backend = %backend.describe(), %network, "network config read");
+    let (mut backend, kind) = make_backend(&config, &args, &underlay)?;
+    tracing::info!(backend = %backend.describe(), ?network, ipv6_network = ?config.ipv6.map(|p| p.network), "network config read");
 
     let mut attrs = backend.lease_attrs();
     let mut lease = manager.acquire(&config, &attrs).await.context("leasing a subnet")?;
-    tracing::info!(subnet = %lease.subnet(), "subnet leased");
+    tracing::info!(subnet = %lease.key, "subnet leased");
     {
         let mut s = status.lock().expect("status");
         s.lease_held = true;
-        s.subnet = Some(lease.subnet().to_string());
+        s.subnet = Some(shown_subnet(&lease.key));
         s.lease_expires = lease.expires;
     }
     let rules = iptables::Upkeep::start(Duration::from_secs(args.iptables_resync));
@@ -121,7 +135,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             datapath: DatapathChoice::Kernel,
             ..args.clone()
         };
-        backend = make_backend(&config, &kernel_args, &iface, public_ip)?.0;
+        backend = make_backend(&config, &kernel_args, &underlay)?.0;
         attrs = backend.lease_attrs();
         lease = manager.acquire(&config, &attrs).await.context("leasing a subnet")?;
         activate(&mut *backend, &args, &config, &lease, network, &status, &rules)?;
@@ -133,15 +147,17 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "ready": true,
-            "subnet": lease.subnet().to_string(),
+            "subnet": shown_subnet(&lease.key),
+            "ipv6_subnet": lease.key.ipv6.map(|n| n.to_string()),
             "public_ip": public_ip.to_string(),
+            "public_ipv6": underlay.public_ipv6.map(|ip| ip.to_string()),
             "mtu": backend.mtu(),
             "backend": backend.describe(),
             "lease": attrs.to_json(),
         })
     );
 
-    let own_subnet = lease.subnet();
+    let own_subnet = lease.key;
     let (tx, rx) = mpsc::channel::<LeaseEvent>(1024);
     let run_manager = manager.clone();
     let run_config = config.clone();
@@ -221,7 +237,7 @@ struct Agent<'a> {
     backend: &'a mut dyn Backend,
     args: &'a AgentArgs,
     config: &'a NetworkConfig,
-    network: Ipv4Network,
+    network: Option<Ipv4Network>,
     status: &'a health::SharedStatus,
     rules: &'a iptables::Upkeep,
     peers: PeerSync,
@@ -232,7 +248,7 @@ impl Agent<'_> {
     /// until a signal, or the lease task ends (our lease revoked, etcd gone for good).
     async fn follow_leases(
         mut self,
-        mut own_subnet: Ipv4Network,
+        mut own_subnet: SubnetKey,
         mut rx: mpsc::Receiver<LeaseEvent>,
         mut lease_task: tokio::task::JoinHandle<Result<(), subnet::ManagerError>>,
         stop: &mut Stop,
@@ -282,17 +298,17 @@ impl Agent<'_> {
     }
 
     /// One lease event; Some(subnet) when our own lease was taken again (maybe another subnet).
-    fn apply(&mut self, event: LeaseEvent) -> anyhow::Result<Option<Ipv4Network>> {
+    fn apply(&mut self, event: LeaseEvent) -> anyhow::Result<Option<SubnetKey>> {
         match event {
             LeaseEvent::Added(l) | LeaseEvent::Changed(l) => self.peers.lease_put(self.backend, &l),
-            LeaseEvent::Removed(l) => self.peers.lease_removed(self.backend, l.subnet()),
+            LeaseEvent::Removed(l) => self.peers.lease_removed(self.backend, l.key),
             LeaseEvent::Reacquired(l) => {
-                tracing::warn!(subnet = %l.subnet(), "our lease was lost and leased again");
+                tracing::warn!(subnet = %l.key, "our lease was lost and leased again");
                 activate(
                     self.backend, self.args, self.config, &l, self.network, self.status, self.rules,
                 )?;
                 self.peers.mark_dirty();
-                return Ok(Some(l.subnet()));
+                return Ok(Some(l.key));
             }
         }
         Ok(None)
@@ -320,33 +336,97 @@ fn activate(
     args: &AgentArgs,
     config: &NetworkConfig,
     lease: &Lease,
-    network: Ipv4Network,
+    network: Option<Ipv4Network>,
     status: &health::SharedStatus,
     rules: &iptables::Upkeep,
 ) -> anyhow::Result<()> {
-    let subnet = lease.subnet();
-    backend
-        .activate(subnet, network)
-        .with_context(|| format!("programming {}", backend.describe()))?;
+    let subnet = lease.key.ipv4_subnet();
+    if let (Some(subnet), Some(network)) = (subnet, network) {
+        backend
+            .activate(subnet, network)
+            .with_context(|| format!("programming {}", backend.describe()))?;
+    }
+    if let (Some(subnet), Some(pool)) = (lease.key.ipv6, &config.ipv6) {
+        backend
+            .activate_ipv6(subnet, pool.network)
+            .with_context(|| format!("programming IPv6 on {}", backend.describe()))?;
+    }
     status.lock().expect("status").datapath_attached = true;
-    rules.apply(iptables::RuleSet {
-        network,
-        subnet,
-        masquerade: args.ip_masq,
-        random_fully: !args.ip_masq_fully_random_disable
-            && (config.enable_nftables || iptables::iptables_has_random_fully()),
-        forward: args.iptables_forward_rules,
-        nftables: config.enable_nftables,
-        blackhole: args.ip_blackhole_route,
-    })?;
+    let random_fully =
+        !args.ip_masq_fully_random_disable && (config.enable_nftables || iptables::iptables_has_random_fully());
+    // One set per family the network has, as flannel's iptables and ip6tables rules.
+    let families = [
+        subnet.zip(network).map(|(s, n)| (s.into(), n.into())),
+        lease
+            .key
+            .ipv6
+            .zip(config.ipv6.map(|p| p.network))
+            .map(|(s, n)| (s.into(), n.into())),
+    ];
+    for (subnet, network) in families.into_iter().flatten() {
+        rules.apply(iptables::RuleSet {
+            network,
+            subnet,
+            masquerade: args.ip_masq,
+            random_fully,
+            forward: args.iptables_forward_rules,
+            nftables: config.enable_nftables,
+            blackhole: args.ip_blackhole_route,
+        })?;
+    }
     subnet::file::write_subnet_file(&args.subnet_file, config, &lease.key, backend.mtu(), args.ip_masq)
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
     tracing::info!(file = %args.subnet_file.display(), mtu = backend.mtu(), "subnet file written");
     let mut s = status.lock().expect("status");
     s.subnet_file_written = true;
-    s.subnet = Some(subnet.to_string());
+    s.subnet = Some(shown_subnet(&lease.key));
     s.backend = backend.describe();
     Ok(())
+}
+
+/// Our subnet for people: the IPv4 one, or the IPv6 one in an IPv6-only network.
+fn shown_subnet(key: &SubnetKey) -> String {
+    match (key.ipv4_subnet(), key.ipv6) {
+        (None, Some(v6)) => v6.to_string(),
+        _ => key.ipv4.to_string(),
+    }
+}
+
+/// The interface for inter-host traffic and our addresses on it, per family the network has.
+struct Underlay {
+    name: String,
+    /// None in an IPv6-only network.
+    public_ip: Option<Ipv4Addr>,
+    /// Some when the network has IPv6.
+    public_ipv6: Option<Ipv6Addr>,
+}
+
+impl Underlay {
+    /// As flannel: the interface by IPv4 unless the network is IPv6-only; then the IPv6 address
+    /// (`--public-ipv6`, else the interface's best).
+    fn pick(args: &AgentArgs, config: &NetworkConfig, early: Option<(String, Ipv4Addr)>) -> anyhow::Result<Self> {
+        if config.ipv4.is_none() {
+            let (name, v6) = pick_interface_v6(args)?;
+            return Ok(Underlay {
+                name,
+                public_ip: None,
+                public_ipv6: Some(v6),
+            });
+        }
+        let (name, ip) = match early {
+            Some(picked) => picked,
+            None => pick_interface(args)?,
+        };
+        let public_ipv6 = match config.ipv6 {
+            Some(_) => Some(pick_ipv6(args, &name)?),
+            None => None,
+        };
+        Ok(Underlay {
+            name,
+            public_ip: Some(ip),
+            public_ipv6,
+        })
+    }
 }
 
 /// The backend the config asks for, with the lease kind its peers have: eBPF where it loads
@@ -354,10 +434,16 @@ fn activate(
 fn make_backend(
     config: &NetworkConfig,
     args: &AgentArgs,
-    iface: &str,
-    public_ip: Ipv4Addr,
+    underlay: &Underlay,
 ) -> anyhow::Result<(Box<dyn Backend>, BackendKind)> {
+    let iface = underlay.name.as_str();
+    let public_ip = underlay.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let ebpf = |format: Format, port: u16, vni: u32, mtu: u32| {
+        if underlay.public_ip.is_none() {
+            return Err(BackendError::Unavailable(
+                "the eBPF datapath needs an IPv4 network (this one is IPv6-only)".into(),
+            ));
+        }
         EbpfBackend::new(DatapathSpec {
             underlay: iface.to_string(),
             public_ip,
@@ -395,8 +481,13 @@ fn make_backend(
     match &config.backend {
         BackendConfig::Unsupported(_) => unreachable!("refused by check_supported"),
         BackendConfig::HostGw => {
-            iface::check_host_gw(iface, public_ip)?;
-            Ok((Box::new(HostGw::new(iface, public_ip)?), BackendKind::HostGw))
+            if underlay.public_ip.is_some() {
+                iface::check_host_gw(iface, public_ip)?;
+            }
+            Ok((
+                Box::new(HostGw::new(iface, public_ip, underlay.public_ipv6)?),
+                BackendKind::HostGw,
+            ))
         }
         BackendConfig::Vxlan {
             vni,
@@ -416,7 +507,7 @@ fn make_backend(
                 &|| ebpf(Format::Vxlan, *port, *vni, *mtu),
                 &|| {
                     Ok(Box::new(KernelVxlan::new(
-                        KERNEL_VXLAN_DEVICE, iface, public_ip, *vni, kernel_port, *mtu,
+                        KERNEL_VXLAN_DEVICE, iface, underlay.public_ip, underlay.public_ipv6, *vni, kernel_port, *mtu,
                     )?))
                 },
                 "the kernel vxlan device",
@@ -460,7 +551,11 @@ fn cleanup(args: &AgentArgs) -> anyhow::Result<()> {
             netdev::delete_link(device)?;
         }
     }
+    for device in netdev::link_names()?.iter().filter(|n| n.starts_with("flannel-v6.")) {
+        netdev::delete_link(device)?;
+    }
     let _ = netdev::ip(&["route", "flush", "proto", crate::backend::ROUTE_PROTO]);
+    let _ = netdev::ip(&["-6", "route", "flush", "proto", crate::backend::ROUTE_PROTO]);
     iptables::remove_all();
     if args.subnet_file.exists() {
         std::fs::remove_file(&args.subnet_file).with_context(|| format!("removing {}", args.subnet_file.display()))?;

@@ -6,12 +6,10 @@
 //! logs a failed update and forgets it).
 use std::collections::BTreeSet;
 
-use ipnetwork::Ipv4Network;
-
 use super::health::SharedStatus;
 use crate::{
     backend::{Backend, Peer},
-    subnet::{BackendKind, Lease},
+    subnet::{BackendKind, Lease, SubnetKey},
 };
 
 pub struct PeerSync {
@@ -39,7 +37,7 @@ impl PeerSync {
 
     /// A lease of another host appeared or changed.
     pub fn lease_put(&mut self, backend: &mut dyn Backend, lease: &Lease) {
-        let subnet = lease.subnet();
+        let subnet = lease.key;
         let peer = match Peer::from_lease(lease, self.kind) {
             Ok(peer) => peer,
             Err(why) => {
@@ -68,7 +66,7 @@ impl PeerSync {
     }
 
     /// A lease of another host went.
-    pub fn lease_removed(&mut self, backend: &mut dyn Backend, subnet: Ipv4Network) {
+    pub fn lease_removed(&mut self, backend: &mut dyn Backend, subnet: SubnetKey) {
         {
             let mut s = self.status.lock().expect("status");
             s.peers.remove(&subnet);
@@ -99,8 +97,8 @@ impl PeerSync {
         let mut unapplied = BTreeSet::new();
         for peer in desired.values() {
             if let Err(e) = backend.set_peer(peer) {
-                tracing::warn!("adding peer {} failed: {e}", peer.subnet);
-                unapplied.insert(peer.subnet);
+                tracing::warn!("adding peer {} failed: {e}", peer.key());
+                unapplied.insert(peer.key());
                 clean = false;
             }
         }

@@ -17,7 +17,7 @@ use ipnetwork::Ipv4Network;
 use super::{Backend, BackendError, Peer};
 use crate::{
     host::{Counters, netdev},
-    subnet::LeaseAttrs,
+    subnet::{LeaseAttrs, SubnetKey},
 };
 
 pub struct DirectRouting {
@@ -76,7 +76,8 @@ impl Backend for DirectRouting {
             return Ok(());
         }
         self.inner.set_peer(peer)?;
-        let direct = self.is_on_link(peer.public_ip);
+        // IPv6 stays encapsulated (flannel's v6 direct routes are not done here).
+        let direct = peer.ipv4().is_some() && self.is_on_link(peer.public_ip);
         if direct {
             super::route_via_peer(peer, &self.underlay)?;
         } else if self
@@ -90,14 +91,14 @@ impl Backend for DirectRouting {
         Ok(())
     }
 
-    fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
-        if let Some((_, true)) = self.applied.remove(&subnet) {
-            super::remove_route_via_peer(subnet, &self.underlay);
+    fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
+        if let Some((_, true)) = self.applied.remove(&key.ipv4) {
+            super::remove_route_via_peer(key.ipv4, &self.underlay);
         }
-        self.inner.remove_peer(subnet)
+        self.inner.remove_peer(key)
     }
 
-    fn peers(&self) -> Vec<Ipv4Network> {
+    fn peers(&self) -> Vec<SubnetKey> {
         self.inner.peers()
     }
 

@@ -1,37 +1,65 @@
-//! flannel's host-gw: no tunnel, a route to each peer's subnet via its PublicIP. Peers must
-//! share the underlay's layer 2.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! flannel's host-gw: no tunnel, a route to each peer's subnet via its PublicIP, and to its
+//! IPv6 subnet via its PublicIPv6. Peers must share the underlay's layer 2.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::{Backend, BackendError, Peer};
+use super::{Backend, BackendError, Peer, ROUTE_PROTO};
 use crate::{
     host::netdev,
-    subnet::{LeaseAttrs, LeaseBackend},
+    subnet::{LeaseAttrs, LeaseBackend, SubnetKey},
 };
 
 pub struct HostGw {
     underlay: String,
     public_ip: Ipv4Addr,
+    public_ipv6: Option<Ipv6Addr>,
     mtu: u32,
-    peers: BTreeMap<Ipv4Network, Ipv4Addr>,
+    peers: BTreeMap<SubnetKey, Peer>,
 }
 
 impl HostGw {
-    pub fn new(underlay: &str, public_ip: Ipv4Addr) -> Result<Self, BackendError> {
+    /// `public_ip` is 0.0.0.0 in an IPv6-only network; `public_ipv6` is set when the network
+    /// has IPv6.
+    pub fn new(underlay: &str, public_ip: Ipv4Addr, public_ipv6: Option<Ipv6Addr>) -> Result<Self, BackendError> {
         let link = netdev::link_info(underlay)?;
         Ok(HostGw {
             underlay: underlay.into(),
             public_ip,
+            public_ipv6,
             mtu: link.mtu,
             peers: BTreeMap::new(),
         })
     }
 }
 
+/// The IPv6 route host-gw installs, as flannel's: the peer's IPv6 subnet via its PublicIPv6.
+fn route_v6_via_peer(subnet: Ipv6Network, via: Ipv6Addr, underlay: &str) -> Result<(), BackendError> {
+    netdev::ip(&[
+        "-6",
+        "route",
+        "replace",
+        &subnet.to_string(),
+        "via",
+        &via.to_string(),
+        "dev",
+        underlay,
+        "proto",
+        ROUTE_PROTO,
+    ])?;
+    Ok(())
+}
+
 impl Backend for HostGw {
     fn lease_attrs(&self) -> LeaseAttrs {
-        LeaseAttrs::new(self.public_ip, LeaseBackend::HostGw)
+        let attrs = LeaseAttrs::new(self.public_ip, LeaseBackend::HostGw);
+        match self.public_ipv6 {
+            Some(v6) => attrs.with_ipv6(v6, None),
+            None => attrs,
+        }
     }
 
     fn mtu(&self) -> u32 {
@@ -43,23 +71,44 @@ impl Backend for HostGw {
         Ok(())
     }
 
+    fn activate_ipv6(&mut self, _subnet: Ipv6Network, _network: Ipv6Network) -> Result<(), BackendError> {
+        if self.public_ipv6.is_none() {
+            return Err(BackendError::Unavailable(
+                "host-gw was started without a PublicIPv6".into(),
+            ));
+        }
+        netdev::sysctl_set("net/ipv6/conf/all/forwarding", "1")?;
+        Ok(())
+    }
+
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
-        if self.peers.get(&peer.subnet) == Some(&peer.public_ip) {
+        let key = peer.key();
+        if self.peers.get(&key) == Some(peer) {
             return Ok(());
         }
-        super::route_via_peer(peer, &self.underlay)?;
-        self.peers.insert(peer.subnet, peer.public_ip);
+        if peer.ipv4().is_some() {
+            super::route_via_peer(peer, &self.underlay)?;
+        }
+        if let (Some(v6), Some(_)) = (peer.ipv6, self.public_ipv6) {
+            route_v6_via_peer(v6.subnet, v6.public_ip, &self.underlay)?;
+        }
+        self.peers.insert(key, *peer);
         Ok(())
     }
 
-    fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
-        if self.peers.remove(&subnet).is_some() {
-            super::remove_route_via_peer(subnet, &self.underlay);
+    fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
+        if self.peers.remove(&key).is_some() {
+            if let Some(v4) = key.ipv4_subnet() {
+                super::remove_route_via_peer(v4, &self.underlay);
+            }
+            if let Some(v6) = key.ipv6 {
+                let _ = netdev::ip(&["-6", "route", "del", &v6.to_string(), "dev", &self.underlay]);
+            }
         }
         Ok(())
     }
 
-    fn peers(&self) -> Vec<Ipv4Network> {
+    fn peers(&self) -> Vec<SubnetKey> {
         self.peers.keys().copied().collect()
     }
 

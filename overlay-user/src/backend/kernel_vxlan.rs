@@ -1,75 +1,213 @@
-//! The kernel vxlan device, programmed as flannel's vxlan backend programs `flannel.1`: the
-//! fallback when eBPF cannot be loaded, and the baseline the benchmarks compare against.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! The kernel vxlan devices, programmed as flannel's vxlan backend programs `flannel.1` and,
+//! for IPv6, `flannel-v6.1`: the fallback when eBPF cannot be loaded, and the baseline the
+//! benchmarks compare against.
+//!
+//! Per peer, as flannel: the peer's subnet routed via its network address `onlink` on the
+//! device, a permanent neighbour entry mapping that address to the peer's VtepMAC, and an FDB
+//! entry sending that MAC to the peer's PublicIP. IPv6 the same on the v6 device, with the v6
+//! VtepMAC and the PublicIPv6.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use super::{Backend, BackendError, Peer, ROUTE_PROTO};
 use crate::{
     host::{MacAddr, netdev},
-    subnet::{LeaseAttrs, LeaseBackend, VxlanData},
+    subnet::{LeaseAttrs, LeaseBackend, SubnetKey, VxlanData},
 };
-use ipnetwork::Ipv4Network;
 
-pub struct KernelVxlan {
-    device: String,
-    public_ip: Ipv4Addr,
-    vni: u32,
-    vtep_mac: MacAddr,
-    mtu: u32,
-    peers: BTreeMap<Ipv4Network, Peer>,
+/// An outer IPv6 header is 20 bytes longer than an IPv4 one.
+const IPV6_EXTRA_OVERHEAD: u32 = 20;
+
+/// The name flannel gives its IPv6 vxlan device.
+pub fn ipv6_device_name(vni: u32) -> String {
+    format!("flannel-v6.{vni}")
 }
 
-impl KernelVxlan {
-    pub fn new(
-        device: &str,
-        underlay: &str,
-        public_ip: Ipv4Addr,
-        vni: u32,
-        port: u16,
-        mtu: u32,
-    ) -> Result<Self, BackendError> {
-        let link = netdev::link_info(underlay)?;
-        let mtu = if mtu > 0 { mtu } else { link.mtu.saturating_sub(50) };
-        if !netdev::link_exists(device) {
+/// One kernel vxlan device and the MAC it answers to (its VtepMAC).
+struct Device {
+    name: String,
+    vtep_mac: MacAddr,
+}
+
+impl Device {
+    fn create(name: &str, underlay: &str, local: IpAddr, vni: u32, port: u16, mtu: u32) -> Result<Self, BackendError> {
+        if !netdev::link_exists(name) {
             netdev::ip(&[
                 "link",
                 "add",
-                device,
+                name,
                 "type",
                 "vxlan",
                 "id",
                 &vni.to_string(),
                 "local",
-                &public_ip.to_string(),
+                &local.to_string(),
                 "dev",
                 underlay,
                 "dstport",
                 &port.to_string(),
                 "nolearning",
             ])?;
-            tracing::info!(device, vni, port, "created kernel vxlan device");
+            tracing::info!(device = name, vni, port, %local, "created kernel vxlan device");
         }
-        netdev::ip(&["link", "set", device, "mtu", &mtu.to_string(), "up"])?;
-        let vtep_mac = netdev::link_info(device)?.mac.unwrap_or_default();
-        Ok(KernelVxlan {
-            device: device.into(),
-            public_ip,
-            vni,
+        // As flannel: no router advertisements taken on the tunnel device.
+        let _ = netdev::sysctl_set(&format!("net/ipv6/conf/{name}/accept_ra"), "0");
+        netdev::ip(&["link", "set", name, "mtu", &mtu.to_string(), "up"])?;
+        let vtep_mac = netdev::link_info(name)?.mac.unwrap_or_default();
+        Ok(Device {
+            name: name.to_string(),
             vtep_mac,
+        })
+    }
+
+    /// Route `subnet` via its network address `gw` on this device, with the neighbour and FDB
+    /// entries that send it to `public_ip` encapsulated.
+    fn add_peer(
+        &self,
+        family: &str,
+        subnet: &str,
+        gw: &str,
+        mac: MacAddr,
+        public_ip: &str,
+    ) -> Result<(), BackendError> {
+        let mac = mac.to_string();
+        netdev::ip(&[
+            family, "neigh", "replace", gw, "lladdr", &mac, "dev", &self.name, "nud", "permanent",
+        ])?;
+        netdev::bridge(&[
+            "fdb", "replace", &mac, "dev", &self.name, "dst", public_ip, "self", "permanent",
+        ])?;
+        netdev::ip(&[
+            family, "route", "replace", subnet, "via", gw, "dev", &self.name, "onlink", "proto", ROUTE_PROTO,
+        ])?;
+        Ok(())
+    }
+
+    /// Undo [`Device::add_peer`]; entries already gone are fine.
+    fn remove_peer(&self, family: &str, subnet: &str, gw: &str, mac: Option<MacAddr>, public_ip: &str) {
+        let _ = netdev::ip(&[family, "route", "del", subnet, "dev", &self.name]);
+        let _ = netdev::ip(&[family, "neigh", "del", gw, "dev", &self.name]);
+        if let Some(mac) = mac {
+            let _ = netdev::bridge(&[
+                "fdb",
+                "del",
+                &mac.to_string(),
+                "dev",
+                &self.name,
+                "dst",
+                public_ip,
+                "self",
+            ]);
+        }
+    }
+}
+
+pub struct KernelVxlan {
+    /// `flannel.<VNI>`; None in an IPv6-only network.
+    v4: Option<Device>,
+    /// `flannel-v6.<VNI>`; None without IPv6.
+    v6: Option<Device>,
+    public_ip: Ipv4Addr,
+    public_ipv6: Option<Ipv6Addr>,
+    vni: u32,
+    mtu: u32,
+    peers: BTreeMap<SubnetKey, Peer>,
+}
+
+impl KernelVxlan {
+    /// `public_ip` None: an IPv6-only network (no `device`); `public_ipv6` Some: the network has
+    /// IPv6, carried by `flannel-v6.<VNI>` from that address. `mtu` (0: the underlay's minus
+    /// 50, as flannel sets it) is `flannel.<VNI>`'s; `flannel-v6.<VNI>` gets 20 bytes less, for
+    /// the larger outer header: the kernel refuses a vxlan-over-IPv6 device an MTU above its
+    /// lower device's minus 70 (flannel asks for the same MTU on both devices).
+    /// [`Backend::mtu`] (`FLANNEL_MTU`) is the IPv4 device's, as flannel reports it, or the IPv6
+    /// device's in an IPv6-only network.
+    pub fn new(
+        device: &str,
+        underlay: &str,
+        public_ip: Option<Ipv4Addr>,
+        public_ipv6: Option<Ipv6Addr>,
+        vni: u32,
+        port: u16,
+        mtu: u32,
+    ) -> Result<Self, BackendError> {
+        let link = netdev::link_info(underlay)?;
+        let mtu = if mtu > 0 { mtu } else { link.mtu.saturating_sub(50) };
+        let mtu_v6 = mtu.saturating_sub(IPV6_EXTRA_OVERHEAD);
+        let v4 = match public_ip {
+            Some(ip) => Some(Device::create(device, underlay, ip.into(), vni, port, mtu)?),
+            None => None,
+        };
+        let v6 = match public_ipv6 {
+            Some(ip) => Some(Device::create(
+                &ipv6_device_name(vni),
+                underlay,
+                ip.into(),
+                vni,
+                port,
+                mtu_v6,
+            )?),
+            None => None,
+        };
+        let mtu = if v4.is_some() { mtu } else { mtu_v6 };
+        Ok(KernelVxlan {
+            v4,
+            v6,
+            public_ip: public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public_ipv6,
+            vni,
             mtu,
             peers: BTreeMap::new(),
         })
+    }
+
+    fn remove_programmed(&self, old: &Peer) {
+        if let (Some(dev), Some(v4)) = (&self.v4, old.ipv4()) {
+            dev.remove_peer(
+                "-4",
+                &v4.to_string(),
+                &v4.network().to_string(),
+                old.vtep_mac,
+                &old.public_ip.to_string(),
+            );
+        }
+        if let (Some(dev), Some(v6)) = (&self.v6, old.ipv6) {
+            dev.remove_peer(
+                "-6",
+                &v6.subnet.to_string(),
+                &v6.subnet.network().to_string(),
+                v6.vtep_mac,
+                &v6.public_ip.to_string(),
+            );
+        }
     }
 }
 
 impl Backend for KernelVxlan {
     fn lease_attrs(&self) -> LeaseAttrs {
-        LeaseAttrs::new(
+        // An IPv6-only lease still says vxlan in BackendData, as flannel's (VNI, and no device).
+        let v4_mac = self.v4.as_ref().map(|d| d.vtep_mac).unwrap_or_default();
+        let attrs = LeaseAttrs::new(
             self.public_ip,
             LeaseBackend::Vxlan(VxlanData {
                 vni: self.vni,
-                vtep_mac: self.vtep_mac,
+                vtep_mac: v4_mac,
             }),
-        )
+        );
+        match (self.public_ipv6, &self.v6) {
+            (Some(ip), Some(dev)) => attrs.with_ipv6(
+                ip,
+                Some(VxlanData {
+                    vni: self.vni,
+                    vtep_mac: dev.vtep_mac,
+                }),
+            ),
+            _ => attrs,
+        }
     }
 
     fn mtu(&self) -> u32 {
@@ -77,85 +215,72 @@ impl Backend for KernelVxlan {
     }
 
     fn activate(&mut self, subnet: Ipv4Network, _network: Ipv4Network) -> Result<(), BackendError> {
+        let dev = self.v4.as_ref().ok_or(BackendError::NotActive)?;
+        netdev::ip(&["addr", "replace", &format!("{}/32", subnet.network()), "dev", &dev.name])?;
+        Ok(())
+    }
+
+    fn activate_ipv6(&mut self, subnet: Ipv6Network, _network: Ipv6Network) -> Result<(), BackendError> {
+        let dev = self
+            .v6
+            .as_ref()
+            .ok_or_else(|| BackendError::Unavailable("the kernel vxlan backend was started without IPv6".into()))?;
+        // As flannel: the subnet's network address as a /128, so no prefix route is made.
         netdev::ip(&[
+            "-6",
             "addr",
             "replace",
-            &format!("{}/32", subnet.network()),
+            &format!("{}/128", subnet.network()),
             "dev",
-            &self.device,
+            &dev.name,
         ])?;
         Ok(())
     }
 
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
-        if self.peers.get(&peer.subnet) == Some(peer) {
+        let key = peer.key();
+        if self.peers.get(&key) == Some(peer) {
             return Ok(());
         }
-        // Peer::check gives every vxlan peer a VtepMAC.
-        let mac = peer.vtep_mac.unwrap_or_default().to_string();
-        let gw = peer.subnet.network().to_string();
-        if let Some(old) = self.peers.remove(&peer.subnet) {
-            remove_fdb(&self.device, &old);
+        if let Some(old) = self.peers.remove(&key) {
+            self.remove_programmed(&old);
         }
-        netdev::ip(&[
-            "neigh", "replace", &gw, "lladdr", &mac, "dev", &self.device, "nud", "permanent",
-        ])?;
-        netdev::bridge(&[
-            "fdb",
-            "replace",
-            &mac,
-            "dev",
-            &self.device,
-            "dst",
-            &peer.public_ip.to_string(),
-            "self",
-            "permanent",
-        ])?;
-        netdev::ip(&[
-            "route",
-            "replace",
-            &peer.subnet.to_string(),
-            "via",
-            &gw,
-            "dev",
-            &self.device,
-            "onlink",
-            "proto",
-            ROUTE_PROTO,
-        ])?;
-        self.peers.insert(peer.subnet, *peer);
+        // Peer::check gives every vxlan peer its VtepMACs.
+        if let (Some(dev), Some(v4)) = (&self.v4, peer.ipv4()) {
+            dev.add_peer(
+                "-4",
+                &v4.to_string(),
+                &v4.network().to_string(),
+                peer.vtep_mac.unwrap_or_default(),
+                &peer.public_ip.to_string(),
+            )?;
+        }
+        if let (Some(dev), Some(v6)) = (&self.v6, peer.ipv6) {
+            dev.add_peer(
+                "-6",
+                &v6.subnet.to_string(),
+                &v6.subnet.network().to_string(),
+                v6.vtep_mac.unwrap_or_default(),
+                &v6.public_ip.to_string(),
+            )?;
+        }
+        self.peers.insert(key, *peer);
         Ok(())
     }
 
-    fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
-        if let Some(old) = self.peers.remove(&subnet) {
-            let _ = netdev::ip(&["route", "del", &subnet.to_string(), "dev", &self.device]);
-            let _ = netdev::ip(&["neigh", "del", &subnet.network().to_string(), "dev", &self.device]);
-            remove_fdb(&self.device, &old);
+    fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
+        if let Some(old) = self.peers.remove(&key) {
+            self.remove_programmed(&old);
         }
         Ok(())
     }
 
-    fn peers(&self) -> Vec<Ipv4Network> {
+    fn peers(&self) -> Vec<SubnetKey> {
         self.peers.keys().copied().collect()
     }
 
     fn describe(&self) -> String {
-        format!("kernel-vxlan (device {})", self.device)
-    }
-}
-
-fn remove_fdb(device: &str, peer: &Peer) {
-    if let Some(mac) = peer.vtep_mac {
-        let _ = netdev::bridge(&[
-            "fdb",
-            "del",
-            &mac.to_string(),
-            "dev",
-            device,
-            "dst",
-            &peer.public_ip.to_string(),
-            "self",
-        ]);
+        let names: Vec<&str> = self.v4.iter().chain(&self.v6).map(|d| d.name.as_str()).collect();
+        format!("kernel-vxlan (device {})", names.join(", "))
     }
 }

@@ -14,13 +14,16 @@ pub mod kernel_vxlan;
 pub mod tun_udp;
 pub mod userspace_udp;
 
-use std::{net::Ipv4Addr, str::FromStr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::{
     host::{Counters, HostError, MacAddr, netdev},
-    subnet::{BackendKind, Lease, LeaseAttrs, LeaseBackend},
+    subnet::{BackendKind, Lease, LeaseAttrs, LeaseBackend, SubnetKey},
 };
 
 /// Routing protocol number on the routes backends install, so `--cleanup` can find them
@@ -57,12 +60,27 @@ pub enum BackendError {
 }
 
 /// Another host, as every backend programs it: the subnet it owns, where its tunnel ends and,
-/// for vxlan, the MAC of its tunnel device. Read from its lease by [`Peer::from_lease`], or
-/// given by hand as `--peer CIDR=IP[,MAC]`; both go through [`Peer::check`].
+/// for vxlan, the MAC of its tunnel device; the same again for IPv6 when its lease has an IPv6
+/// side. Read from its lease by [`Peer::from_lease`], or given by hand as `--peer
+/// CIDR=IP[,MAC]`; both go through [`Peer::check`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
+    /// `0.0.0.0/0` ([`SubnetKey::NO_IPV4`]) for a peer of an IPv6-only network, as its
+    /// lease key writes it; [`Peer::ipv4`] tells.
     pub subnet: Ipv4Network,
     pub public_ip: Ipv4Addr,
+    /// Present for every vxlan peer with IPv4 ([`Peer::check`] sees to it); None for the others.
+    pub vtep_mac: Option<MacAddr>,
+    /// The IPv6 side: present when the lease has an IPv6 subnet and a PublicIPv6.
+    pub ipv6: Option<PeerV6>,
+}
+
+/// A peer's IPv6 side, as flannel carries it: the IPv6 subnet, reached over the IPv6 underlay
+/// at `PublicIPv6`; for vxlan, the MAC of its `flannel-v6.<VNI>` device (`BackendV6Data`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerV6 {
+    pub subnet: Ipv6Network,
+    pub public_ip: Ipv6Addr,
     /// Present for every vxlan peer ([`Peer::check`] sees to it); None for the others.
     pub vtep_mac: Option<MacAddr>,
 }
@@ -83,22 +101,55 @@ impl Peer {
                 ours.name()
             ));
         }
+        let ipv6 = match (lease.key.ipv6, lease.attrs.public_ipv6) {
+            (Some(subnet), Some(public_ip)) => Some(PeerV6 {
+                subnet,
+                public_ip,
+                vtep_mac: lease.attrs.vxlan_v6()?.map(|v| v.vtep_mac),
+            }),
+            (Some(_), None) => return Err("lease with an IPv6 subnet but without PublicIPv6".into()),
+            (None, _) => None,
+        };
         let peer = Peer {
             subnet: lease.subnet(),
             public_ip: lease.attrs.public_ip,
             vtep_mac,
+            ipv6,
         };
         peer.check(ours)?;
         Ok(peer)
     }
 
+    /// Who the peer is: its lease's key (IPv4 subnet, IPv6 subnet), unique in every network,
+    /// IPv6-only ones included.
+    pub fn key(&self) -> SubnetKey {
+        SubnetKey::new(self.subnet, self.ipv6.map(|v| v.subnet))
+    }
+
+    /// The IPv4 subnet, None for a peer of an IPv6-only network.
+    pub fn ipv4(&self) -> Option<Ipv4Network> {
+        (self.subnet != SubnetKey::NO_IPV4).then_some(self.subnet)
+    }
+
     /// The one place that decides whether a peer is usable by a backend of `kind`.
     pub fn check(&self, kind: BackendKind) -> Result<(), String> {
-        if self.public_ip.is_unspecified() {
-            return Err("lease without PublicIP".into());
+        if self.ipv4().is_some() {
+            if self.public_ip.is_unspecified() {
+                return Err("lease without PublicIP".into());
+            }
+            if kind == BackendKind::Vxlan && self.vtep_mac.is_none() {
+                return Err("vxlan peer without VtepMAC".into());
+            }
+        } else if self.ipv6.is_none() {
+            return Err("IPv6-only lease without PublicIPv6".into());
         }
-        if kind == BackendKind::Vxlan && self.vtep_mac.is_none() {
-            return Err("vxlan peer without VtepMAC".into());
+        if let Some(v6) = &self.ipv6 {
+            if v6.public_ip.is_unspecified() {
+                return Err("lease without PublicIPv6".into());
+            }
+            if kind == BackendKind::Vxlan && v6.vtep_mac.is_none() {
+                return Err("vxlan peer with IPv6 but without BackendV6Data.VtepMAC".into());
+            }
         }
         Ok(())
     }
@@ -135,6 +186,7 @@ impl FromStr for Peer {
             subnet,
             public_ip,
             vtep_mac: mac,
+            ipv6: None,
         })
     }
 }
@@ -147,12 +199,22 @@ pub trait Backend: Send {
     fn mtu(&self) -> u32;
     /// Program this host once its subnet is leased.
     fn activate(&mut self, subnet: Ipv4Network, network: Ipv4Network) -> Result<(), BackendError>;
+    /// Program this host's IPv6 side once its IPv6 subnet is leased (after [`Backend::activate`]
+    /// when the network has IPv4 too). Backends without IPv6 refuse.
+    fn activate_ipv6(&mut self, subnet: Ipv6Network, network: Ipv6Network) -> Result<(), BackendError> {
+        let _ = (subnet, network);
+        Err(BackendError::Unavailable(format!(
+            "{} does not carry IPv6",
+            self.describe()
+        )))
+    }
     /// Add or update a peer (one that passed [`Peer::check`]); repeating an unchanged peer is
     /// cheap and does nothing.
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError>;
-    fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError>;
-    /// The subnets of the peers as currently programmed.
-    fn peers(&self) -> Vec<Ipv4Network>;
+    /// Remove the peer whose [`Peer::key`] is `key`; an unknown one is fine.
+    fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError>;
+    /// The keys of the peers as currently programmed.
+    fn peers(&self) -> Vec<SubnetKey>;
     /// Periodic upkeep (about once a second), for backends that follow local state.
     fn tick(&mut self) {}
     /// Datapath counters, where the backend has them.
@@ -166,7 +228,7 @@ pub trait Backend: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::subnet::{SubnetKey, VxlanData};
+    use crate::subnet::VxlanData;
 
     #[test]
     fn peer_flag_parses_and_rejects() {
@@ -217,5 +279,48 @@ mod tests {
             Peer::from_lease(&lease(bad, ip), BackendKind::Vxlan).unwrap_err(),
             "vxlan lease without BackendData"
         );
+    }
+
+    #[test]
+    fn a_lease_with_ipv6_gives_the_peer_its_ipv6_side() {
+        let mac = |s: &str| s.parse::<MacAddr>().unwrap();
+        let data = |m: &str| VxlanData {
+            vni: 1,
+            vtep_mac: mac(m),
+        };
+        let v6ip: Ipv6Addr = "fd01::2".parse().unwrap();
+        let mut dual = lease(
+            LeaseBackend::Vxlan(data("aa:bb:cc:00:00:02")),
+            Ipv4Addr::new(192, 168, 1, 2),
+        );
+        dual.key = SubnetKey::parse("10.244.2.0-24&fd00:0:0:2::-64").unwrap();
+        dual.attrs = dual.attrs.clone().with_ipv6(v6ip, Some(data("aa:bb:cc:66:00:02")));
+        let p = Peer::from_lease(&dual, BackendKind::Vxlan).unwrap();
+        assert_eq!(p.ipv4(), Some("10.244.2.0/24".parse().unwrap()));
+        let v6 = p.ipv6.unwrap();
+        assert_eq!((v6.subnet.to_string(), v6.public_ip), ("fd00:0:0:2::/64".into(), v6ip));
+        assert_eq!(v6.vtep_mac, Some(mac("aa:bb:cc:66:00:02")));
+
+        // A vxlan lease with an IPv6 side must say the v6 device's MAC.
+        let mut no_mac = dual.clone();
+        no_mac.attrs.backend_v6_data = None;
+        assert!(
+            Peer::from_lease(&no_mac, BackendKind::Vxlan)
+                .unwrap_err()
+                .contains("BackendV6Data")
+        );
+
+        // IPv6-only: no IPv4 side, PublicIP 0.0.0.0 is fine, PublicIPv6 is required.
+        let mut v6only = lease(LeaseBackend::HostGw, Ipv4Addr::UNSPECIFIED);
+        v6only.key = SubnetKey::parse("0.0.0.0-0&fd00:0:0:3::-64").unwrap();
+        assert!(
+            Peer::from_lease(&v6only, BackendKind::HostGw)
+                .unwrap_err()
+                .contains("PublicIPv6")
+        );
+        v6only.attrs = v6only.attrs.clone().with_ipv6(v6ip, None);
+        let p = Peer::from_lease(&v6only, BackendKind::HostGw).unwrap();
+        assert_eq!(p.ipv4(), None);
+        assert_eq!(p.ipv6.unwrap().subnet.to_string(), "fd00:0:0:3::/64");
     }
 }

@@ -12,7 +12,7 @@ use super::{
 use crate::{
     backend::ebpf::Format,
     host::{Counters, netdev},
-    subnet::{LeaseAttrs, LeaseBackend},
+    subnet::{LeaseAttrs, LeaseBackend, SubnetKey},
 };
 
 /// flannel's name for its udp backend's TUN device.
@@ -77,15 +77,17 @@ impl Backend for UserspaceUdp {
         Ok(())
     }
 
-    fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
+    fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
+        let subnet = key.ipv4;
         self.forwarder()?.remove_peer(subnet);
         Ok(())
     }
 
-    fn peers(&self) -> Vec<Ipv4Network> {
+    fn peers(&self) -> Vec<SubnetKey> {
+        // flannel's udp carries no IPv6: keys are IPv4 only.
         self.forwarder
             .as_ref()
-            .map(|f| f.peers().into_iter().map(|(s, _)| s).collect())
+            .map(|f| f.peers().into_iter().map(|(s, _)| SubnetKey::new(s, None)).collect())
             .unwrap_or_default()
     }
 

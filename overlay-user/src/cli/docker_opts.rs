@@ -31,6 +31,11 @@ pub struct Args {
     /// Name of the combined options variable.
     #[arg(short = 'k', value_name = "COMBINED-KEY", default_value = "DOCKER_OPTS")]
     pub combined_key: String,
+    /// Also output Docker's IPv6 options from FLANNEL_IPV6_SUBNET: DOCKER_OPT_IPV6="--ipv6" and
+    /// DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=<its network>". Not in mk-docker-opts.sh,
+    /// which writes nothing for IPv6; without -6 the output is the script's.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -63,6 +68,7 @@ pub fn generate(
         combined: args.combined,
         no_ip_masq: args.no_ip_masq,
         combined_key: args.combined_key.clone(),
+        ipv6: args.ipv6,
     };
     let out = docker_opts(&vars, &flags)?;
     write_atomic(&args.docker_env, out.as_bytes())?;

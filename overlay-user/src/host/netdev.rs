@@ -104,6 +104,19 @@ pub fn link_info(name: &str) -> Result<LinkInfo, HostError> {
     })
 }
 
+/// The names of every link in this namespace.
+pub fn link_names() -> Result<Vec<String>, HostError> {
+    let out = ip(&["-j", "link", "show"])?;
+    let links: Vec<serde_json::Value> = serde_json::from_str(&out).map_err(|e| HostError::Interface {
+        name: "*".into(),
+        reason: format!("unreadable `ip -j link` output: {e}"),
+    })?;
+    Ok(links
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(String::from))
+        .collect())
+}
+
 pub fn link_exists(name: &str) -> bool {
     link_info(name).is_ok()
 }

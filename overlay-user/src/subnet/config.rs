@@ -321,6 +321,11 @@ impl NetworkConfig {
                     None => Ok(()),
                 }
             }
+            Backend::Udp { .. } if self.ipv6.is_some() => Err(ConfigError::field(
+                "EnableIPv6",
+                "the udp backend carries IPv4 only (flannel's udp backend has no IPv6); \
+                 use vxlan or host-gw for IPv6, or set EnableIPv6 false",
+            )),
             Backend::Udp { .. } | Backend::HostGw => Ok(()),
         }
     }
@@ -663,6 +668,24 @@ mod tests {
     fn network_host_bits_are_masked_like_parsecidr() {
         let c = NetworkConfig::parse(r#"{"Network":"10.1.2.3/16"}"#).unwrap();
         assert_eq!(c.ipv4.unwrap().network, "10.1.0.0/16".parse().unwrap());
+    }
+
+    #[test]
+    fn udp_with_ipv6_is_refused_naming_enable_ipv6() {
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:42::/56","Backend":{"Type":"udp"}}"#,
+        )
+        .unwrap();
+        let e = c.check_supported().unwrap_err();
+        assert_eq!(e.field_name(), Some("EnableIPv6"));
+        assert!(e.to_string().contains("udp"), "{e}");
+        let v4 = NetworkConfig::parse(r#"{"Network":"10.42.0.0/16","Backend":{"Type":"udp"}}"#).unwrap();
+        assert!(v4.check_supported().is_ok());
+        let v6only = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:42::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert!(v6only.ipv4.is_none() && v6only.check_supported().is_ok());
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 pub enum DockerOptsError {
     #[error("Invalid value of FLANNEL_IPMASQ: {0}")]
     InvalidIpMasq(String),
+    #[error("FLANNEL_IPV6_SUBNET={0:?} is not an IPv6 CIDR (like fd00:0:0:1::1/64)")]
+    InvalidIpv6Subnet(String),
 }
 
 /// The script's flags; the file paths (`-f`, `-d`) are the caller's business.
@@ -20,6 +22,8 @@ pub struct DockerOptsFlags {
     pub no_ip_masq: bool,
     /// `-k`: name of the combined variable.
     pub combined_key: String,
+    /// `-6` (ours; the script has no IPv6): Docker's IPv6 options from `FLANNEL_IPV6_SUBNET`.
+    pub ipv6: bool,
 }
 
 impl Default for DockerOptsFlags {
@@ -29,6 +33,7 @@ impl Default for DockerOptsFlags {
             combined: false,
             no_ip_masq: false,
             combined_key: "DOCKER_OPTS".into(),
+            ipv6: false,
         }
     }
 }
@@ -55,6 +60,21 @@ pub fn docker_opts(vars: &BTreeMap<String, String>, flags: &DockerOptsFlags) -> 
     }
     if !get("FLANNEL_MTU").is_empty() {
         opts.insert("DOCKER_OPT_MTU".into(), format!("--mtu={}", get("FLANNEL_MTU")));
+    }
+    let v6 = get("FLANNEL_IPV6_SUBNET");
+    if flags.ipv6 && !v6.is_empty() {
+        // Docker wants the network (`--fixed-cidr-v6=fd00:0:0:1::/64`) and gives its bridge the
+        // first address, the one flannel writes.
+        let net: ipnetwork::Ipv6Network = v6
+            .parse()
+            .ok()
+            .filter(|_| v6.contains('/'))
+            .ok_or_else(|| DockerOptsError::InvalidIpv6Subnet(v6.to_string()))?;
+        opts.insert("DOCKER_OPT_IPV6".into(), "--ipv6".into());
+        opts.insert(
+            "DOCKER_OPT_FIXED_CIDR_V6".into(),
+            format!("--fixed-cidr-v6={}/{}", net.network(), net.prefix()),
+        );
     }
     let masq = get("FLANNEL_IPMASQ");
     if !masq.is_empty() && !flags.no_ip_masq {

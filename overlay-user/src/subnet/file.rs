@@ -158,6 +158,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ipv6_only_file_has_no_ipv4_lines_as_flannels() {
+        let cfg = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:42::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let key = SubnetKey::parse("0.0.0.0-0&fd00:42:0:7::-64").unwrap();
+        assert_eq!(
+            render(&cfg, &key, 1450, true),
+            "FLANNEL_IPV6_NETWORK=fd00:42::/56\nFLANNEL_IPV6_SUBNET=fd00:42:0:7::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+    }
+
+    #[test]
     fn renders_like_flannel_docs() {
         // Documentation/reservations.md shows this file for lease 10.5.52.0/24.
         let cfg = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();

@@ -22,6 +22,10 @@ pub enum LeaseError {
 }
 
 /// The subnet(s) a lease is for; its string form is the last part of the etcd key.
+///
+/// An IPv6-only lease has no IPv4 subnet; flannel writes its empty one all the same
+/// (`0.0.0.0-0&fd00:0:0:1::-64`), and so do we: `ipv4` is then `0.0.0.0/0`
+/// ([`SubnetKey::NO_IPV4`]), which [`SubnetKey::ipv4_subnet`] reports as None.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SubnetKey {
     pub ipv4: Ipv4Network,
@@ -29,8 +33,27 @@ pub struct SubnetKey {
 }
 
 impl SubnetKey {
+    /// flannel's empty `IP4Net`, the IPv4 part of an IPv6-only key.
+    pub const NO_IPV4: Ipv4Network = match Ipv4Network::new_checked(Ipv4Addr::UNSPECIFIED, 0) {
+        Some(n) => n,
+        None => panic!("0.0.0.0/0 is a network"),
+    };
+
     pub fn new(ipv4: Ipv4Network, ipv6: Option<Ipv6Network>) -> Self {
         SubnetKey { ipv4, ipv6 }
+    }
+
+    /// The key of an IPv6-only lease, as flannel writes it.
+    pub fn ipv6_only(ipv6: Ipv6Network) -> Self {
+        SubnetKey {
+            ipv4: Self::NO_IPV4,
+            ipv6: Some(ipv6),
+        }
+    }
+
+    /// The IPv4 subnet, None for an IPv6-only lease.
+    pub fn ipv4_subnet(&self) -> Option<Ipv4Network> {
+        (self.ipv4 != Self::NO_IPV4).then_some(self.ipv4)
     }
 
     /// Parse the last segment of a lease key. Strict: the address must be the subnet's network
@@ -149,6 +172,21 @@ impl LeaseAttrs {
         }
     }
 
+    /// Our IPv6 side: `PublicIPv6` and, for vxlan, `BackendV6Data` (the v6 device's VtepMAC).
+    pub fn with_ipv6(mut self, public_ipv6: Ipv6Addr, v6_data: Option<VxlanData>) -> Self {
+        self.public_ipv6 = Some(public_ipv6);
+        self.backend_v6_data = v6_data.map(|v| v.to_json());
+        self
+    }
+
+    /// `BackendV6Data` read as vxlan's (`{"VNI":1,"VtepMAC":"..."}`); None when absent.
+    pub fn vxlan_v6(&self) -> Result<Option<VxlanData>, String> {
+        match &self.backend_v6_data {
+            None => Ok(None),
+            Some(data) => VxlanData::parse(data, "BackendV6Data").map(Some),
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("lease attributes always serialize")
     }
@@ -186,11 +224,36 @@ impl BackendKind {
     }
 }
 
-/// vxlan's `BackendData`: `{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}`.
+/// vxlan's `BackendData` (and `BackendV6Data`): `{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VxlanData {
     pub vni: u32,
     pub vtep_mac: MacAddr,
+}
+
+impl VxlanData {
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({"VNI": self.vni, "VtepMAC": self.vtep_mac.to_string()})
+    }
+
+    /// Read `field` (`BackendData` or `BackendV6Data`) of a vxlan lease; the error says why not.
+    fn parse(data: &Value, field: &str) -> Result<Self, String> {
+        let Value::Object(fields) = data else {
+            return Err(format!("vxlan lease whose {field} is not an object"));
+        };
+        // flannel's struct has VNI as an int: absent reads as 0.
+        let vni = match fields.get("VNI") {
+            None => Some(0),
+            Some(v) => v.as_u64().and_then(|v| u32::try_from(v).ok()),
+        };
+        let vni = vni.ok_or_else(|| format!("vxlan lease whose {field}.VNI is not a number"))?;
+        let mac = fields
+            .get("VtepMAC")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("vxlan lease without {field}.VtepMAC"))?;
+        let vtep_mac = mac.parse::<MacAddr>()?;
+        Ok(VxlanData { vni, vtep_mac })
+    }
 }
 
 /// A lease's `BackendType` with its `BackendData`, read once when the lease is read. A lease
@@ -225,21 +288,11 @@ impl LeaseBackend {
             "" | "udp" => LeaseBackend::Udp,
             "host-gw" => LeaseBackend::HostGw,
             "vxlan" => {
-                let Some(Value::Object(fields)) = &data else {
+                let Some(value) = &data else {
                     return invalid("vxlan lease without BackendData", backend_type, data);
                 };
-                let vni = match fields.get("VNI") {
-                    None => Some(0),
-                    Some(v) => v.as_u64().and_then(|v| u32::try_from(v).ok()),
-                };
-                let Some(vni) = vni else {
-                    return invalid("vxlan lease whose BackendData.VNI is not a number", backend_type, data);
-                };
-                let Some(mac) = fields.get("VtepMAC").and_then(Value::as_str) else {
-                    return invalid("vxlan lease without BackendData.VtepMAC", backend_type, data);
-                };
-                match mac.parse::<MacAddr>() {
-                    Ok(vtep_mac) => LeaseBackend::Vxlan(VxlanData { vni, vtep_mac }),
+                match VxlanData::parse(value, "BackendData") {
+                    Ok(v) => LeaseBackend::Vxlan(v),
                     Err(e) => invalid(&e, backend_type, data),
                 }
             }
@@ -278,7 +331,7 @@ impl LeaseBackend {
     pub fn data(&self) -> Option<Value> {
         match self {
             LeaseBackend::Udp | LeaseBackend::HostGw => None,
-            LeaseBackend::Vxlan(v) => Some(serde_json::json!({"VNI": v.vni, "VtepMAC": v.vtep_mac.to_string()})),
+            LeaseBackend::Vxlan(v) => Some(v.to_json()),
             LeaseBackend::Unsupported { data, .. } | LeaseBackend::Invalid { data, .. } => data.clone(),
         }
     }
@@ -424,6 +477,47 @@ mod tests {
         let k = SubnetKey::parse("10.42.1.0-24&2001:cafe:42:1::-64").unwrap();
         assert_eq!(k.ipv6, Some("2001:cafe:42:1::/64".parse().unwrap()));
         assert_eq!(k.to_string(), "10.42.1.0-24&2001:cafe:42:1::-64");
+    }
+
+    #[test]
+    fn ipv6_only_key_is_flannels_empty_ipv4_and_the_ipv6_subnet() {
+        let k = SubnetKey::parse("0.0.0.0-0&fd00:0:0:1::-64").unwrap();
+        assert_eq!(k.ipv4_subnet(), None);
+        assert_eq!(k, SubnetKey::ipv6_only("fd00:0:0:1::/64".parse().unwrap()));
+        assert_eq!(k.to_string(), "0.0.0.0-0&fd00:0:0:1::-64");
+        let dual = SubnetKey::parse("10.244.1.0-24&fd00:0:0:1::-64").unwrap();
+        assert_eq!(dual.ipv4_subnet(), Some("10.244.1.0/24".parse().unwrap()));
+    }
+
+    #[test]
+    fn dual_stack_lease_json_as_flannel_writes_it() {
+        // flannel's vxlan newSubnetAttrs with both devices: BackendV6Data has the v6 device's MAC.
+        let doc = r#"{"PublicIP":"192.168.1.2","PublicIPv6":"fd01::2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:02"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:66:00:02"}}"#;
+        let a = LeaseAttrs::from_json("k", doc.as_bytes()).unwrap();
+        assert_eq!(a.public_ipv6, Some("fd01::2".parse().unwrap()));
+        let v6 = a.vxlan_v6().unwrap().unwrap();
+        assert_eq!(v6.vtep_mac.to_string(), "aa:bb:cc:66:00:02");
+        assert_eq!(a.to_json(), doc);
+        let ours = LeaseAttrs::new(
+            "192.168.1.2".parse().unwrap(),
+            LeaseBackend::Vxlan(VxlanData {
+                vni: 1,
+                vtep_mac: "aa:bb:cc:00:00:02".parse().unwrap(),
+            }),
+        )
+        .with_ipv6("fd01::2".parse().unwrap(), Some(v6));
+        assert_eq!(ours.to_json(), doc, "we write what flannel writes");
+        let bad = LeaseAttrs::from_json(
+            "k",
+            br#"{"PublicIP":"192.168.1.2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:02"},"BackendV6Data":{"VNI":1}}"#,
+        )
+        .unwrap();
+        assert!(bad.vxlan_v6().unwrap_err().contains("BackendV6Data.VtepMAC"));
+        // host-gw: PublicIPv6 only.
+        let hg = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd01::3","BackendType":"host-gw"}"#;
+        let a = LeaseAttrs::from_json("k", hg.as_bytes()).unwrap();
+        assert_eq!(a.vxlan_v6(), Ok(None));
+        assert_eq!(a.to_json(), hg);
     }
 
     #[test]

@@ -45,8 +45,6 @@ pub enum ManagerError {
     },
     #[error("gave up acquiring a subnet after {attempts} attempts lost to other hosts")]
     TooManyRaces { attempts: u32 },
-    #[error("IPv6-only networks (EnableIPv4 false) are not supported by the etcd subnet manager")]
-    Ipv6Only,
     #[error("our lease {key} was lost: {reason}")]
     LeaseLost { key: SubnetKey, reason: String },
     #[error("invalid lease manager option: {0}")]
@@ -164,9 +162,6 @@ impl<R: Registry> LeaseManager<R> {
     /// Get a subnet lease for `attrs.public_ip`: reuse ours, else the previous subnet, else a
     /// random free one; a lost creation race is retried up to `race_retries` times.
     pub async fn acquire(&self, config: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Lease, ManagerError> {
-        if config.ipv4.is_none() {
-            return Err(ManagerError::Ipv6Only);
-        }
         for attempt in 1..=self.opts.race_retries {
             match self.try_acquire(config, attrs).await? {
                 Attempt::Got(l) => return Ok(l),
@@ -188,11 +183,18 @@ impl<R: Registry> LeaseManager<R> {
         warn_skipped(&listing.skipped);
         let leases = listing.leases;
 
-        for l in leases.iter().filter(|l| l.attrs.public_ip == attrs.public_ip) {
+        // Ours is the lease of our PublicIP; in an IPv6-only network, where every lease's
+        // PublicIP is 0.0.0.0, of our PublicIPv6 (flannel matches on PublicIP alone and so
+        // takes another host's lease there).
+        let ours = |l: &&Lease| match config.ipv4 {
+            Some(_) => l.attrs.public_ip == attrs.public_ip,
+            None => attrs.public_ipv6.is_some() && l.attrs.public_ipv6 == attrs.public_ipv6,
+        };
+        for l in leases.iter().filter(ours) {
             if fits(config, &l.key) {
                 // A reservation stays one: no TTL (flannel gives it one on etcd v3, issue #1329).
                 let ttl = (!l.is_reservation()).then_some(self.opts.lease_ttl);
-                info!(subnet = %l.key, reservation = l.is_reservation(), "reusing the lease of our public IP {}", attrs.public_ip);
+                info!(subnet = %l.key, reservation = l.is_reservation(), "reusing the lease of our public IP");
                 return Ok(match self.registry.update(l, attrs, ttl).await? {
                     Some(l) => Attempt::Got(l),
                     None => Attempt::Raced,
@@ -206,10 +208,11 @@ impl<R: Registry> LeaseManager<R> {
         }
 
         let taken: Vec<&Lease> = leases.iter().collect();
-        let previous = self
-            .opts
-            .previous_subnet
-            .map(|v4| SubnetKey::new(v4, self.opts.previous_ipv6_subnet));
+        let previous = match (config.ipv4, self.opts.previous_subnet, self.opts.previous_ipv6_subnet) {
+            (Some(_), Some(v4), v6) => Some(SubnetKey::new(v4, v6)),
+            (None, _, Some(v6)) => Some(SubnetKey::ipv6_only(v6)),
+            _ => None,
+        };
         let key = match previous {
             Some(prev) if fits(config, &prev) && !taken.iter().any(|l| overlaps(&l.key, &prev)) => {
                 info!(subnet = %prev, "reusing the previous subnet from the subnet file");
@@ -500,19 +503,34 @@ fn warn_skipped(skipped: &[LeaseError]) {
 
 /// A lease outside the configured network is someone's mistake: skip it with a warning.
 fn in_network(config: &NetworkConfig, l: &Lease) -> bool {
-    let Some(pool) = &config.ipv4 else {
-        return true;
+    let (v4_ok, v6_ok) = match (&config.ipv4, l.key.ipv4_subnet()) {
+        (Some(pool), Some(sn)) => (
+            pool.network.contains(sn.network()) && sn.prefix() >= pool.network.prefix(),
+            true,
+        ),
+        (Some(_), None) => (false, true),
+        // IPv6-only: the IPv6 subnet decides.
+        (None, _) => (
+            true,
+            match (&config.ipv6, l.key.ipv6) {
+                (Some(pool), Some(sn)) => pool.network.contains(sn.network()) && sn.prefix() >= pool.network.prefix(),
+                _ => false,
+            },
+        ),
     };
-    let ok = pool.network.contains(l.key.ipv4.network()) && l.key.ipv4.prefix() >= pool.network.prefix();
+    let ok = v4_ok && v6_ok;
     if !ok {
-        warn!("skipping lease {} outside the network {}", l.key, pool.network);
+        warn!("skipping lease {} outside the configured network", l.key);
     }
     ok
 }
 
 /// flannel's isSubnetConfigCompat and isIPv6SubnetConfigCompat together.
 fn fits(config: &NetworkConfig, key: &SubnetKey) -> bool {
-    let v4 = config.ipv4.as_ref().is_some_and(|p| p.fits(key.ipv4));
+    let v4 = match &config.ipv4 {
+        Some(p) => p.fits(key.ipv4),
+        None => key.ipv4_subnet().is_none(),
+    };
     let v6 = match (&config.ipv6, key.ipv6) {
         (None, None) => true,
         (Some(p), Some(sn)) => p.fits(sn),
@@ -538,7 +556,8 @@ fn v6_range(n: Ipv6Network) -> (u128, u128) {
 
 fn overlaps(a: &SubnetKey, b: &SubnetKey) -> bool {
     let hit = |(s1, e1): (u128, u128), (s2, e2): (u128, u128)| s1 <= e2 && s2 <= e1;
-    hit(v4_range(a.ipv4), v4_range(b.ipv4))
+    // An IPv6-only key's 0.0.0.0/0 holds no IPv4 addresses.
+    matches!((a.ipv4_subnet(), b.ipv4_subnet()), (Some(x), Some(y)) if hit(v4_range(x), v4_range(y)))
         || matches!((a.ipv6, b.ipv6), (Some(x), Some(y)) if hit(v6_range(x), v6_range(y)))
 }
 
@@ -581,21 +600,24 @@ fn pick_free(min: u128, max: u128, step: u128, mut taken: Vec<(u128, u128)>) -> 
 }
 
 fn allocate(config: &NetworkConfig, taken: &[&Lease]) -> Result<SubnetKey, ManagerError> {
-    let p4 = config.ipv4.as_ref().ok_or(ManagerError::Ipv6Only)?;
-    let full = || ManagerError::NetworkFull {
-        subnet_len: p4.subnet_len,
-        min: p4.subnet_min.to_string(),
-        max: p4.subnet_max.to_string(),
-        taken: taken.len(),
+    let ipv4 = match &config.ipv4 {
+        None => SubnetKey::NO_IPV4,
+        Some(p4) => {
+            let v4 = pick_free(
+                u128::from(u32::from(p4.subnet_min)),
+                u128::from(u32::from(p4.subnet_max)),
+                1u128 << (32 - p4.subnet_len),
+                taken.iter().filter_map(|l| l.key.ipv4_subnet().map(v4_range)).collect(),
+            )
+            .ok_or_else(|| ManagerError::NetworkFull {
+                subnet_len: p4.subnet_len,
+                min: p4.subnet_min.to_string(),
+                max: p4.subnet_max.to_string(),
+                taken: taken.len(),
+            })?;
+            Ipv4Network::new(Ipv4Addr::from(v4 as u32), p4.subnet_len).expect("valid prefix")
+        }
     };
-    let v4 = pick_free(
-        u128::from(u32::from(p4.subnet_min)),
-        u128::from(u32::from(p4.subnet_max)),
-        1u128 << (32 - p4.subnet_len),
-        taken.iter().map(|l| v4_range(l.key.ipv4)).collect(),
-    )
-    .ok_or_else(full)?;
-    let ipv4 = Ipv4Network::new(Ipv4Addr::from(v4 as u32), p4.subnet_len).expect("valid prefix");
     let ipv6 = match &config.ipv6 {
         None => None,
         Some(p6) => {
@@ -625,7 +647,7 @@ struct Own {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
+    use std::{collections::HashSet, net::Ipv6Addr};
 
     use super::*;
     use crate::subnet::mem::MemRegistry;
@@ -768,6 +790,58 @@ mod tests {
         let v6 = l.key.ipv6.expect("an IPv6 subnet");
         assert!(cfg.ipv6.unwrap().fits(v6));
         assert!(l.key.to_string().contains('&'));
+    }
+
+    #[tokio::test]
+    async fn ipv6_only_leases_by_public_ipv6_in_flannels_key_format() {
+        let c = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#;
+        let (reg, cfg) = setup(c).await;
+        let m = manager(&reg, ManagerOptions::default());
+        let v6_attrs = |last: u16| {
+            let mut a = attrs(0);
+            a.public_ip = Ipv4Addr::UNSPECIFIED;
+            a.with_ipv6(Ipv6Addr::new(0xfd00, 0xbeef, 0, 0, 0, 0, 0, last), None)
+        };
+        let mut keys = HashSet::new();
+        for host in 1..=8 {
+            let l = m.acquire(&cfg, &v6_attrs(host)).await.unwrap();
+            let text = l.key.to_string();
+            assert!(text.starts_with("0.0.0.0-0&fd00:5:0:"), "{text}");
+            assert_eq!(l.key.ipv4_subnet(), None);
+            assert!(keys.insert(text), "every host its own subnet");
+        }
+        // Restarted host 3: the same lease again, found by its PublicIPv6.
+        let again = m.acquire(&cfg, &v6_attrs(3)).await.unwrap();
+        assert!(keys.contains(&again.key.to_string()));
+        assert_eq!(reg.list().await.unwrap().leases.len(), 8);
+    }
+
+    #[tokio::test]
+    async fn ipv6_subnet_range_is_honoured() {
+        let c = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","IPv6SubnetLen":64,
+            "IPv6SubnetMin":"fd00:5:0:10::","IPv6SubnetMax":"fd00:5:0:11::","Backend":{"Type":"vxlan"}}"#;
+        let (reg, cfg) = setup(c).await;
+        let m = manager(&reg, ManagerOptions::default());
+        let mut got = HashSet::new();
+        for host in 1..=2 {
+            got.insert(
+                m.acquire(&cfg, &attrs(host))
+                    .await
+                    .unwrap()
+                    .key
+                    .ipv6
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let want: HashSet<String> = ["fd00:5:0:10::/64", "fd00:5:0:11::/64"].map(String::from).into();
+        assert_eq!(got, want);
+        match m.acquire(&cfg, &attrs(3)).await {
+            Err(ManagerError::NetworkFull {
+                subnet_len: 64, min, ..
+            }) => assert_eq!(min, "fd00:5:0:10::"),
+            other => panic!("expected the IPv6 range full, got {other:?}"),
+        }
     }
 
     #[tokio::test]

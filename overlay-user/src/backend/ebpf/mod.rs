@@ -26,7 +26,7 @@ pub use programs::{DatapathError, Programs};
 use super::{Backend, BackendError, Peer};
 use crate::{
     host::{Counters, MacAddr, netdev},
-    subnet::{BackendKind, LeaseAttrs, LeaseBackend, VxlanData},
+    subnet::{BackendKind, LeaseAttrs, LeaseBackend, SubnetKey, VxlanData},
 };
 
 /// The datapath attached to this host. Dropping it detaches everything it attached and removes
@@ -158,15 +158,15 @@ impl Backend for EbpfBackend {
         Ok(())
     }
 
-    fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
-        self.datapath()?.remove_peer(subnet)?;
+    fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
+        self.datapath()?.remove_peer(key.ipv4)?;
         Ok(())
     }
 
-    fn peers(&self) -> Vec<Ipv4Network> {
+    fn peers(&self) -> Vec<SubnetKey> {
         self.datapath
             .as_ref()
-            .map(|d| d.peers().map(|p| p.subnet).collect())
+            .map(|d| d.peers().map(Peer::key).collect())
             .unwrap_or_default()
     }
 

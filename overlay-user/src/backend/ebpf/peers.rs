@@ -95,6 +95,7 @@ impl Programs {
                     subnet,
                     public_ip: Ipv4Addr::from(peer.public_ip),
                     vtep_mac: (mac != MacAddr::default()).then_some(mac),
+                    ipv6: None,
                 },
             );
         }
