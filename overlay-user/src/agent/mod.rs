@@ -457,7 +457,8 @@ fn make_backend(
             decap: args.decap,
             pin_dir: Some(args.pin_dir.clone()),
             bridge_redirect: args.bridge_redirect,
-        })
+        })?
+        .with_public_ipv6(underlay.public_ipv6)
     };
     // eBPF, or the kernel datapath if asked for or (auto) if eBPF is unavailable here.
     let choose = |ebpf: &dyn Fn() -> Result<EbpfBackend, BackendError>,

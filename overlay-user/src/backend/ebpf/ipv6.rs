@@ -142,6 +142,33 @@ impl Programs {
     }
 }
 
+impl Programs {
+    /// Empty both IPv6 peer maps (a pinned previous run's entries).
+    pub fn clear_peers6(&mut self) -> Result<(), DatapathError> {
+        let map_err = |name| move |source| DatapathError::Map { name, source };
+        let mut peers: LpmTrie<_, [u8; 16], Peer6Value> = typed_map(&mut self.ebpf, MAP_PEERS6)?;
+        let keys: Vec<_> = peers.keys().collect::<Result<_, _>>().map_err(map_err(MAP_PEERS6))?;
+        for k in keys {
+            match peers.remove(&k) {
+                Err(source) if !not_found(&source) => return Err(map_err(MAP_PEERS6)(source)),
+                _ => {}
+            }
+        }
+        let mut ips: BpfHashMap<_, [u8; 16], PeerSubnet6> = typed_map(&mut self.ebpf, MAP_PEERS6_BY_IP)?;
+        let keys: Vec<_> = ips
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(MAP_PEERS6_BY_IP))?;
+        for k in keys {
+            match ips.remove(&k) {
+                Err(source) if !not_found(&source) => return Err(map_err(MAP_PEERS6_BY_IP)(source)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 fn key6(subnet: Ipv6Network) -> Key<[u8; 16]> {
     Key::new(u32::from(subnet.prefix()), subnet.network().octets())
 }
@@ -213,6 +240,9 @@ impl Datapath {
             "mtu",
             &mtu.to_string(),
         ])?;
+        // A pinned previous run's IPv6 peers go: the agent sets the current ones right after
+        // (a restart's IPv6 gap is that long; the IPv4 peers are adopted as they are).
+        self.programs.clear_peers6()?;
         let vtep_mac = self.vtep_mac();
         self.programs.set_config6(&DatapathConfig6 {
             public_ip: public_ip.octets(),

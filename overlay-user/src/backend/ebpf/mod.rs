@@ -15,11 +15,11 @@ pub mod ipv6;
 pub mod peers;
 pub mod programs;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::Ipv6Addr};
 
 pub use attach::{DatapathSpec, DecapAttach, DecapHook, XdpAttach, choose_decap};
 use aya::programs::XdpMode;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 pub use overlay_common::Format;
 pub use programs::{DatapathError, Programs};
 
@@ -78,6 +78,8 @@ pub struct EbpfBackend {
     vtep_mac: MacAddr,
     mtu: u32,
     datapath: Option<Datapath>,
+    /// Our PublicIPv6 when the network has IPv6 ([`EbpfBackend::with_public_ipv6`]).
+    public_ipv6: Option<Ipv6Addr>,
 }
 
 impl EbpfBackend {
@@ -112,7 +114,20 @@ impl EbpfBackend {
             vtep_mac,
             mtu,
             datapath: None,
+            public_ipv6: None,
         })
+    }
+
+    /// Carry IPv6 too, from `public_ipv6` (flannel's PublicIPv6), once the agent activates it
+    /// with our IPv6 subnet. VXLAN only: flannel's udp backend has no IPv6.
+    pub fn with_public_ipv6(mut self, public_ipv6: Option<Ipv6Addr>) -> Result<Self, BackendError> {
+        if public_ipv6.is_some() && self.spec.format != Format::Vxlan {
+            return Err(BackendError::Other(
+                "EnableIPv6 with Backend.Type \"udp\": flannel's udp backend has no IPv6; use vxlan".into(),
+            ));
+        }
+        self.public_ipv6 = public_ipv6;
+        Ok(self)
     }
 
     fn datapath(&mut self) -> Result<&mut Datapath, BackendError> {
@@ -129,7 +144,18 @@ impl Backend for EbpfBackend {
                 vtep_mac: self.vtep_mac,
             }),
         };
-        LeaseAttrs::new(self.spec.public_ip, backend)
+        let attrs = LeaseAttrs::new(self.spec.public_ip, backend);
+        // One overlay device carries both families: its MAC is our VtepMAC for IPv6 too.
+        match self.public_ipv6 {
+            Some(ip) => attrs.with_ipv6(
+                ip,
+                Some(VxlanData {
+                    vni: self.spec.vni,
+                    vtep_mac: self.vtep_mac,
+                }),
+            ),
+            None => attrs,
+        }
     }
 
     fn mtu(&self) -> u32 {
@@ -153,13 +179,34 @@ impl Backend for EbpfBackend {
         Ok(())
     }
 
+    fn activate_ipv6(&mut self, subnet: Ipv6Network, network: Ipv6Network) -> Result<(), BackendError> {
+        let public_ip = self
+            .public_ipv6
+            .ok_or_else(|| BackendError::Unavailable("the eBPF datapath was started without a PublicIPv6".into()))?;
+        self.datapath()?.enable_ipv6(public_ip, subnet, network)?;
+        Ok(())
+    }
+
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
-        self.datapath()?.upsert_peer(*peer)?;
+        let dp = self.datapath()?;
+        dp.upsert_peer(*peer)?;
+        // Peer::check gave a vxlan peer with an IPv6 side its v6 VtepMAC.
+        if let (Some(v6), Some(_)) = (peer.ipv6, dp.ipv6()) {
+            dp.upsert_peer6(ipv6::Peer6 {
+                subnet: v6.subnet,
+                public_ip: v6.public_ip,
+                vtep_mac: v6.vtep_mac.unwrap_or_default(),
+            })?;
+        }
         Ok(())
     }
 
     fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
-        self.datapath()?.remove_peer(key.ipv4)?;
+        let dp = self.datapath()?;
+        dp.remove_peer(key.ipv4)?;
+        if let (Some(v6), Some(_)) = (key.ipv6, dp.ipv6()) {
+            dp.remove_peer6(v6)?;
+        }
         Ok(())
     }
 
