@@ -61,6 +61,21 @@ fn add_ipv6(host: &Host) -> anyhow::Result<()> {
             "nodad",
         ])?;
         c.ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:0:0:{i}::1")])?;
+        // A fresh bridge port's IPv6 takes a moment (the bridge's multicast snooping lets
+        // neighbour solicitations through once the container has reported its groups): wait
+        // until the host reaches its container, as a docker host would have by then.
+        let start = std::time::Instant::now();
+        while host
+            .ns
+            .exec("ping", &["-n", "-c", "1", "-W", "1", &container6(i).to_string()])
+            .is_err()
+        {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "host{i} does not reach its container at {}",
+                container6(i)
+            );
+        }
     }
     Ok(())
 }
