@@ -1,6 +1,7 @@
 //! Which tunnel packets a host takes in. One rule for the eBPF decap programs and for the
 //! userspace forwarder (flannel's udp design), so both drop the same packets for the same
-//! reasons.
+//! reasons. Generic over the address family: IPv4 (`[u8; 4]`) and IPv6 (`[u8; 16]`) packets
+//! are judged by the same rule in the same order.
 
 /// An IPv4 subnet, network byte order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +13,38 @@ pub struct Ipv4Subnet {
 impl Ipv4Subnet {
     pub const fn contains(&self, ip: [u8; 4]) -> bool {
         crate::subnet_contains(self.addr, self.prefix_len, ip)
+    }
+}
+
+/// An IPv6 subnet, network byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Subnet {
+    pub addr: [u8; 16],
+    pub prefix_len: u8,
+}
+
+impl Ipv6Subnet {
+    pub const fn contains(&self, ip: [u8; 16]) -> bool {
+        crate::subnet6_contains(self.addr, self.prefix_len, ip)
+    }
+}
+
+/// Our own subnet in one address family: the inner destinations we take.
+pub trait OurSubnet<A> {
+    fn has(&self, ip: A) -> bool;
+}
+
+impl OurSubnet<[u8; 4]> for Ipv4Subnet {
+    #[inline(always)]
+    fn has(&self, ip: [u8; 4]) -> bool {
+        self.contains(ip)
+    }
+}
+
+impl OurSubnet<[u8; 16]> for Ipv6Subnet {
+    #[inline(always)]
+    fn has(&self, ip: [u8; 16]) -> bool {
+        self.contains(ip)
     }
 }
 
@@ -28,13 +61,13 @@ pub enum Refusal {
 
 /// The inner addresses a sending peer may use: the eBPF side knows one subnet per PublicIP,
 /// the forwarder looks the source's owner up in its table.
-pub trait SenderSubnets {
-    fn holds(&self, ip: [u8; 4]) -> bool;
+pub trait SenderSubnets<A = [u8; 4]> {
+    fn holds(&self, ip: A) -> bool;
 }
 
-impl<T: SenderSubnets> SenderSubnets for &T {
+impl<A, T: SenderSubnets<A>> SenderSubnets<A> for &T {
     #[inline(always)]
-    fn holds(&self, ip: [u8; 4]) -> bool {
+    fn holds(&self, ip: A) -> bool {
         (**self).holds(ip)
     }
 }
@@ -46,10 +79,17 @@ impl SenderSubnets for crate::PeerSubnet {
     }
 }
 
-/// The addresses of a parsed inner IPv4 packet, network byte order.
-pub trait InnerAddresses {
-    fn source(&self) -> [u8; 4];
-    fn destination(&self) -> [u8; 4];
+impl SenderSubnets<[u8; 16]> for crate::PeerSubnet6 {
+    #[inline(always)]
+    fn holds(&self, ip: [u8; 16]) -> bool {
+        self.contains(ip)
+    }
+}
+
+/// The addresses of a parsed inner packet, network byte order.
+pub trait InnerAddresses<A = [u8; 4]> {
+    fn source(&self) -> A;
+    fn destination(&self) -> A;
 }
 
 /// The acceptance rule. `sender` is what we know of the outer source (`None`: not a peer);
@@ -60,14 +100,15 @@ pub trait InnerAddresses {
 /// Errors of `parse_inner` pass through unchanged, so each side keeps its own reasons for
 /// packets it cannot read.
 #[inline(always)]
-pub fn accept_tunnel_packet<S, I, E>(
+pub fn accept_tunnel_packet<A, S, O, I, E>(
     sender: Option<S>,
-    our_subnet: Ipv4Subnet,
+    our_subnet: O,
     parse_inner: impl FnOnce() -> Result<I, E>,
 ) -> Result<I, E>
 where
-    S: SenderSubnets,
-    I: InnerAddresses,
+    S: SenderSubnets<A>,
+    O: OurSubnet<A>,
+    I: InnerAddresses<A>,
     E: From<Refusal>,
 {
     let sender = sender.ok_or(Refusal::UnknownPeer)?;
@@ -75,7 +116,7 @@ where
     if !sender.holds(inner.source()) {
         return Err(Refusal::SpoofedSource.into());
     }
-    if !our_subnet.contains(inner.destination()) {
+    if !our_subnet.has(inner.destination()) {
         return Err(Refusal::NotOurSubnet.into());
     }
     Ok(inner)
@@ -190,6 +231,45 @@ mod tests {
         });
         assert_eq!(r, Err(Why::Refused(Refusal::UnknownPeer)));
         assert!(!parsed.get());
+    }
+
+    /// The same rule, in the same order, for IPv6 packets.
+    #[test]
+    fn judges_ipv6_packets_by_the_same_rule() {
+        use crate::PeerSubnet6;
+        struct Inner6([u8; 16], [u8; 16]);
+        impl InnerAddresses<[u8; 16]> for Inner6 {
+            fn source(&self) -> [u8; 16] {
+                self.0
+            }
+            fn destination(&self) -> [u8; 16] {
+                self.1
+            }
+        }
+        let net = |n: u8, host: u8| {
+            let mut a = [0u8; 16];
+            a[0] = 0xfd;
+            a[7] = n;
+            a[15] = host;
+            a
+        };
+        let peer = PeerSubnet6 {
+            addr: net(2, 0),
+            prefix_len: 64,
+            _pad: [0; 3],
+        };
+        let ours = Ipv6Subnet {
+            addr: net(1, 0),
+            prefix_len: 64,
+        };
+        let judge = |sender: Option<PeerSubnet6>, src, dst| {
+            accept_tunnel_packet(sender, ours, || Ok::<_, Refusal>(Inner6(src, dst))).map(|_| ())
+        };
+        assert_eq!(judge(Some(peer), net(2, 5), net(1, 7)), Ok(()));
+        assert_eq!(judge(None, net(2, 5), net(1, 7)), Err(Refusal::UnknownPeer));
+        assert_eq!(judge(Some(peer), net(3, 5), net(1, 7)), Err(Refusal::SpoofedSource));
+        assert_eq!(judge(Some(peer), net(3, 5), net(3, 7)), Err(Refusal::SpoofedSource));
+        assert_eq!(judge(Some(peer), net(2, 5), net(3, 7)), Err(Refusal::NotOurSubnet));
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub const ENCAP_L4_UDP: u64 = 1 << 4;
 pub const ENCAP_L2_ETH: u64 = 1 << 6;
 /// 6.3 and later: the packet stays IPv4 after the cut.
 pub const DECAP_L3_IPV4: u64 = 1 << 7;
+/// 6.3 and later: the packet stays IPv6 after the cut.
+pub const DECAP_L3_IPV6: u64 = 1 << 8;
 /// After 6.18: the cut removes a UDP tunnel, so the skb's tunnel offload state is cleared.
 pub const DECAP_L4_UDP: u64 = 1 << 10;
 
@@ -26,12 +28,14 @@ pub const fn encap_flags(format: Format) -> u64 {
     }
 }
 
-/// TC decapsulation tries these in order and keeps the first the kernel takes.
-pub const DECAP_LADDER: [u64; 3] = [
-    FIXED_GSO | DECAP_L3_IPV4 | DECAP_L4_UDP,
-    FIXED_GSO | DECAP_L3_IPV4,
-    FIXED_GSO,
-];
+/// TC decapsulation tries these in order and keeps the first the kernel takes; `l3` is the
+/// inner family's DECAP_L3 flag.
+pub const fn decap_ladder(l3: u64) -> [u64; 3] {
+    [FIXED_GSO | l3 | DECAP_L4_UDP, FIXED_GSO | l3, FIXED_GSO]
+}
+
+/// The ladder of IPv4 inner packets.
+pub const DECAP_LADDER: [u64; 3] = decap_ladder(DECAP_L3_IPV4);
 
 /// The probe program reads its arguments from the made-up packet it runs on: the size change
 /// (i32) and the flags (u64), native byte order, at these offsets (the UDP payload of an

@@ -18,7 +18,14 @@ pub const MAP_PEERS_BY_IP: &str = "OVL_PEERS_BY_IP_V1";
 /// One-entry array holding this host's [`DatapathConfig`].
 pub const MAP_CONFIG: &str = "OVL_CONFIG_V1";
 /// Per-CPU array of [`Counter`], indexed by [`CounterIndex`].
-pub const MAP_COUNTERS: &str = "OVL_COUNTERS_V3";
+pub const MAP_COUNTERS: &str = "OVL_COUNTERS_V4";
+/// IPv6 (vxlan only, as flannel's `flannel-v6.<VNI>`): longest-prefix-match table, remote v6
+/// subnet -> [`Peer6`].
+pub const MAP_PEERS6: &str = "OVL_PEERS6_V1";
+/// IPv6: exact table, peer PublicIPv6 -> [`PeerSubnet6`].
+pub const MAP_PEERS6_BY_IP: &str = "OVL_PEERS6_BY_IP_V1";
+/// IPv6: one-entry array holding this host's [`DatapathConfig6`].
+pub const MAP_CONFIG6: &str = "OVL_CONFIG6_V1";
 /// Exact table: container MAC -> ifindex of its port on the container bridge (the agent's copy
 /// of the bridge's forwarding database). Not pinned: it belongs to the running agent.
 pub const MAP_BRIDGE_FDB: &str = "OVL_BRIDGE_FDB_V1";
@@ -115,6 +122,63 @@ impl PeerSubnet {
         subnet_contains(self.addr, self.prefix_len, ip)
     }
 }
+
+/// Value of [`MAP_PEERS6`]: where to send traffic for one remote IPv6 subnet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer6 {
+    /// Outer destination (the peer's PublicIPv6), network byte order.
+    pub public_ip: [u8; 16],
+    /// Inner destination MAC (the VtepMAC of the peer's v6 device).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Peer6>() == 24);
+
+/// Value of [`MAP_PEERS6_BY_IP`]: the IPv6 subnet a peer may send from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSubnet6 {
+    /// Subnet base address, network byte order.
+    pub addr: [u8; 16],
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PeerSubnet6>() == 20);
+
+impl PeerSubnet6 {
+    pub const fn contains(&self, ip: [u8; 16]) -> bool {
+        subnet6_contains(self.addr, self.prefix_len, ip)
+    }
+}
+
+/// Value of [`MAP_CONFIG6`] (index 0): this host's side of the IPv6 tunnel. The IPv6 datapath
+/// is vxlan only (flannel's udp backend has no IPv6), between PublicIPv6s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig6 {
+    /// Our PublicIPv6: outer source on egress, required outer destination on ingress.
+    pub public_ip: [u8; 16],
+    /// Our IPv6 container subnet: inner destinations we accept on ingress.
+    pub subnet_addr: [u8; 16],
+    pub subnet_prefix_len: u8,
+    /// 1 once configured; 0 (an empty map slot) leaves IPv6 alone.
+    pub enabled: u8,
+    /// Tunnel UDP port, host byte order.
+    pub port: u16,
+    /// VXLAN network identifier (24 bits used).
+    pub vni: u32,
+    /// Inner source MAC (our VtepMAC for IPv6).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Underlay interface: the route lookup towards peers is made through it.
+    pub underlay_ifindex: u32,
+    /// Largest inner IPv6 packet that fits the underlay once wrapped: a larger one that the
+    /// kernel will not segment is refused (the overlay route's MTU has the stack send ICMPv6
+    /// "packet too big" before it gets here).
+    pub mtu: u32,
+}
+const _: () = assert!(core::mem::size_of::<DatapathConfig6>() == 56);
 
 /// Value of [`MAP_CONFIG`] (index 0): this host's side of the tunnel.
 #[repr(C)]
@@ -213,7 +277,8 @@ pub enum CounterIndex {
     DecapVxlan = 3,
     /// Egress: no peer owns the destination subnet.
     DropNoPeer = 4,
-    /// Egress: frame on the overlay device is not IPv4 (or its header is cut short).
+    /// Egress: frame on the overlay device is not IP we carry (IPv4; IPv6 once enabled), or its
+    /// header is cut short. The name predates IPv6 and stays for the metrics' sake.
     DropNotIpv4 = 5,
     /// Egress: the kernel refused to make room for the outer headers.
     DropEncapFailed = 6,
@@ -247,10 +312,16 @@ pub enum CounterIndex {
     /// Host routing: a container's packet larger than the MTU (not GSO), handed to the stack
     /// so it answers "fragmentation needed".
     ShortcutOversize = 20,
+    /// IPv6 inner packets wrapped in VXLAN over IPv6.
+    EncapVxlan6 = 21,
+    DecapVxlan6 = 22,
+    /// Egress: an IPv6 packet too big for the underlay once wrapped, and not one the kernel
+    /// segments (the overlay route's MTU normally stops it first, with "packet too big").
+    DropTooBig = 23,
 }
 
 impl CounterIndex {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 24;
     pub const ALL: [CounterIndex; Self::COUNT as usize] = [
         Self::EncapUdp,
         Self::EncapVxlan,
@@ -273,6 +344,9 @@ impl CounterIndex {
         Self::ShortcutToContainer,
         Self::ShortcutFromContainer,
         Self::ShortcutOversize,
+        Self::EncapVxlan6,
+        Self::DecapVxlan6,
+        Self::DropTooBig,
     ];
 
     /// Stable snake_case name, used in metrics and the status output.
@@ -299,6 +373,9 @@ impl CounterIndex {
             Self::ShortcutToContainer => "shortcut_to_container",
             Self::ShortcutFromContainer => "shortcut_from_container",
             Self::ShortcutOversize => "shortcut_oversize",
+            Self::EncapVxlan6 => "encap_vxlan6",
+            Self::DecapVxlan6 => "decap_vxlan6",
+            Self::DropTooBig => "drop_too_big",
         }
     }
 
@@ -333,10 +410,11 @@ pub enum DropReason {
     WrongVni,
     Fragment,
     DecapFailed,
+    TooBig,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         Self::NoConfig,
         Self::NotIpv4,
         Self::NoPeer,
@@ -349,6 +427,7 @@ impl DropReason {
         Self::WrongVni,
         Self::Fragment,
         Self::DecapFailed,
+        Self::TooBig,
     ];
 
     pub const fn counter(self) -> CounterIndex {
@@ -365,6 +444,7 @@ impl DropReason {
             Self::WrongVni => CounterIndex::DropWrongVni,
             Self::Fragment => CounterIndex::DropFragment,
             Self::DecapFailed => CounterIndex::DropDecapFailed,
+            Self::TooBig => CounterIndex::DropTooBig,
         }
     }
 }
@@ -390,6 +470,47 @@ pub const fn subnet_contains(addr: [u8; 4], prefix_len: u8, ip: [u8; 4]) -> bool
     }
     let mask = u32::MAX << (32 - prefix_len as u32);
     (u32::from_be_bytes(addr) & mask) == (u32::from_be_bytes(ip) & mask)
+}
+
+/// Whether `ip` lies in `addr/prefix_len` (IPv6, network byte order).
+pub const fn subnet6_contains(addr: [u8; 16], prefix_len: u8, ip: [u8; 16]) -> bool {
+    if prefix_len > 128 {
+        return false;
+    }
+    // Two 64-bit halves: the BPF backend has no 128-bit shifts.
+    let p = prefix_len as u32;
+    let hi_mask = half_mask(if p > 64 { 64 } else { p });
+    let lo_mask = half_mask(p.saturating_sub(64));
+    (be64(addr, 0) ^ be64(ip, 0)) & hi_mask == 0 && (be64(addr, 8) ^ be64(ip, 8)) & lo_mask == 0
+}
+
+/// The mask of the first `bits` (0..=64) bits of a 64-bit word.
+const fn half_mask(bits: u32) -> u64 {
+    if bits == 0 { 0 } else { u64::MAX << (64 - bits) }
+}
+
+const fn be64(a: [u8; 16], at: usize) -> u64 {
+    u64::from_be_bytes([
+        a[at],
+        a[at + 1],
+        a[at + 2],
+        a[at + 3],
+        a[at + 4],
+        a[at + 5],
+        a[at + 6],
+        a[at + 7],
+    ])
+}
+
+/// The 32-bit words of an IPv6 address folded into one, for [`flow_hash`].
+pub const fn fold_ipv6(ip: [u8; 16]) -> [u8; 4] {
+    let mut out = [0u8; 4];
+    let mut i = 0;
+    while i < 16 {
+        out[i % 4] ^= ip[i];
+        i += 1;
+    }
+    out
 }
 
 /// Hash of an inner flow (addresses, protocol, and the L4 ports where there are any, else 0):
@@ -424,6 +545,9 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::HostRoutingConfig {}
+    unsafe impl aya::Pod for super::Peer6 {}
+    unsafe impl aya::Pod for super::PeerSubnet6 {}
+    unsafe impl aya::Pod for super::DatapathConfig6 {}
 }
 
 #[cfg(test)]
@@ -442,6 +566,28 @@ mod tests {
         assert!(subnet_contains(net, 32, [10, 244, 7, 0]));
         assert!(!subnet_contains(net, 32, [10, 244, 7, 1]));
         assert!(!subnet_contains(net, 33, [10, 244, 7, 0]));
+    }
+
+    #[test]
+    fn subnet6_contains_respects_prefix() {
+        let net = [0xfd, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut inside = net;
+        inside[15] = 7;
+        inside[9] = 0xff;
+        let mut next = net;
+        next[7] = 2;
+        assert!(subnet6_contains(net, 64, inside));
+        assert!(!subnet6_contains(net, 64, next));
+        assert!(subnet6_contains(net, 48, next));
+        assert!(subnet6_contains(net, 0, [0xff; 16]));
+        assert!(subnet6_contains(net, 128, net));
+        assert!(!subnet6_contains(net, 128, inside));
+        assert!(!subnet6_contains(net, 129, net));
+        // A prefix that ends inside a byte.
+        let mut odd = net;
+        odd[7] = 0x81;
+        assert!(subnet6_contains(net, 56, odd));
+        assert!(!subnet6_contains(net, 57, odd));
     }
 
     #[test]

@@ -41,11 +41,14 @@ static mut DECAP_FLAGS_REFUSED: u8 = 0;
 
 /// A tunnel packet accepted for decapsulation.
 pub struct Accepted {
-    format: Format,
-    /// Bytes between the outer Ethernet header and the inner IPv4 header.
-    strip: usize,
-    /// The inner IPv4 packet's total length.
-    inner_len: usize,
+    /// Bytes between the outer Ethernet header and the inner IP header.
+    pub strip: usize,
+    /// The inner IP packet's total length.
+    pub inner_len: usize,
+    /// What a decapsulation counts as (format and family).
+    pub counter: CounterIndex,
+    /// The adjust_room flag saying which IP version the packet stays (6.3 and later).
+    pub decap_l3: u64,
 }
 
 /// The inner IPv4 header and where it starts.
@@ -69,21 +72,23 @@ impl InnerAddresses for Inner {
 /// Ok(None): not a tunnel packet for us, pass it on untouched. Err: ours, but dropped.
 #[inline(always)]
 pub fn classify<P: Packet>(pkt: &P) -> Result<Option<Accepted>, DropReason> {
+    // Only the EtherType, which ends the header: copying all of it costs instructions on
+    // every packet.
+    let Some(ether_type) = read::<P, u16>(pkt, offset_of!(EthHdr, ether_type)) else {
+        return Ok(None);
+    };
+    if ether_type == EtherType::Ipv6 as u16 {
+        return crate::ipv6::classify6(pkt);
+    }
+    if ether_type != EtherType::Ipv4 as u16 {
+        return Ok(None);
+    }
     let Some(cfg) = CONFIG.get(0) else {
         return Ok(None);
     };
     let Some(format) = cfg.format() else {
         return Ok(None);
     };
-
-    // Only the EtherType, which ends the header: copying all of it costs instructions on
-    // every packet.
-    let Some(ether_type) = read::<P, u16>(pkt, offset_of!(EthHdr, ether_type)) else {
-        return Ok(None);
-    };
-    if ether_type != EtherType::Ipv4 as u16 {
-        return Ok(None);
-    }
     let Some(ip) = read::<P, Ipv4Hdr>(pkt, EthHdr::LEN) else {
         return Ok(None);
     };
@@ -121,9 +126,10 @@ pub fn classify<P: Packet>(pkt: &P) -> Result<Option<Accepted>, DropReason> {
         inner_ipv4(pkt, format, cfg.vni, udp_off + UdpHdr::LEN)
     })?;
     Ok(Some(Accepted {
-        format,
         strip: inner.offset - EthHdr::LEN,
         inner_len: inner.ip.tot_len() as usize,
+        counter: CounterIndex::decap(format),
+        decap_l3: BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64,
     }))
 }
 
@@ -172,7 +178,7 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     if !write(ctx, 0, eth) {
         return Err(DropReason::DecapFailed);
     }
-    count(CounterIndex::decap(acc.format), acc.inner_len as u64);
+    count(acc.counter, acc.inner_len as u64);
     Ok(xdp_action::XDP_PASS)
 }
 
@@ -186,12 +192,13 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     // DECAP_L4_UDP (kernels after 6.18) also clears the skb's tunnel offload state, as the
     // kernel's own tunnel devices do; DECAP_L3_IPV4 (6.3 and later) says the packet stays
-    // IPv4. Kernels refuse a flag they do not know at once (EINVAL, nothing changed), and we
-    // cut with fewer: both inner and outer packets are IPv4, so nothing else needs telling,
+    // IPv4 (DECAP_L3_IPV6: IPv6). Kernels refuse a flag they do not know at once (EINVAL,
+    // nothing changed), and we cut with fewer: inner and outer packets are of one family, so
+    // nothing else needs telling,
     // but the skb still says "UDP tunnel", and the bridge program (bridge.rs) keeps the
     // container bridge from segmenting it in software.
     let len = -(acc.strip as i32);
-    let ladder = overlay_common::adjust_room::DECAP_LADDER;
+    let ladder = overlay_common::adjust_room::decap_ladder(acc.decap_l3);
     // SAFETY: a byte in the program's global data; any value read is valid.
     let start = unsafe { core::ptr::read_volatile(&raw const DECAP_FLAGS_REFUSED) };
     // Written out rather than looped: three tries, each a straight line for the verifier.
@@ -208,7 +215,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         // SAFETY: as above; a lost race between CPUs writes a value as valid.
         unsafe { core::ptr::write_volatile(&raw mut DECAP_FLAGS_REFUSED, level) };
     }
-    count(CounterIndex::decap(acc.format), acc.inner_len as u64);
+    count(acc.counter, acc.inner_len as u64);
     // On to the next program on this hook, if any, and then the stack.
     Ok(TC_ACT_UNSPEC)
 }

@@ -34,13 +34,23 @@ use crate::{
 pub const AF_INET: u8 = 2;
 
 pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
-    let cfg = CONFIG.get(0).ok_or(DropReason::NoConfig)?;
-    let format = cfg.format().ok_or(DropReason::NoConfig)?;
-
     let ether_type = read::<_, u16>(ctx, offset_of!(EthHdr, ether_type)).ok_or(DropReason::NotIpv4)?;
+    if ether_type == EtherType::Ipv6 as u16 {
+        return crate::ipv6::try_encap6(ctx);
+    }
     if ether_type != EtherType::Ipv4 as u16 {
         return Err(DropReason::NotIpv4);
     }
+    try_encap4(ctx)
+}
+
+/// The IPv4 path. Each family in its own function (a BPF-to-BPF call): the verifier counts the
+/// frames along a call chain against one 512-byte stack, and the two side by side in the
+/// entry point's frame would not fit with either callee.
+#[inline(never)]
+fn try_encap4(ctx: &TcContext) -> Result<i32, DropReason> {
+    let cfg = CONFIG.get(0).ok_or(DropReason::NoConfig)?;
+    let format = cfg.format().ok_or(DropReason::NoConfig)?;
     let ip = read::<_, Ipv4Hdr>(ctx, EthHdr::LEN).ok_or(DropReason::NotIpv4)?;
     let ihl = ipv4_header_len(&ip).ok_or(DropReason::NotIpv4)?;
 
@@ -116,7 +126,7 @@ pub fn encap_to_peer(
 
 /// TCP, UDP, SCTP, UDP-Lite: the first four bytes after the IP header are the two ports.
 #[inline(always)]
-fn has_ports(protocol: u8) -> bool {
+pub fn has_ports(protocol: u8) -> bool {
     const TCP: u8 = IpProto::Tcp as u8;
     const UDP: u8 = IpProto::Udp as u8;
     const SCTP: u8 = IpProto::Sctp as u8;
@@ -141,11 +151,22 @@ pub fn redirect_to_peer(
     p.ifindex = ifindex;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    redirect_via_fib(ctx, ifindex, &mut p, EtherType::Ipv4)
+}
+
+/// The route lookup `p` describes (family, addresses and `ifindex` filled in), then the
+/// redirect: straight out with the MACs found, or through the kernel's neighbour resolution.
+pub fn redirect_via_fib(
+    ctx: &TcContext,
+    ifindex: u32,
+    p: &mut bpf_fib_lookup,
+    ether_type: EtherType,
+) -> Result<i32, DropReason> {
     // tot_len stays 0: no MTU check here, GSO packets are segmented after us.
     let rc = unsafe {
         fib_lookup(
             ctx.skb.skb as *mut _,
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_OUTPUT,
         )
@@ -154,7 +175,7 @@ pub fn redirect_to_peer(
         let eth = EthHdr {
             dst_addr: p.dmac,
             src_addr: p.smac,
-            ether_type: EtherType::Ipv4 as u16,
+            ether_type: ether_type as u16,
         };
         if !write(ctx, 0, eth) {
             return Err(DropReason::EncapFailed);

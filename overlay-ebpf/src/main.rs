@@ -18,6 +18,7 @@ mod decap;
 mod encap;
 mod headers;
 mod host_routing;
+mod ipv6;
 mod maps;
 mod packet;
 mod probe;

@@ -625,3 +625,144 @@ fn nftables_mode_has_flannels_ip6_table_and_puts_it_back() -> anyhow::Result<()>
     a2.stop()?;
     Ok(())
 }
+
+/// Dual stack on our eBPF datapath (`--datapath=ebpf`, the last `-datapath` wins as in Go's
+/// flag package): one overlay device carries both families, its MAC the VtepMAC of both
+/// lease sides; IPv6 goes as VXLAN over IPv6 to a flannel-style host's `flannel-v6.1` as well
+/// as between our agents. Pings of both families every way, 50 MB over IPv6 verified both to
+/// our agent and to the flannel host, counters of the IPv6 datapath, a gone lease removed.
+#[test]
+fn dual_stack_vxlan_ebpf_datapath_with_a_flannel_style_host() -> anyhow::Result<()> {
+    let mut l = V6Lab::new(3, DUAL_VXLAN, false)?;
+    let (f_v4, f_v6): (Ipv4Network, Ipv6Network) = ("10.244.200.0/24".parse()?, "fd00:244:0:c8::/64".parse()?);
+    let (f_mac, f_mac6) = ("0e:f1:00:00:00:03", "0e:f1:00:00:06:03");
+    let f_ip = l.lab.host(3).public_ip;
+    flannel_vxlan_host(l.host(3), "eth0", f_ip, f_v4, f_mac, 1500)?;
+    let f = l.host(3);
+    let local6 = underlay_ipv6(3).to_string();
+    f.ip(&[
+        "link", "add", "flannel-v6.1", "address", f_mac6, "type", "vxlan", "id", "1", "local", &local6, "dev", "eth0",
+        "dstport", "8472", "nolearning",
+    ])?;
+    f.ip(&["link", "set", "flannel-v6.1", "mtu", "1430", "up"])?;
+    f.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/128", f_v6.network()),
+        "dev",
+        "flannel-v6.1",
+    ])?;
+    let grant = l.etcdctl(&["lease", "grant", "600"])?;
+    let lease_id = grant
+        .split_whitespace()
+        .nth(1)
+        .context("lease grant output")?
+        .to_string();
+    let flannel_key = "/coreos.com/network/subnets/10.244.200.0-24&fd00:244:0:c8::-64";
+    let flannel_value = format!(
+        r#"{{"PublicIP":"{f_ip}","PublicIPv6":"{local6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{f_mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{f_mac6}"}}}}"#
+    );
+    l.etcdctl(&["put", "--lease", &lease_id, flannel_key, &flannel_value])?;
+
+    let agents = [
+        l.start_agent(1, &["--datapath=ebpf"])?,
+        l.start_agent(2, &["--datapath=ebpf"])?,
+    ];
+    for (i, agent) in [(1, &agents[0]), (2, &agents[1])] {
+        let lease = ready_lease(agent)?;
+        assert_eq!(lease["PublicIPv6"], underlay_ipv6(i).to_string(), "{lease}");
+        let (mac4, mac6) = vtep_macs(&lease);
+        let ours = link_mac(l.host(i), "ovl0")?;
+        assert_eq!(
+            (mac4.as_str(), mac6.as_str()),
+            (ours.as_str(), ours.as_str()),
+            "{lease}"
+        );
+        assert!(
+            !l.host(i).ip(&["link", "show"])?.contains("flannel"),
+            "no kernel devices on host{i}"
+        );
+        // The flannel host learns our lease as flanneld would.
+        let v4: Ipv4Network = agent.ready["subnet"].as_str().unwrap_or_default().parse()?;
+        flannel_vxlan_add_peer(l.host(3), v4, l.lab.host(i).public_ip, &mac4)?;
+        let v6: Ipv6Network = agent.ready["ipv6_subnet"].as_str().unwrap_or_default().parse()?;
+        let gw = v6.network().to_string();
+        let f = l.host(3);
+        f.ip(&[
+            "-6", "neigh", "replace", &gw, "lladdr", &mac6, "dev", "flannel-v6.1", "nud", "permanent",
+        ])?;
+        run(f.command("bridge").args([
+            "fdb",
+            "append",
+            &mac6,
+            "dev",
+            "flannel-v6.1",
+            "dst",
+            &underlay_ipv6(i).to_string(),
+        ]))?;
+        f.ip(&[
+            "-6",
+            "route",
+            "replace",
+            &v6.to_string(),
+            "via",
+            &gw,
+            "dev",
+            "flannel-v6.1",
+            "onlink",
+        ])?;
+        // Our overlay device routes the IPv6 network with room for VXLAN over IPv6.
+        let route = l.host(i).ip(&["-6", "route", "show", "fd00:244::/56"])?;
+        assert!(
+            route.contains("dev ovl0") && route.contains("mtu 1430"),
+            "host{i}: {route}"
+        );
+    }
+    for i in 1..=2 {
+        l.add_container_from_subnet_file(i)?;
+    }
+    l.add_container(
+        3,
+        Some(Ipv4Network::new(Ipv4Addr::new(10, 244, 200, 1), 24)?),
+        Some(Ipv6Network::new(Ipv6Addr::from(u128::from(f_v6.network()) + 1), 64)?),
+        "1450",
+    )?;
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)] {
+        let to = l.container(b);
+        l.pings(a, to.ipv4.context("v4")?.into())?;
+        l.pings(a, to.ipv6.context("v6")?.into())?;
+    }
+    let (c1, c2, c3) = (l.container(1), l.container(2), l.container(3));
+    let verified = tcp_transfer_verified(&c1.ns, &c2.ns, c2.ipv6.context("v6")?, 5201, 50 << 20)?;
+    assert_eq!(verified, 50 << 20);
+    let verified = tcp_transfer_verified(&c2.ns, &c3.ns, c3.ipv6.context("v6")?, 5202, 50 << 20)?;
+    assert_eq!(verified, 50 << 20);
+    let verified = tcp_transfer_verified(&c3.ns, &c1.ns, c1.ipv6.context("v6")?, 5203, 10 << 20)?;
+    assert_eq!(verified, 10 << 20);
+
+    // A host whose lease goes is dropped from the IPv6 peer table: its traffic is refused.
+    l.etcdctl(&["del", flannel_key])?;
+    l.wait_until("flannel host's IPv6 peer removed", || {
+        let r = ping(
+            &l.container(3).ns,
+            l.container(1).ipv6.context("v6")?,
+            1,
+            56,
+            false,
+            "0.2",
+        )?;
+        Ok(r.received == 0)
+    })?;
+    let s1 = agents[0].counters()?;
+    let [a1, a2] = agents;
+    a1.stop()?;
+    a2.stop()?;
+    let packets = |name: &str| s1["counters"][name]["packets"].as_u64().unwrap_or(0);
+    assert!(packets("encap_vxlan6") > 0 && packets("decap_vxlan6") > 0, "{s1}");
+    assert!(
+        packets("drop_unknown_peer") > 0,
+        "the gone host's packets refused: {s1}"
+    );
+    Ok(())
+}

@@ -143,18 +143,27 @@ impl Status {
                 (
                     "overlay_encapsulated",
                     "encapsulated towards peers",
-                    [CounterIndex::EncapUdp, CounterIndex::EncapVxlan],
+                    [
+                        CounterIndex::EncapUdp,
+                        CounterIndex::EncapVxlan,
+                        CounterIndex::EncapVxlan6,
+                    ],
                 ),
                 (
                     "overlay_decapsulated",
                     "decapsulated from peers",
-                    [CounterIndex::DecapUdp, CounterIndex::DecapVxlan],
+                    [
+                        CounterIndex::DecapUdp,
+                        CounterIndex::DecapVxlan,
+                        CounterIndex::DecapVxlan6,
+                    ],
                 ),
             ] {
                 for unit in ["packets", "bytes"] {
                     let _ = writeln!(m, "# HELP {metric}_{unit}_total {unit} {help}, by wire format.");
                     let _ = writeln!(m, "# TYPE {metric}_{unit}_total counter");
-                    for (idx, format) in which.iter().zip(["udp", "vxlan"]) {
+                    // vxlan6: VXLAN over IPv6 (flannel-v6.<VNI>'s traffic).
+                    for (idx, format) in which.iter().zip(["udp", "vxlan", "vxlan6"]) {
                         let v = c.get(*idx);
                         let n = if unit == "packets" { v.packets } else { v.bytes };
                         let _ = writeln!(m, "{metric}_{unit}_total{{format=\"{format}\"}} {n}");

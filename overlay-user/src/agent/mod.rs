@@ -588,7 +588,8 @@ fn make_backend(
             pin_dir: Some(args.pin_dir.clone()),
             bridge_redirect: args.bridge_redirect,
             host_routing: args.host_routing,
-        })
+        })?
+        .with_public_ipv6(underlay.public_ipv6)
     };
     // eBPF, or the kernel datapath if asked for or (auto) if eBPF is unavailable here.
     let choose = |ebpf: &dyn Fn() -> Result<EbpfBackend, BackendError>,

@@ -1,9 +1,14 @@
 //! `overlay datapath`: the eBPF datapath with a static peer table, no etcd. Used by the tests,
 //! the benchmarks and anyone who wants to try the datapath alone.
-use std::{io::Write as _, net::Ipv4Addr, time::Duration};
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::{
@@ -11,6 +16,7 @@ use crate::{
         Peer,
         ebpf::{
             Datapath, DatapathSpec, DecapAttach, DecapHook, Format, HostRouting, Programs, XdpAttach, backend_kind,
+            ipv6::Peer6,
         },
     },
     host::MacAddr,
@@ -27,6 +33,26 @@ impl From<Backend> for Format {
         match b {
             Backend::Udp => Format::Udp,
             Backend::Vxlan => Format::Vxlan,
+        }
+    }
+}
+
+/// One `--peer`: an IPv4 peer (`CIDR=IP[,MAC]`) or, told apart by its subnet, an IPv6 one
+/// (`CIDR=IPv6,MAC`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StaticPeer {
+    V4(Peer),
+    V6(Peer6),
+}
+
+impl FromStr for StaticPeer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let subnet = s.split_once('=').map_or(s, |(subnet, _)| subnet);
+        if subnet.contains(':') {
+            s.parse().map(StaticPeer::V6)
+        } else {
+            s.parse().map(StaticPeer::V4)
         }
     }
 }
@@ -54,9 +80,20 @@ pub struct Args {
     /// VXLAN network identifier.
     #[arg(long, default_value_t = 1)]
     pub vni: u32,
-    /// A remote host: its subnet, PublicIP and (vxlan) VtepMAC, as CIDR=IP[,MAC]. Repeatable.
+    /// A remote host: its subnet, PublicIP and (vxlan) VtepMAC, as CIDR=IP[,MAC]; or its IPv6
+    /// side as CIDR=IPv6,MAC (v6 subnet, PublicIPv6, VtepMAC). Repeatable.
     #[arg(long = "peer")]
-    pub peers: Vec<Peer>,
+    pub peers: Vec<StaticPeer>,
+    /// This host's IPv6 tunnel endpoint (flannel's PublicIPv6): carries IPv6 too, as VXLAN
+    /// over IPv6 (vxlan only). Needs --subnet6.
+    #[arg(long)]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// This host's IPv6 container subnet, e.g. fd00:0:0:1::/64.
+    #[arg(long)]
+    pub subnet6: Option<Ipv6Network>,
+    /// The whole IPv6 overlay network [default: the /48 around --subnet6].
+    #[arg(long)]
+    pub network6: Option<Ipv6Network>,
     /// Name of the overlay device.
     #[arg(long, default_value = "ovl0")]
     pub overlay_device: String,
@@ -104,9 +141,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
 
+    let ipv6 = ipv6_side(&args, format)?;
     for peer in &args.peers {
-        peer.check(backend_kind(format))
-            .map_err(|why| anyhow::anyhow!("--peer {}: {why}", peer.subnet))?;
+        match peer {
+            StaticPeer::V4(peer) => peer
+                .check(backend_kind(format))
+                .map_err(|why| anyhow::anyhow!("--peer {}: {why}", peer.subnet))?,
+            StaticPeer::V6(peer) if ipv6.is_none() => {
+                anyhow::bail!("--peer {}: an IPv6 peer needs --public-ipv6 and --subnet6", peer.subnet)
+            }
+            StaticPeer::V6(_) => {}
+        }
     }
     let programs = Programs::load().context("loading the eBPF programs")?;
     let spec = DatapathSpec {
@@ -126,8 +171,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut dp = Datapath::attach(programs, spec, args.subnet, network)
         .with_context(|| format!("attaching the datapath to {}", args.iface))?;
+    if let Some((public_ip, subnet, network)) = ipv6 {
+        dp.enable_ipv6(public_ip, subnet, network)?;
+    }
     for peer in &args.peers {
-        dp.upsert_peer(*peer)?;
+        match *peer {
+            StaticPeer::V4(peer) => dp.upsert_peer(peer)?,
+            StaticPeer::V6(peer) => dp.upsert_peer6(peer)?,
+        }
     }
 
     // One line on stdout when ready, for scripts and tests.
@@ -160,6 +211,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("{}", serde_json::json!({ "counters": counters.to_json() }));
     dp.detach()?;
     Ok(())
+}
+
+/// Our IPv6 side from the flags: all of it or none, and vxlan only.
+fn ipv6_side(args: &Args, format: Format) -> anyhow::Result<Option<(Ipv6Addr, Ipv6Network, Ipv6Network)>> {
+    let (public_ip, subnet) = match (args.public_ipv6, args.subnet6) {
+        (None, None) => {
+            if let Some(n) = args.network6 {
+                anyhow::bail!("--network6 {n} needs --public-ipv6 and --subnet6");
+            }
+            return Ok(None);
+        }
+        (Some(ip), Some(subnet)) => (ip, subnet),
+        (Some(_), None) => anyhow::bail!("--public-ipv6 needs --subnet6 (this host's IPv6 container subnet)"),
+        (None, Some(_)) => anyhow::bail!("--subnet6 needs --public-ipv6 (this host's IPv6 tunnel endpoint)"),
+    };
+    if format != Format::Vxlan {
+        anyhow::bail!(
+            "--public-ipv6 with --backend {}: flannel's udp backend has no IPv6; IPv6 is carried by vxlan only",
+            backend_kind(format).name()
+        );
+    }
+    if subnet.network() != subnet.ip() {
+        anyhow::bail!(
+            "--subnet6 {subnet} has host bits set (use {}/{})",
+            subnet.network(),
+            subnet.prefix()
+        );
+    }
+    let network = match args.network6 {
+        Some(n) => n,
+        None => {
+            let n = Ipv6Network::new(subnet.network(), 48.min(subnet.prefix()))?;
+            let n = Ipv6Network::new(n.network(), n.prefix())?;
+            tracing::info!(network6 = %n, "no --network6 given: routing the /48 around --subnet6");
+            n
+        }
+    };
+    Ok(Some((public_ip, subnet, network)))
 }
 
 /// Wait up to `timeout` for one of the blocked `signals`.

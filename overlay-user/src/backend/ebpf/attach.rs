@@ -14,7 +14,8 @@ use aya::programs::{
 };
 use ipnetwork::Ipv4Network;
 use overlay_common::{
-    DatapathConfig, Format, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+    DatapathConfig, Format, MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP, MAP_PEERS6,
+    MAP_PEERS6_BY_IP, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
 };
 
 use super::{
@@ -334,7 +335,7 @@ pub(super) enum Links {
 }
 
 /// Pinned by versions whose counter table was shorter; removed by cleanup.
-const LEGACY_MAP_COUNTERS: [&str; 2] = ["OVL_COUNTERS_V1", "OVL_COUNTERS_V2"];
+const LEGACY_MAP_COUNTERS: [&str; 3] = ["OVL_COUNTERS_V1", "OVL_COUNTERS_V2", "OVL_COUNTERS_V3"];
 
 impl Programs {
     pub(super) fn attach_tc(
@@ -509,6 +510,7 @@ impl Datapath {
             xdp_mode: None,
             links: None,
             peers,
+            ipv6: None,
             bridges: BridgeFinder::default(),
             bridge: None,
             bridge_warning: None,
@@ -784,10 +786,10 @@ impl Datapath {
                 }
             }
         }
-        for name in [MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS]
-            .into_iter()
-            .chain(LEGACY_MAP_COUNTERS)
-        {
+        let maps = [
+            MAP_PEERS, MAP_PEERS_BY_IP, MAP_CONFIG, MAP_COUNTERS, MAP_PEERS6, MAP_PEERS6_BY_IP, MAP_CONFIG6,
+        ];
+        for name in maps.into_iter().chain(LEGACY_MAP_COUNTERS) {
             let path = pin_dir.join(name);
             if path.exists() {
                 std::fs::remove_file(&path)

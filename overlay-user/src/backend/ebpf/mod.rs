@@ -6,6 +6,7 @@
 //! - [`attach`]: the programs put on a host ([`Datapath`]): the overlay device whose egress
 //!   encapsulates, XDP or TC ingress on the underlay that decapsulates, pinning and adoption.
 //! - [`peers`]: the peer table in the maps.
+//! - [`ipv6`]: IPv6 (VXLAN over IPv6, flannel's `flannel-v6.<VNI>`): its config, peers, route.
 //! - [`bridge`]: the container bridge followed, its forwarding database mirrored for the
 //!   program on its egress.
 pub mod attach;
@@ -13,17 +14,18 @@ pub mod bridge;
 pub mod capabilities;
 pub mod host_gw;
 pub mod host_routing;
+pub mod ipv6;
 pub mod peers;
 pub mod programs;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::Ipv6Addr};
 
 pub use attach::{DatapathSpec, DecapAttach, DecapHook, XdpAttach, choose_decap};
 use aya::programs::XdpMode;
 pub use capabilities::Capabilities;
 pub use host_gw::EbpfHostGw;
 pub use host_routing::HostRouting;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 pub use overlay_common::Format;
 pub use programs::{DatapathError, Programs};
 
@@ -52,6 +54,8 @@ pub struct Datapath {
     links: Option<attach::Links>,
     /// What the peer maps hold.
     peers: HashMap<Ipv4Network, Peer>,
+    /// Our IPv6 side and the v6 peer maps' contents, once enabled.
+    ipv6: Option<ipv6::Ipv6Side>,
     bridges: bridge::BridgeFinder,
     /// The container bridge our egress program is on, with what its maps hold. Owned by this
     /// process, never pinned: without the agent to keep the FDB copy current, packets take
@@ -86,6 +90,8 @@ pub struct EbpfBackend {
     vtep_mac: MacAddr,
     mtu: u32,
     datapath: Option<Datapath>,
+    /// Our PublicIPv6 when the network has IPv6 ([`EbpfBackend::with_public_ipv6`]).
+    public_ipv6: Option<Ipv6Addr>,
 }
 
 impl EbpfBackend {
@@ -120,7 +126,20 @@ impl EbpfBackend {
             vtep_mac,
             mtu,
             datapath: None,
+            public_ipv6: None,
         })
+    }
+
+    /// Carry IPv6 too, from `public_ipv6` (flannel's PublicIPv6), once the agent activates it
+    /// with our IPv6 subnet. VXLAN only: flannel's udp backend has no IPv6.
+    pub fn with_public_ipv6(mut self, public_ipv6: Option<Ipv6Addr>) -> Result<Self, BackendError> {
+        if public_ipv6.is_some() && self.spec.format != Format::Vxlan {
+            return Err(BackendError::Other(
+                "EnableIPv6 with Backend.Type \"udp\": flannel's udp backend has no IPv6; use vxlan".into(),
+            ));
+        }
+        self.public_ipv6 = public_ipv6;
+        Ok(self)
     }
 
     fn datapath(&mut self) -> Result<&mut Datapath, BackendError> {
@@ -137,7 +156,18 @@ impl Backend for EbpfBackend {
                 vtep_mac: self.vtep_mac,
             }),
         };
-        LeaseAttrs::new(self.spec.public_ip, backend)
+        let attrs = LeaseAttrs::new(self.spec.public_ip, backend);
+        // One overlay device carries both families: its MAC is our VtepMAC for IPv6 too.
+        match self.public_ipv6 {
+            Some(ip) => attrs.with_ipv6(
+                ip,
+                Some(VxlanData {
+                    vni: self.spec.vni,
+                    vtep_mac: self.vtep_mac,
+                }),
+            ),
+            None => attrs,
+        }
     }
 
     fn mtu(&self) -> u32 {
@@ -165,13 +195,34 @@ impl Backend for EbpfBackend {
         Ok(())
     }
 
+    fn activate_ipv6(&mut self, subnet: Ipv6Network, network: Ipv6Network) -> Result<(), BackendError> {
+        let public_ip = self
+            .public_ipv6
+            .ok_or_else(|| BackendError::Unavailable("the eBPF datapath was started without a PublicIPv6".into()))?;
+        self.datapath()?.enable_ipv6(public_ip, subnet, network)?;
+        Ok(())
+    }
+
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
-        self.datapath()?.upsert_peer(*peer)?;
+        let dp = self.datapath()?;
+        dp.upsert_peer(*peer)?;
+        // Peer::check gave a vxlan peer with an IPv6 side its v6 VtepMAC.
+        if let (Some(v6), Some(_)) = (peer.ipv6, dp.ipv6()) {
+            dp.upsert_peer6(ipv6::Peer6 {
+                subnet: v6.subnet,
+                public_ip: v6.public_ip,
+                vtep_mac: v6.vtep_mac.unwrap_or_default(),
+            })?;
+        }
         Ok(())
     }
 
     fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
-        self.datapath()?.remove_peer(key.ipv4)?;
+        let dp = self.datapath()?;
+        dp.remove_peer(key.ipv4)?;
+        if let (Some(v6), Some(_)) = (key.ipv6, dp.ipv6()) {
+            dp.remove_peer6(v6)?;
+        }
         Ok(())
     }
 
