@@ -129,7 +129,7 @@ pub fn classify<P: Packet>(pkt: &P) -> Result<Option<Accepted>, DropReason> {
         strip: inner.offset - EthHdr::LEN,
         inner_len: inner.ip.tot_len() as usize,
         counter: CounterIndex::decap(format),
-        decap_l3: BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64,
+        decap_l3: overlay_common::adjust_room::DECAP_L3_IPV4,
     }))
 }
 

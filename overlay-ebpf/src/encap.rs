@@ -151,16 +151,18 @@ pub fn redirect_to_peer(
     p.ifindex = ifindex;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    redirect_via_fib(ctx, ifindex, &mut p, EtherType::Ipv4)
+    redirect_via_fib(ctx, ifindex, &mut p, EtherType::Ipv4, nexthop)
 }
 
 /// The route lookup `p` describes (family, addresses and `ifindex` filled in), then the
-/// redirect: straight out with the MACs found, or through the kernel's neighbour resolution.
+/// redirect: straight out with the MACs found, or through the kernel's neighbour resolution
+/// (of `nexthop`, an IPv4 address, when given; else of the packet's destination).
 pub fn redirect_via_fib(
     ctx: &TcContext,
     ifindex: u32,
     p: &mut bpf_fib_lookup,
     ether_type: EtherType,
+    nexthop: Option<[u8; 4]>,
 ) -> Result<i32, DropReason> {
     // tot_len stays 0: no MTU check here, GSO packets are segmented after us.
     let rc = unsafe {

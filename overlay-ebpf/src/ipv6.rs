@@ -139,7 +139,7 @@ pub fn try_encap6(ctx: &TcContext) -> Result<i32, DropReason> {
     s.fib.ifindex = cfg.underlay_ifindex;
     s.fib.__bindgen_anon_3.ipv6_src = words(&cfg.public_ip);
     s.fib.__bindgen_anon_4.ipv6_dst = words(&peer.public_ip);
-    let action = redirect_via_fib(ctx, cfg.underlay_ifindex, &mut s.fib, EtherType::Ipv6)?;
+    let action = redirect_via_fib(ctx, cfg.underlay_ifindex, &mut s.fib, EtherType::Ipv6, None)?;
     count(CounterIndex::EncapVxlan6, inner_len as u64);
     Ok(action)
 }
