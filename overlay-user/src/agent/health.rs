@@ -199,6 +199,25 @@ impl Status {
                     c.get(idx).packets
                 );
             }
+            // Host routing: packets that skipped the host's stack (netfilter included), and
+            // those it handed back for being over the MTU.
+            for unit in ["packets", "bytes"] {
+                let _ = writeln!(
+                    m,
+                    "# HELP overlay_host_routing_{unit}_total {unit} past the host's stack (bridge, IP forwarding, \
+                     netfilter): into a local container, from one to a peer; oversize: handed to the stack."
+                );
+                let _ = writeln!(m, "# TYPE overlay_host_routing_{unit}_total counter");
+                for (idx, path) in [
+                    (CounterIndex::ShortcutToContainer, "to_container"),
+                    (CounterIndex::ShortcutFromContainer, "from_container"),
+                    (CounterIndex::ShortcutOversize, "oversize"),
+                ] {
+                    let v = c.get(idx);
+                    let n = if unit == "packets" { v.packets } else { v.bytes };
+                    let _ = writeln!(m, "overlay_host_routing_{unit}_total{{path=\"{path}\"}} {n}");
+                }
+            }
         }
         m
     }
@@ -294,6 +313,7 @@ mod tests {
         c[CounterIndex::EncapVxlan as usize] = overlay_common::Counter { packets: 7, bytes: 700 };
         c[CounterIndex::DropNoPeer as usize] = overlay_common::Counter { packets: 3, bytes: 300 };
         c[CounterIndex::BridgeRedirect as usize] = overlay_common::Counter { packets: 5, bytes: 500 };
+        c[CounterIndex::ShortcutToContainer as usize] = overlay_common::Counter { packets: 9, bytes: 900 };
         let s = Status {
             counters: Some(Counters(c)),
             ..Default::default()
@@ -309,5 +329,13 @@ mod tests {
         );
         assert!(m.contains("overlay_dropped_packets_total{reason=\"no_peer\"} 3"), "{m}");
         assert!(m.contains("overlay_bridge_frames_total{path=\"port\"} 5"), "{m}");
+        assert!(
+            m.contains("overlay_host_routing_bytes_total{path=\"to_container\"} 900"),
+            "{m}"
+        );
+        assert!(
+            m.contains("overlay_host_routing_packets_total{path=\"from_container\"} 0"),
+            "{m}"
+        );
     }
 }
