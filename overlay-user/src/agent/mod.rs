@@ -574,6 +574,11 @@ fn make_backend(
                 "the eBPF datapath needs an IPv4 network (this one is IPv6-only)".into(),
             ));
         }
+        if config.ipv6.is_some() && !EbpfBackend::CARRIES_IPV6 {
+            return Err(BackendError::Unavailable(
+                "the eBPF datapath does not carry IPv6 yet (the network config has EnableIPv6)".into(),
+            ));
+        }
         EbpfBackend::new(DatapathSpec {
             underlay: iface.to_string(),
             public_ip,

@@ -95,6 +95,11 @@ pub struct EbpfBackend {
 }
 
 impl EbpfBackend {
+    /// Whether [`Backend::activate_ipv6`] is implemented here: until it is, a network with IPv6
+    /// takes the kernel datapath (`auto`) or is refused (`--datapath ebpf`) before anything is
+    /// leased or attached.
+    pub const CARRIES_IPV6: bool = false;
+
     /// Load the programs (so the agent can fall back before it leases if this kernel refuses
     /// them) and create the overlay device, whose MAC our lease publishes.
     pub fn new(spec: DatapathSpec) -> Result<Self, BackendError> {
