@@ -625,7 +625,7 @@ fn make_backend(
             // Our eBPF host-gw is the kernel's routes plus host routing's shortcut: without
             // host routing it would be the kernel's host-gw with nothing added.
             let kernel = || -> anyhow::Result<Box<dyn Backend>> { Ok(Box::new(HostGw::new(iface, public_ip, underlay.public_ipv6)?)) };
-            let ebpf = || EbpfHostGw::new(iface, public_ip, args.host_routing);
+            let ebpf = || EbpfHostGw::new(iface, public_ip, underlay.public_ipv6, args.host_routing);
             let backend: Box<dyn Backend> = match (args.datapath, args.host_routing) {
                 // Host routing is IPv4: an IPv6-only network gets the kernel's routes.
                 _ if underlay.public_ip.is_none() => kernel()?,

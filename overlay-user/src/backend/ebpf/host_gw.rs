@@ -4,9 +4,12 @@
 //! peer's PublicIP as next hop; one from a peer's subnet to a local container goes from the
 //! underlay straight into the container's namespace. Nothing is pinned: while no agent runs, the
 //! kernel's routes carry the traffic.
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{DatapathConfig, HostRoutingMode};
 
 use super::{
@@ -18,7 +21,7 @@ use super::{
 use crate::{
     backend::{Backend, BackendError, Peer, host_gw::HostGw},
     host::{Counters, netdev},
-    subnet::LeaseAttrs,
+    subnet::{LeaseAttrs, SubnetKey},
 };
 
 pub struct EbpfHostGw {
@@ -33,15 +36,20 @@ pub struct EbpfHostGw {
     bridges: BridgeFinder,
     bridge: Option<(BridgeDevice, Mirror)>,
     bridge_warning: Option<String>,
-    peers: HashMap<Ipv4Network, Peer>,
+    peers: HashMap<SubnetKey, Peer>,
     clsact_created: Vec<String>,
 }
 
 impl EbpfHostGw {
     /// Unavailable where the host-routing programs do not load (the agent then runs the
     /// kernel's host-gw alone).
-    pub fn new(underlay: &str, public_ip: Ipv4Addr, choice: HostRouting) -> Result<Self, BackendError> {
-        let kernel = HostGw::new(underlay, public_ip)?;
+    pub fn new(
+        underlay: &str,
+        public_ip: Ipv4Addr,
+        public_ipv6: Option<Ipv6Addr>,
+        choice: HostRouting,
+    ) -> Result<Self, BackendError> {
+        let kernel = HostGw::new(underlay, public_ip, public_ipv6)?;
         let programs =
             Programs::load().map_err(|e| BackendError::Unavailable(format!("eBPF programs do not load: {e}")))?;
         if let Some(why) = programs.host_routing_refused() {
@@ -139,25 +147,30 @@ impl Backend for EbpfHostGw {
 
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
         self.kernel.set_peer(peer)?;
-        if self.peers.get(&peer.subnet) != Some(peer) {
-            if let Some(old) = self.peers.remove(&peer.subnet) {
+        if self.peers.get(&peer.key()) != Some(peer) {
+            if let Some(old) = self.peers.remove(&peer.key()) {
                 self.programs.remove_peer(&old)?;
             }
             self.programs.upsert_peer(peer)?;
-            self.peers.insert(peer.subnet, *peer);
+            self.peers.insert(peer.key(), *peer);
         }
         Ok(())
     }
 
-    fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
-        self.kernel.remove_peer(subnet)?;
-        if let Some(old) = self.peers.remove(&subnet) {
+    fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
+        self.kernel.remove_peer(key)?;
+        if let Some(old) = self.peers.remove(&key) {
             self.programs.remove_peer(&old)?;
         }
         Ok(())
     }
 
-    fn peers(&self) -> Vec<Ipv4Network> {
+    /// IPv6 goes by the kernel's routes alone: host routing is IPv4.
+    fn activate_ipv6(&mut self, subnet: Ipv6Network, network: Ipv6Network) -> Result<(), BackendError> {
+        self.kernel.activate_ipv6(subnet, network)
+    }
+
+    fn peers(&self) -> Vec<SubnetKey> {
         self.kernel.peers()
     }
 
