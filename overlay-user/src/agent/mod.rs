@@ -33,7 +33,7 @@ use crate::{
     },
     host::{linkwatch::LinkEvents, netdev},
     subnet::{
-        self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig,
+        self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig, Registry as _,
         config::Backend as BackendConfig, etcd::EtcdRegistry,
     },
 };
@@ -92,6 +92,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| p.network)
         .context("the network config has no IPv4 network")?;
+    // The text in use, to tell a later change of it (logged, not applied: see below).
+    let config_text = manager.registry().get_config().await.ok().flatten().unwrap_or_default();
+    tokio::spawn(report_config_changes(manager.clone(), config_text, status.clone()));
     let flannel_leftovers = takeover::find(&config);
     let (mut backend, kind) = make_backend(&config, &args, &iface, public_ip)?;
     tracing::info!(backend = %backend.describe(), %network, "network config read");
@@ -170,6 +173,48 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // The rules stay, as flanneld leaves them: no gap for masqueraded traffic across a restart.
     drop(backend);
     result
+}
+
+const CONFIG_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// flanneld reads the network config once, at start: a change while running is logged, old
+/// and new, once per new text, and not applied (a new network or backend means every host's
+/// restart). `/status` shows the pending text.
+async fn report_config_changes(manager: Arc<LeaseManager<EtcdRegistry>>, in_use: String, status: health::SharedStatus) {
+    let same = |a: &str, b: &str| match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    };
+    let key = manager.registry().config_key();
+    let mut last = in_use.clone();
+    loop {
+        tokio::time::sleep(CONFIG_CHECK_EVERY).await;
+        // Unreachable etcd is the lease loop's to report.
+        let Ok(now) = manager.registry().get_config().await else {
+            continue;
+        };
+        let now = now.unwrap_or_default();
+        if same(&now, &last) {
+            continue;
+        }
+        if same(&now, &in_use) {
+            tracing::info!(%key, "the network config in etcd is back to the one in use");
+            status.lock().expect("status").config_pending = None;
+        } else {
+            tracing::warn!(
+                %key,
+                old = %in_use,
+                new = %now,
+                "the network config in etcd changed while the agent runs; not applied (read at start, \
+                 as flanneld does): restart the agent to use it"
+            );
+            status.lock().expect("status").config_pending = Some(now.clone());
+        }
+        last = now;
+    }
 }
 
 /// SIGTERM or SIGINT, whichever comes first.
@@ -477,6 +522,7 @@ fn make_backend(
     public_ip: Ipv4Addr,
 ) -> anyhow::Result<(Box<dyn Backend>, BackendKind)> {
     let ebpf = |format: Format, port: u16, vni: u32, mtu: u32| {
+        let pin_dir = pin_dir_for(args)?;
         EbpfBackend::new(DatapathSpec {
             underlay: iface.to_string(),
             public_ip,
@@ -488,7 +534,7 @@ fn make_backend(
             vtep_mac: None,
             xdp: args.xdp_mode,
             decap: args.decap,
-            pin_dir: Some(args.pin_dir.clone()),
+            pin_dir,
             bridge_redirect: args.bridge_redirect,
         })
     };
@@ -554,6 +600,28 @@ fn make_backend(
             )?;
             Ok((backend, BackendKind::Udp))
         }
+    }
+}
+
+/// Where the eBPF datapath pins, so that a restart adopts it without a gap. With `auto`, a
+/// host where no bpffs can be had there (read-only /sys, mounting refused) runs it unpinned,
+/// which loses only that; with `--datapath ebpf` it is an error.
+fn pin_dir_for(args: &AgentArgs) -> Result<Option<std::path::PathBuf>, BackendError> {
+    match netdev::ensure_bpffs(&args.pin_dir) {
+        Ok(()) => Ok(Some(args.pin_dir.clone())),
+        Err(e) if args.datapath == DatapathChoice::Auto => {
+            tracing::warn!(
+                pin_dir = %args.pin_dir.display(),
+                "cannot pin the eBPF datapath ({e}): running it unpinned, so hitless restart is lost: \
+                 stopping or restarting the agent removes the datapath and interrupts traffic"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(BackendError::Other(format!(
+            "--pin-dir {}: {e}. The eBPF datapath pins its maps and links there so that a restart keeps \
+             traffic flowing: pass a --pin-dir on a bpffs, or --datapath auto to run unpinned",
+            args.pin_dir.display()
+        ))),
     }
 }
 

@@ -190,6 +190,10 @@ impl Backend for EbpfBackend {
             Some(attach::TcMode::Netlink) => ", tc via clsact",
             _ => "",
         };
-        format!("ebpf-{kind} (decap {mode}{tc}, device {})", self.spec.overlay_device)
+        let pinned = if self.spec.pin_dir.is_some() { "" } else { ", unpinned" };
+        format!(
+            "ebpf-{kind} (decap {mode}{tc}{pinned}, device {})",
+            self.spec.overlay_device
+        )
     }
 }
