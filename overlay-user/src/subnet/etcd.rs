@@ -103,10 +103,13 @@ pub struct EtcdRegistry {
     current: Arc<AtomicUsize>,
     /// What each endpoint did last, with its last failure: a host that does not answer costs
     /// the connect timeout, so it is tried only after every endpoint that answered.
-    health: Arc<Mutex<Vec<(Health, Option<Answer>)>>>,
+    health: Arc<Mutex<Vec<EndpointState>>>,
     prefix: String,
     target: String,
 }
+
+/// An endpoint's health with its last failure, reported for an endpoint not asked again.
+type EndpointState = (Health, Option<Answer>);
 
 /// An endpoint's last known state, in the order endpoints are tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
