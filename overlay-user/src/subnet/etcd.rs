@@ -459,9 +459,12 @@ impl EtcdRegistry {
             .filter(|(i, h)| !h.answers() && !answers.iter().any(|(j, _)| i == j))
             .map(|(i, _)| i)
             .collect();
+        // Skipped only when another endpoint was asked: a lone endpoint is always asked.
+        let others_asked = !answers.is_empty();
         for idx in silent {
             let recent = self.health.lock().unwrap_or_else(|p| p.into_inner())[idx].clone();
             if let (Health::Silent(since), Some(answer)) = recent
+                && others_asked
                 && since.elapsed() < RECENTLY_SILENT
             {
                 answers.push((idx, answer));
