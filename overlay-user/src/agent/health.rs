@@ -29,6 +29,8 @@ pub struct Status {
     pub datapath_detached: Option<String>,
     /// Times the datapath was attached again to a re-created or changed underlay.
     pub underlay_reattached: u64,
+    /// The network config now in etcd, when it differs from the one in use (not applied).
+    pub config_pending: Option<String>,
     pub subnet: Option<String>,
     pub public_ip: Option<String>,
     pub backend: String,
@@ -90,6 +92,7 @@ impl Status {
             "unapplied_peers": self.unapplied.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             "counters": self.counters.as_ref().map(|c| c.to_json()),
             "etcd_reconnects": self.etcd_reconnects.load(Ordering::Relaxed),
+            "network_config_pending": self.config_pending,
         })
     }
 

@@ -33,7 +33,7 @@ use crate::{
     },
     host::{MacAddr, linkwatch::LinkEvents, netdev},
     subnet::{
-        self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig, SubnetKey,
+        self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig, Registry as _, SubnetKey,
         config::Backend as BackendConfig, etcd::EtcdRegistry,
     },
 };
@@ -106,6 +106,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
     );
     let network = config.ipv4.as_ref().map(|p| p.network);
+    // The text in use, to tell a later change of it (logged, not applied: see below).
+    let config_text = manager.registry().get_config().await.ok().flatten().unwrap_or_default();
+    tokio::spawn(report_config_changes(manager.clone(), config_text, status.clone()));
     let flannel_leftovers = takeover::find(&config, network, &iface);
     let (mut backend, kind, fallback) = make_backend(&config, &args, &underlay, flannel_leftovers.vtep_mac())?;
     status.lock().expect("status").fallback = fallback;
@@ -190,6 +193,48 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // The rules stay, as flanneld leaves them: no gap for masqueraded traffic across a restart.
     drop(backend);
     result
+}
+
+const CONFIG_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// flanneld reads the network config once, at start: a change while running is logged, old
+/// and new, once per new text, and not applied (a new network or backend means every host's
+/// restart). `/status` shows the pending text.
+async fn report_config_changes(manager: Arc<LeaseManager<EtcdRegistry>>, in_use: String, status: health::SharedStatus) {
+    let same = |a: &str, b: &str| match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    };
+    let key = manager.registry().config_key();
+    let mut last = in_use.clone();
+    loop {
+        tokio::time::sleep(CONFIG_CHECK_EVERY).await;
+        // Unreachable etcd is the lease loop's to report.
+        let Ok(now) = manager.registry().get_config().await else {
+            continue;
+        };
+        let now = now.unwrap_or_default();
+        if same(&now, &last) {
+            continue;
+        }
+        if same(&now, &in_use) {
+            tracing::info!(%key, "the network config in etcd is back to the one in use");
+            status.lock().expect("status").config_pending = None;
+        } else {
+            tracing::warn!(
+                %key,
+                old = %in_use,
+                new = %now,
+                "the network config in etcd changed while the agent runs; not applied (read at start, \
+                 as flanneld does): restart the agent to use it"
+            );
+            status.lock().expect("status").config_pending = Some(now.clone());
+        }
+        last = now;
+    }
 }
 
 /// SIGTERM or SIGINT, whichever comes first.
@@ -574,11 +619,7 @@ fn make_backend(
                 "the eBPF datapath needs an IPv4 network (this one is IPv6-only)".into(),
             ));
         }
-        if config.ipv6.is_some() && !EbpfBackend::CARRIES_IPV6 {
-            return Err(BackendError::Unavailable(
-                "the eBPF datapath does not carry IPv6 yet (the network config has EnableIPv6)".into(),
-            ));
-        }
+        let pin_dir = pin_dir_for(args)?;
         EbpfBackend::new(DatapathSpec {
             underlay: iface.to_string(),
             public_ip,
@@ -590,7 +631,7 @@ fn make_backend(
             vtep_mac: if format == Format::Vxlan { vtep_mac } else { None },
             xdp: args.xdp_mode,
             decap: args.decap,
-            pin_dir: Some(args.pin_dir.clone()),
+            pin_dir,
             bridge_redirect: args.bridge_redirect,
             host_routing: args.host_routing,
         })?
@@ -686,6 +727,28 @@ fn make_backend(
         }
     };
     Ok((backend, kind, fell_back.into_inner()))
+}
+
+/// Where the eBPF datapath pins, so that a restart adopts it without a gap. With `auto`, a
+/// host where no bpffs can be had there (read-only /sys, mounting refused) runs it unpinned,
+/// which loses only that; with `--datapath ebpf` it is an error.
+fn pin_dir_for(args: &AgentArgs) -> Result<Option<std::path::PathBuf>, BackendError> {
+    match netdev::ensure_bpffs(&args.pin_dir) {
+        Ok(()) => Ok(Some(args.pin_dir.clone())),
+        Err(e) if args.datapath == DatapathChoice::Auto => {
+            tracing::warn!(
+                pin_dir = %args.pin_dir.display(),
+                "cannot pin the eBPF datapath ({e}): running it unpinned, so hitless restart is lost: \
+                 stopping or restarting the agent removes the datapath and interrupts traffic"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(BackendError::Other(format!(
+            "--pin-dir {}: {e}. The eBPF datapath pins its maps and links there so that a restart keeps \
+             traffic flowing: pass a --pin-dir on a bpffs, or --datapath auto to run unpinned",
+            args.pin_dir.display()
+        ))),
+    }
 }
 
 fn udp_fallback(iface: &str, public_ip: Ipv4Addr, port: u16) -> anyhow::Result<Box<dyn Backend>> {

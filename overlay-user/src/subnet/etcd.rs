@@ -103,10 +103,13 @@ pub struct EtcdRegistry {
     current: Arc<AtomicUsize>,
     /// What each endpoint did last, with its last failure: a host that does not answer costs
     /// the connect timeout, so it is tried only after every endpoint that answered.
-    health: Arc<Mutex<Vec<(Health, Option<Answer>)>>>,
+    health: Arc<Mutex<Vec<EndpointState>>>,
     prefix: String,
     target: String,
 }
+
+/// An endpoint's health with its last failure, reported for an endpoint not asked again.
+type EndpointState = (Health, Option<Answer>);
 
 /// An endpoint's last known state, in the order endpoints are tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -456,9 +459,12 @@ impl EtcdRegistry {
             .filter(|(i, h)| !h.answers() && !answers.iter().any(|(j, _)| i == j))
             .map(|(i, _)| i)
             .collect();
+        // Skipped only when another endpoint was asked: a lone endpoint is always asked.
+        let others_asked = !answers.is_empty();
         for idx in silent {
             let recent = self.health.lock().unwrap_or_else(|p| p.into_inner())[idx].clone();
             if let (Health::Silent(since), Some(answer)) = recent
+                && others_asked
                 && since.elapsed() < RECENTLY_SILENT
             {
                 answers.push((idx, answer));

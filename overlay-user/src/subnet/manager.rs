@@ -346,7 +346,28 @@ impl<R: Registry> LeaseManager<R> {
                 Step::Batch(Ok(batch)) => {
                     warn_skipped(&batch.skipped);
                     let revision = batch.revision;
-                    for ev in batch.events {
+                    // A peer's lease overwritten with a malformed value is no longer a usable
+                    // peer: as if deleted (unless the same batch put a valid value there).
+                    let unusable: Vec<SubnetKey> = batch
+                        .skipped
+                        .iter()
+                        .filter_map(|e| match e {
+                            LeaseError::BadValue { key, .. } => SubnetKey::parse(key.rsplit('/').next()?).ok(),
+                            LeaseError::BadKey { .. } => None,
+                        })
+                        .filter(|k| {
+                            *k != own.lease.key
+                                && !batch
+                                    .events
+                                    .iter()
+                                    .any(|ev| matches!(ev, RegistryEvent::Put(l) if l.key == *k))
+                        })
+                        .collect();
+                    for ev in batch
+                        .events
+                        .into_iter()
+                        .chain(unusable.into_iter().map(RegistryEvent::Deleted))
+                    {
                         self.apply_change(config, &mut own, ev, &mut peers, &events).await?;
                     }
                     debug!(revision, "lease watch batch applied");

@@ -95,11 +95,6 @@ pub struct EbpfBackend {
 }
 
 impl EbpfBackend {
-    /// Whether [`Backend::activate_ipv6`] is implemented here: until it is, a network with IPv6
-    /// takes the kernel datapath (`auto`) or is refused (`--datapath ebpf`) before anything is
-    /// leased or attached.
-    pub const CARRIES_IPV6: bool = false;
-
     /// Load the programs (so the agent can fall back before it leases if this kernel refuses
     /// them) and create the overlay device, whose MAC our lease publishes.
     pub fn new(spec: DatapathSpec) -> Result<Self, BackendError> {
@@ -271,8 +266,9 @@ impl Backend for EbpfBackend {
             Some(d) => d.host_routing_description(),
             None => "not attached".into(),
         };
+        let pinned = if self.spec.pin_dir.is_some() { "" } else { ", unpinned" };
         format!(
-            "ebpf-{kind} (decap {mode}{tc}, device {}, host routing {routing})",
+            "ebpf-{kind} (decap {mode}{tc}{pinned}, device {}, host routing {routing})",
             self.spec.overlay_device
         )
     }
