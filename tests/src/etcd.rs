@@ -195,7 +195,7 @@ impl Etcd {
                     die_with_parent: true,
                     child: None,
                     netns: Some(netns.to_string()),
-                    host: *host,
+                    host: std::net::IpAddr::V4(*host),
                     data: temp_dir(),
                     client_port: 2379,
                     peer_port: 2380,

@@ -1317,6 +1317,7 @@ fn host_routing_to_container_table() {
                 subnet: "10.244.2.0/24".parse().unwrap(),
                 public_ip: Ipv4Addr::from(PEER_IP),
                 vtep_mac: Some(MacAddr(PEER_VTEP)),
+                ipv6: None,
             })?;
             let mut mirror = Mirror::default();
             programs.sync_bridge_fdb(&mut mirror, &[(MacAddr(CONTAINER_MAC), port0)].into())?;
