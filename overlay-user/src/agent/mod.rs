@@ -665,7 +665,9 @@ fn make_backend(
             }
             // Our eBPF host-gw is the kernel's routes plus host routing's shortcut: without
             // host routing it would be the kernel's host-gw with nothing added.
-            let kernel = || -> anyhow::Result<Box<dyn Backend>> { Ok(Box::new(HostGw::new(iface, public_ip, underlay.public_ipv6)?)) };
+            let kernel = || -> anyhow::Result<Box<dyn Backend>> {
+                Ok(Box::new(HostGw::new(iface, public_ip, underlay.public_ipv6)?))
+            };
             let ebpf = || EbpfHostGw::new(iface, public_ip, underlay.public_ipv6, args.host_routing);
             let backend: Box<dyn Backend> = match (args.datapath, args.host_routing) {
                 // Host routing is IPv4: an IPv6-only network gets the kernel's routes.

@@ -10,9 +10,9 @@ use aya::{
 };
 use ipnetwork::Ipv4Network;
 use overlay_common::{
-    Counter, CounterIndex, DatapathConfig, Format, MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_PEERS,
-    MAP_PEERS_BY_IP, MAP_PEERS6, MAP_PEERS6_BY_IP, PROG_BRIDGE_OUT, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
-    PROG_FROM_CONTAINER, PROG_PROBE_ADJUST_ROOM, PROG_TO_CONTAINER, adjust_room,
+    Counter, CounterIndex, DatapathConfig, Format, MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_PEERS, MAP_PEERS_BY_IP,
+    MAP_PEERS6, MAP_PEERS6_BY_IP, PROG_BRIDGE_OUT, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_FROM_CONTAINER,
+    PROG_PROBE_ADJUST_ROOM, PROG_TO_CONTAINER, adjust_room,
 };
 
 use super::capabilities::{self, Capabilities};
