@@ -818,6 +818,10 @@ fn taking_over_a_flannel_host_loses_under_a_second() -> anyhow::Result<()> {
         h1.ns.ip(&["link", "show", "flannel.1"]).is_ok(),
         "flannel's device stays when it stops"
     );
+    // A dual-stack flanneld leaves its IPv6 device too.
+    h1.ns.ip(&[
+        "link", "add", "flannel-v6.1", "type", "vxlan", "id", "1", "dstport", "8472", "nolearning",
+    ])?;
     let ours = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
     let (sent, received) = pinger.join().expect("pinger")?;
     let lost = sent - received;
@@ -825,10 +829,12 @@ fn taking_over_a_flannel_host_loses_under_a_second() -> anyhow::Result<()> {
         "takeover outage: {lost} of {sent} pings lost at 20 ms intervals (about {} ms)",
         lost * 20
     );
-    assert!(
-        h1.ns.ip(&["link", "show", "flannel.1"]).is_err(),
-        "flannel.1 left after the takeover"
-    );
+    for device in ["flannel.1", "flannel-v6.1"] {
+        assert!(
+            h1.ns.ip(&["link", "show", device]).is_err(),
+            "{device} left after the takeover"
+        );
+    }
     let route = h1.ns.ip(&["route", "get", &to.to_string()])?;
     assert!(route.contains("dev ovl0"), "traffic still on flannel's path: {route}");
     // flannel's VtepMAC is kept: the lease and every peer's entries for us stay as they were.

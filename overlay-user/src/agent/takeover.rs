@@ -39,13 +39,18 @@ pub struct FlannelRoute {
     pub via: Ipv4Addr,
 }
 
-/// The devices flanneld would have made for any backend (`flannel.<VNI>`, `flannel0`), and its
-/// routes via peers on `iface` to subnets of `network`.
+/// The devices flanneld would have made for any backend (`flannel.<VNI>`, `flannel-v6.<VNI>`,
+/// `flannel0`), and its routes via peers on `iface` to subnets of `network`.
 pub fn find(config: &NetworkConfig, network: Option<Ipv4Network>, iface: &str) -> Leftovers {
-    let mut names = vec!["flannel.1".to_string(), "flannel0".to_string()];
+    let mut names = vec![
+        "flannel.1".to_string(),
+        "flannel-v6.1".to_string(),
+        "flannel0".to_string(),
+    ];
     let mut vxlan_device = None;
     if let Backend::Vxlan { vni, .. } = config.backend {
         names.push(format!("flannel.{vni}"));
+        names.push(format!("flannel-v6.{vni}"));
         vxlan_device = Some(format!("flannel.{vni}"));
     }
     names.sort();
