@@ -818,9 +818,9 @@ fn taking_over_a_flannel_host_loses_under_a_second() -> anyhow::Result<()> {
         h1.ns.ip(&["link", "show", "flannel.1"]).is_ok(),
         "flannel's device stays when it stops"
     );
-    // A dual-stack flanneld leaves its IPv6 device too.
+    // A dual-stack flanneld leaves its IPv6 device too (on its IPv6 address: ::1 stands in).
     h1.ns.ip(&[
-        "link", "add", "flannel-v6.1", "type", "vxlan", "id", "1", "dstport", "8472", "nolearning",
+        "link", "add", "flannel-v6.1", "type", "vxlan", "id", "1", "local", "::1", "dstport", "8472", "nolearning",
     ])?;
     let ours = OverlayProcess::start(&c.lab.host(1).ns, &unit_file_flags(&c, 1, &[]), Duration::from_secs(30))?;
     let (sent, received) = pinger.join().expect("pinger")?;
