@@ -735,6 +735,11 @@ fn direct_routing_skips_encapsulation_on_the_same_link_only() -> anyhow::Result<
         agents.push(a);
     }
     c.wait_full_mesh(3, Duration::from_secs(10))?;
+    // Host routing's shortcut would encapsulate to every peer: off under DirectRouting.
+    for a in [&agents[0], &agents[2]] {
+        let backend = a.ready["backend"].as_str().unwrap_or_default();
+        assert!(backend.contains("host routing kernel"), "{backend}");
+    }
     let subnet = |i: usize| c.lab.host(i).subnet.expect("subnet").to_string();
     let route1 = c.lab.host(1).ns.ip(&["route", "show", &subnet(2)])?;
     assert!(

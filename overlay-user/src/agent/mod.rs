@@ -613,7 +613,7 @@ fn make_backend(
     let fell_back = std::cell::RefCell::new(None);
     let iface = underlay.name.as_str();
     let public_ip = underlay.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let ebpf = |format: Format, port: u16, vni: u32, mtu: u32| {
+    let ebpf = |format: Format, port: u16, vni: u32, mtu: u32, host_routing: HostRouting| {
         if underlay.public_ip.is_none() {
             return Err(BackendError::Unavailable(
                 "the eBPF datapath needs an IPv4 network (this one is IPv6-only)".into(),
@@ -633,7 +633,7 @@ fn make_backend(
             decap: args.decap,
             pin_dir,
             bridge_redirect: args.bridge_redirect,
-            host_routing: args.host_routing,
+            host_routing,
         })?
         .with_public_ipv6(underlay.public_ipv6)
     };
@@ -700,8 +700,18 @@ fn make_backend(
             } else {
                 *port
             };
+            // The shortcut would encapsulate to every peer; with DirectRouting the kernel's
+            // per-peer routes decide which peers go unencapsulated, so packets keep its path.
+            let vxlan_host_routing = if *direct_routing {
+                if args.host_routing == HostRouting::Bpf {
+                    tracing::info!("DirectRouting: host routing off, the kernel's routes choose per peer");
+                }
+                HostRouting::Kernel
+            } else {
+                args.host_routing
+            };
             let backend = choose(
-                &|| ebpf(Format::Vxlan, *port, *vni, *mtu),
+                &|| ebpf(Format::Vxlan, *port, *vni, *mtu, vxlan_host_routing),
                 &|| {
                     Ok(Box::new(KernelVxlan::new(
                         KERNEL_VXLAN_DEVICE, iface, underlay.public_ip, underlay.public_ipv6, *vni, kernel_port, *mtu,
@@ -721,7 +731,7 @@ fn make_backend(
         BackendConfig::Udp { port } => {
             let kernel_port = if *port == 0 { Format::Udp.default_port() } else { *port };
             let backend = choose(
-                &|| ebpf(Format::Udp, *port, 0, 0),
+                &|| ebpf(Format::Udp, *port, 0, 0, args.host_routing),
                 &|| udp_fallback(iface, public_ip, kernel_port),
                 "the userspace udp forwarder",
             )?;
