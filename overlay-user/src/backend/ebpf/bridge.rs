@@ -212,20 +212,12 @@ fn parse_neighbour(body: &[u8], ifindex: u32) -> Option<(Ipv4Addr, MacAddr)> {
         return None;
     }
     let (mut ip, mut mac) = (None, None);
-    let mut attrs = &body[NDMSG_LEN..];
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let value = &attrs[4..len];
+    for (kind, value) in attributes(&body[NDMSG_LEN..]) {
         match kind {
             NDA_DST if value.len() == 4 => ip = Some(Ipv4Addr::from(<[u8; 4]>::try_from(value).ok()?)),
             NDA_LLADDR if value.len() == 6 => mac = Some(MacAddr(value.try_into().ok()?)),
             _ => {}
         }
-        attrs = &attrs[align4(len).min(attrs.len())..];
     }
     let mac = mac?;
     (mac.0[0] & 1 == 0 && mac != MacAddr::default()).then_some((ip?, mac))
@@ -243,24 +235,34 @@ fn parse_fdb_entry(body: &[u8], bridge_ifindex: u32) -> Option<(MacAddr, u32)> {
         return None;
     }
     let (mut mac, mut master) = (None, None);
-    let mut attrs = &body[NDMSG_LEN..];
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let value = &attrs[4..len];
+    for (kind, value) in attributes(&body[NDMSG_LEN..]) {
         match kind {
             NDA_LLADDR if value.len() == 6 => mac = Some(MacAddr(value.try_into().ok()?)),
             NDA_MASTER if value.len() == 4 => master = Some(u32::from_ne_bytes(value.try_into().ok()?)),
             _ => {}
         }
-        attrs = &attrs[align4(len).min(attrs.len())..];
     }
     let mac = mac?;
     // Multicast entries (mdb) are not forwarding entries of one port.
     (master == Some(bridge_ifindex) && mac.0[0] & 1 == 0).then_some((mac, port))
+}
+
+/// The netlink attributes (type, value) of a message body after its fixed header; stops at the
+/// first malformed one.
+fn attributes(mut attrs: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if attrs.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        let value = &attrs[4..len];
+        attrs = &attrs[align4(len).min(attrs.len())..];
+        Some((kind, value))
+    })
 }
 
 fn netlink_socket() -> io::Result<OwnedFd> {
@@ -541,5 +543,38 @@ mod tests {
             None
         );
         assert_eq!(parse_fdb_entry(&entry(7, REACHABLE, mac, Some(3))[..6], 3), None);
+    }
+
+    fn neighbour(dev: i32, state: u16, ip: [u8; 4], mac: [u8; 6]) -> Vec<u8> {
+        let mut b = vec![0u8; NDMSG_LEN];
+        b[0] = libc::AF_INET as u8;
+        b[4..8].copy_from_slice(&dev.to_ne_bytes());
+        b[8..10].copy_from_slice(&state.to_ne_bytes());
+        b.extend_from_slice(&8u16.to_ne_bytes());
+        b.extend_from_slice(&NDA_DST.to_ne_bytes());
+        b.extend_from_slice(&ip);
+        b.extend_from_slice(&10u16.to_ne_bytes());
+        b.extend_from_slice(&NDA_LLADDR.to_ne_bytes());
+        b.extend_from_slice(&mac);
+        b.extend_from_slice(&[0, 0]);
+        b
+    }
+
+    #[test]
+    fn keeps_resolved_neighbours_of_our_bridge_only() {
+        let (ip, mac) = ([10, 244, 1, 2], [0x02, 0x42, 0xac, 0x11, 0, 2]);
+        assert_eq!(
+            parse_neighbour(&neighbour(3, NUD_REACHABLE, ip, mac), 3),
+            Some((Ipv4Addr::from(ip), MacAddr(mac)))
+        );
+        // Another device; an entry still being resolved; a multicast MAC; a cut attribute.
+        assert_eq!(parse_neighbour(&neighbour(4, NUD_REACHABLE, ip, mac), 3), None);
+        assert_eq!(parse_neighbour(&neighbour(3, 0x01, ip, mac), 3), None);
+        assert_eq!(
+            parse_neighbour(&neighbour(3, NUD_STALE, ip, [0x01, 0, 0x5e, 0, 0, 1]), 3),
+            None
+        );
+        let whole = neighbour(3, NUD_REACHABLE, ip, mac);
+        assert_eq!(parse_neighbour(&whole[..whole.len() - 4], 3), None);
     }
 }
