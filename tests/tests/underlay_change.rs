@@ -1,9 +1,13 @@
-//! The underlay NIC re-created under a running agent (deleted, then added again with the same
-//! name, MAC and address, as a re-bound NIC or a rebuilt veth is): the agent notices over
-//! rtnetlink, reports the datapath detached while the NIC is gone, and attaches again when
-//! it is back. Recovery is measured with pings 20 ms apart across the change.
+//! The underlay changing under running agents: the NIC re-created (deleted, then added again
+//! with the same name, MAC and address, as a re-bound NIC or a rebuilt veth is), or its address
+//! changed (our PublicIP follows it into etcd, and the peers re-point their entries for us).
+//! The agent notices over rtnetlink and reports the datapath detached while the NIC is gone.
+//! Recovery is measured with pings 20 ms apart across the change.
 use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
     process::Command,
+    thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -112,6 +116,141 @@ fn underlay_recreated_with_same_name_and_address() -> anyhow::Result<()> {
         after.len() >= 100,
         "too few replies after recovery ({}):\n{text}",
         after.len()
+    );
+    drop(agents);
+    Ok(())
+}
+
+/// `count` pings 20 ms apart from namespace `from` to `to`, on a thread; gives ping's output.
+fn ping_in_background(from: &str, to: Ipv4Addr, count: u32) -> JoinHandle<String> {
+    let from = from.to_string();
+    std::thread::spawn(move || {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &from, "ping", "-D", "-n", "-i", "0.02", "-W", "1", "-c",
+            ])
+            .arg(count.to_string())
+            .arg(to.to_string())
+            .output()
+            .expect("ping");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+/// How traffic came through a change at `changed`: replies lost, and the seconds from the
+/// change until every ping was answered again (the first reply after the last lost one; 0
+/// when none was lost).
+struct Recovery {
+    lost: usize,
+    seconds: f64,
+}
+
+fn recovery(text: &str, count: u32, changed: SystemTime) -> anyhow::Result<Recovery> {
+    // icmp_seq -> reply time.
+    let replies: BTreeMap<u32, f64> = text
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            let t = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok()?;
+            Some((seq, t))
+        })
+        .collect();
+    let lost: Vec<u32> = (1..=count).filter(|s| !replies.contains_key(s)).collect();
+    let Some(&last_lost) = lost.last() else {
+        return Ok(Recovery { lost: 0, seconds: 0.0 });
+    };
+    let Some((_, &back)) = replies.range(last_lost..).next() else {
+        anyhow::bail!("no reply after ping {last_lost}: traffic never came back:\n{text}");
+    };
+    anyhow::ensure!(
+        count - last_lost >= 50,
+        "pings were lost until the end ({last_lost} of {count}): traffic did not settle:\n{text}"
+    );
+    Ok(Recovery {
+        lost: lost.len(),
+        seconds: (back - epoch(changed)).max(0.0),
+    })
+}
+
+/// The value etcd holds for the lease of `subnet` (as the ready line gives it, `a.b.c.d/n`).
+fn lease_value(c: &Cluster, subnet: &str) -> anyhow::Result<String> {
+    let key = format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-"));
+    c.etcdctl(&["get", &key, "--print-value-only"])
+}
+
+#[test]
+fn public_ip_follows_the_underlays_new_address() -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, VXLAN)?;
+    // As a flannel unit starts flanneld: the defaults, etcd, the interface, masquerading.
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let agent = c.start_agent(i, &["--ip-masq"])?;
+        c.add_containers(i, &agent, 1)?;
+        agents.push(agent);
+    }
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let subnet = agents[0].ready["subnet"].as_str().unwrap_or_default().to_string();
+    let (old, new) = (underlay_ip(1), Ipv4Addr::new(192, 168, 250, 101));
+    assert!(lease_value(&c, &subnet)?.contains(&format!("\"PublicIP\":\"{old}\"")));
+
+    const COUNT: u32 = 300;
+    let (c1, c2) = (&c.lab.host(1).containers[0], &c.lab.host(2).containers[0]);
+    let one_to_two = ping_in_background(c1.ns.name(), c2.ip, COUNT);
+    let two_to_one = ping_in_background(c2.ns.name(), c1.ip, COUNT);
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // host1 is renumbered (DHCP gave it another address): the old one goes, the new one
+    // comes, on the same link; host2 still reaches it through the switch.
+    let h1 = &c.lab.host(1).ns;
+    h1.ip(&["addr", "del", &format!("{old}/24"), "dev", "eth0"])?;
+    h1.ip(&["addr", "add", &format!("{new}/24"), "dev", "eth0"])?;
+    let changed = SystemTime::now();
+    let in_etcd = c.wait_until("the lease in etcd has the new PublicIP", Duration::from_secs(5), || {
+        Ok(lease_value(&c, &subnet)?.contains(&format!("\"PublicIP\":\"{new}\"")))
+    })?;
+    let peer_sees = c.wait_until("host2 has host1 at its new address", Duration::from_secs(5), || {
+        let s = c.status(2)?;
+        Ok(s["peers"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["subnet"] == subnet.as_str() && p["public_ip"] == new.to_string().as_str())
+        }))
+    })?;
+    // Both waits started at the change, one after the other.
+    let peer_sees = in_etcd + peer_sees;
+
+    let (a, b) = (one_to_two.join().expect("pinger"), two_to_one.join().expect("pinger"));
+    let (ra, rb) = (recovery(&a, COUNT, changed)?, recovery(&b, COUNT, changed)?);
+    eprintln!(
+        "underlay address changed: lease in etcd updated after {in_etcd:?}, host2's peer entry after \
+         {:?}; pings flow again both ways {:.0} ms after the change (host1->host2 {:.0} ms, {} lost; \
+         host2->host1 {:.0} ms, {} lost, of {COUNT} each)",
+        peer_sees,
+        ra.seconds.max(rb.seconds) * 1000.0,
+        ra.seconds * 1000.0,
+        ra.lost,
+        rb.seconds * 1000.0,
+        rb.lost,
+    );
+    let value = lease_value(&c, &subnet)?;
+    assert!(
+        !value.contains(&format!("\"PublicIP\":\"{old}\"")),
+        "the old PublicIP is still in {value}"
+    );
+    assert_eq!(c.status(1)?["public_ip"], new.to_string().as_str());
+    // Same subnet: the containers keep their addresses.
+    let env = std::fs::read_to_string(c.subnet_file(1))?;
+    let first = subnet
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .rsplit_once('.')
+        .map(|(n, _)| n)
+        .unwrap_or_default();
+    assert!(env.contains(&format!("FLANNEL_SUBNET={first}.1/")), "{env}");
+    assert!(
+        ra.seconds.max(rb.seconds) < 2.0,
+        "traffic took over 2 s to recover:\n{a}\n{b}"
     );
     drop(agents);
     Ok(())

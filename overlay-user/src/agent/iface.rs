@@ -266,6 +266,43 @@ pub fn check_host_gw(iface: &str, public_ip: Ipv4Addr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Close this process's TCP connections from `addr`, an address the underlay no longer has.
+/// The kernel keeps such a socket, silent until keepalives give up (15 s for etcd's
+/// connections, and the lease rewrite would wait on it): closed (SOCK_DESTROY, as `ss -K`),
+/// its user connects again from the new address. Other processes' sockets are left alone.
+/// Returns how many were closed.
+pub fn close_own_tcp_connections_from(addr: Ipv4Addr) -> anyhow::Result<usize> {
+    let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let ino = target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(format!("ino:{ino}"))
+        })
+        .collect();
+    let src = addr.to_string();
+    let listing = netdev::ss(&["-tnHe", "src", &src])?;
+    let mut closed = 0;
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if !fields.iter().any(|f| ours.contains(*f)) {
+            continue;
+        }
+        // State, Recv-Q, Send-Q, local address:port, peer address:port, then details.
+        let (Some(local), Some(peer)) = (fields.get(3), fields.get(4)) else {
+            continue;
+        };
+        let (Some((_, sport)), Some((dst, dport))) = (local.rsplit_once(':'), peer.rsplit_once(':')) else {
+            continue;
+        };
+        let (sport, dport) = (format!(":{sport}"), format!(":{dport}"));
+        netdev::ss(&[
+            "-K", "-tn", "src", &src, "sport", "=", &sport, "dst", dst, "dport", "=", &dport,
+        ])?;
+        closed += 1;
+    }
+    Ok(closed)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;

@@ -33,8 +33,8 @@ use crate::{
     },
     host::{MacAddr, linkwatch::LinkEvents, netdev},
     subnet::{
-        self, BackendKind, Lease, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig, Registry as _, SubnetKey,
-        config::Backend as BackendConfig, etcd::EtcdRegistry,
+        self, BackendKind, Lease, LeaseAttrs, LeaseEvent, LeaseManager, ManagerOptions, NetworkConfig, Registry as _,
+        SubnetKey, config::Backend as BackendConfig, etcd::EtcdRegistry,
     },
 };
 
@@ -166,9 +166,14 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let own_subnet = lease.key;
     let current_lease = lease.clone();
     let (tx, rx) = mpsc::channel::<LeaseEvent>(1024);
+    let (republish, republish_rx) = mpsc::channel::<LeaseAttrs>(4);
     let run_manager = manager.clone();
     let run_config = config.clone();
-    let lease_task = tokio::spawn(async move { run_manager.run(&run_config, lease, tx).await });
+    let lease_task = tokio::spawn(async move {
+        run_manager
+            .run_republishing(&run_config, lease, tx, Some(republish_rx))
+            .await
+    });
     let agent = Agent {
         backend: &mut *backend,
         args: &args,
@@ -182,6 +187,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         iface: iface.clone(),
         public_ip,
         lease: current_lease,
+        published: attrs.clone(),
+        republish,
     };
     let result = agent.follow_leases(own_subnet, rx, lease_task, &mut stop).await;
 
@@ -303,6 +310,10 @@ struct Agent<'a> {
     underlay: Option<UnderlayLink>,
     /// Ours, as last (re)acquired: re-attaching writes the subnet file from it.
     lease: Lease,
+    /// What our lease publishes (or will, once the lease task wrote it).
+    published: LeaseAttrs,
+    /// To the lease task: rewrite our lease with these attributes.
+    republish: mpsc::Sender<LeaseAttrs>,
 }
 
 /// What the datapath takes from its underlay: a new ifindex means the device was re-created
@@ -377,6 +388,7 @@ impl Agent<'_> {
                 }
                 _ = tick.tick() => {
                     self.follow_underlay();
+                    self.publish_lease_attrs();
                     self.backend.tick();
                     let counters = self.backend.counters();
                     self.status.lock().expect("status").counters = counters;
@@ -419,6 +431,20 @@ impl Agent<'_> {
         Ok(None)
     }
 
+    /// Have the lease task rewrite our lease when what the backend publishes changed (a new
+    /// PublicIP): the peers re-point their entries for us when they see it.
+    fn publish_lease_attrs(&mut self) {
+        let attrs = self.backend.lease_attrs();
+        if attrs == self.published {
+            return;
+        }
+        match self.republish.try_send(attrs.clone()) {
+            Ok(()) => self.published = attrs,
+            // Full or gone: the next re-attach or tick tries again.
+            Err(e) => tracing::warn!("handing our new lease attributes to the lease task: {e}"),
+        }
+    }
+
     /// Keep the datapath on the underlay: when the interface is gone, say so (`/readyz` 503,
     /// `overlay_datapath_attached 0`); when it is back as a new device, or its MTU or address
     /// changed, attach again and re-derive the MTU and subnet file. A failed attach is
@@ -444,17 +470,34 @@ impl Agent<'_> {
             return;
         }
         let now = now.expect("checked above");
+        // Our PublicIP came from the interface: it follows, as flanneld's would on restart.
         if let Some(addr) = now.addr
             && self.args.public_ip.is_none()
+            && self.network.is_some()
             && addr != self.public_ip
         {
             tracing::warn!(
                 iface = %self.iface,
                 old = %self.public_ip,
                 new = %addr,
-                "the underlay's address changed; our lease still publishes the old PublicIP until the agent restarts"
+                "the underlay's address changed: our PublicIP follows it"
             );
+            if let Err(e) = self.backend.set_public_ip(addr) {
+                let why = format!("the underlay's address changed to {addr}, and {e}: restart the agent");
+                tracing::error!("{why}");
+                self.status.lock().expect("status").datapath_detached = Some(why);
+                return;
+            }
+            match iface::close_own_tcp_connections_from(self.public_ip) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(old = %self.public_ip, "closed {n} etcd connections from the old address"),
+                Err(e) => tracing::warn!(
+                    "closing our connections from the old address {}: {e:#}; etcd requests wait for them to time out",
+                    self.public_ip
+                ),
+            }
             self.public_ip = addr;
+            self.status.lock().expect("status").public_ip = Some(addr.to_string());
         }
         let started = std::time::Instant::now();
         let result = activate(
@@ -462,6 +505,7 @@ impl Agent<'_> {
         );
         match result {
             Ok(()) => {
+                self.publish_lease_attrs();
                 self.peers.mark_dirty();
                 self.peers.reconcile_if_dirty(self.backend);
                 tracing::info!(

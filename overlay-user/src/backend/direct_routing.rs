@@ -71,6 +71,12 @@ impl Backend for DirectRouting {
         self.inner.activate(subnet, network)
     }
 
+    fn set_public_ip(&mut self, public_ip: Ipv4Addr) -> Result<(), BackendError> {
+        // Which peers are on our link may have changed with our address: ask again.
+        self.on_link.clear();
+        self.inner.set_public_ip(public_ip)
+    }
+
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
         if self.applied.get(&peer.subnet).is_some_and(|(p, _)| p == peer) {
             return Ok(());

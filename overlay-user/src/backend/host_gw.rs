@@ -71,6 +71,11 @@ impl Backend for HostGw {
         Ok(())
     }
 
+    fn set_public_ip(&mut self, public_ip: Ipv4Addr) -> Result<(), BackendError> {
+        self.public_ip = public_ip;
+        Ok(())
+    }
+
     fn activate_ipv6(&mut self, _subnet: Ipv6Network, _network: Ipv6Network) -> Result<(), BackendError> {
         if self.public_ipv6.is_none() {
             return Err(BackendError::Unavailable(

@@ -31,6 +31,8 @@ pub fn ipv6_device_name(vni: u32) -> String {
 struct Device {
     name: String,
     vtep_mac: MacAddr,
+    /// The device's `local`: the source of what it encapsulates.
+    local: IpAddr,
 }
 
 impl Device {
@@ -61,7 +63,19 @@ impl Device {
         Ok(Device {
             name: name.to_string(),
             vtep_mac,
+            local,
         })
+    }
+
+    /// Encapsulate from `local` from now on (the kernel changes it in place: the MAC, FDB and
+    /// neighbour entries stay).
+    fn set_local(&mut self, local: IpAddr) -> Result<(), BackendError> {
+        if self.local != local {
+            netdev::ip(&["link", "set", &self.name, "type", "vxlan", "local", &local.to_string()])?;
+            tracing::info!(device = %self.name, old = %self.local, new = %local, "kernel vxlan device: new local address");
+            self.local = local;
+        }
+        Ok(())
     }
 
     /// Route `subnet` via its network address `gw` on this device, with the neighbour and FDB
@@ -214,8 +228,14 @@ impl Backend for KernelVxlan {
         self.mtu
     }
 
+    fn set_public_ip(&mut self, public_ip: Ipv4Addr) -> Result<(), BackendError> {
+        self.public_ip = public_ip;
+        Ok(())
+    }
+
     fn activate(&mut self, subnet: Ipv4Network, _network: Ipv4Network) -> Result<(), BackendError> {
-        let dev = self.v4.as_ref().ok_or(BackendError::NotActive)?;
+        let dev = self.v4.as_mut().ok_or(BackendError::NotActive)?;
+        dev.set_local(self.public_ip.into())?;
         netdev::ip(&["addr", "replace", &format!("{}/32", subnet.network()), "dev", &dev.name])?;
         Ok(())
     }

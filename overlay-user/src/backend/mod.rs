@@ -208,6 +208,16 @@ pub trait Backend: Send {
             self.describe()
         )))
     }
+    /// Take `public_ip` as our PublicIP from now on (the underlay's address changed and ours
+    /// came from it): [`Backend::lease_attrs`] publishes it and the next
+    /// [`Backend::activate`] programs it (encapsulation source, what "to us" means).
+    fn set_public_ip(&mut self, public_ip: Ipv4Addr) -> Result<(), BackendError> {
+        let _ = public_ip;
+        Err(BackendError::Unavailable(format!(
+            "{} cannot change its PublicIP while running",
+            self.describe()
+        )))
+    }
     /// Add or update a peer (one that passed [`Peer::check`]); repeating an unchanged peer is
     /// cheap and does nothing.
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError>;

@@ -72,6 +72,14 @@ impl Backend for UserspaceUdp {
         Ok(())
     }
 
+    /// The forwarder's socket is bound to the old address: the next activation starts it
+    /// anew on this one.
+    fn set_public_ip(&mut self, public_ip: Ipv4Addr) -> Result<(), BackendError> {
+        self.public_ip = public_ip;
+        self.bind_ip = public_ip;
+        Ok(())
+    }
+
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
         self.forwarder()?.upsert_peer(peer.subnet, peer.public_ip);
         Ok(())

@@ -55,6 +55,11 @@ pub fn bridge(args: &[&str]) -> Result<String, HostError> {
     iproute2("bridge", args)
 }
 
+/// Run `ss <args>` (our sockets on an address the underlay lost).
+pub fn ss(args: &[&str]) -> Result<String, HostError> {
+    iproute2("ss", args)
+}
+
 /// Run one of iproute2's tools; a failure names the command line and what it said.
 fn iproute2(program: &str, args: &[&str]) -> Result<String, HostError> {
     let command = || format!("{program} {}", args.join(" "));

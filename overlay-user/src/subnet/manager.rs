@@ -47,6 +47,8 @@ pub enum ManagerError {
     TooManyRaces { attempts: u32 },
     #[error("our lease {key} was lost: {reason}")]
     LeaseLost { key: SubnetKey, reason: String },
+    #[error("our lease {key} changed in etcd while we rewrote it")]
+    ChangedWhileWriting { key: SubnetKey },
     #[error("invalid lease manager option: {0}")]
     Options(String),
     #[error("lease event receiver was dropped")]
@@ -263,7 +265,24 @@ impl<R: Registry> LeaseManager<R> {
         own: Lease,
         events: mpsc::Sender<LeaseEvent>,
     ) -> Result<(), ManagerError> {
+        self.run_republishing(config, own, events, None).await
+    }
+
+    /// [`Self::run`], and our lease rewritten with the attributes that come on `republish`
+    /// (a new PublicIP when the underlay's address changed), same subnet, same key: we hold
+    /// it, and containers keep their addresses. A failed write is retried until it lands or
+    /// newer attributes replace it.
+    pub async fn run_republishing(
+        &self,
+        config: &NetworkConfig,
+        own: Lease,
+        events: mpsc::Sender<LeaseEvent>,
+        mut republish: Option<mpsc::Receiver<LeaseAttrs>>,
+    ) -> Result<(), ManagerError> {
         let mut peers = LeaseSet::new();
+        // Attributes still to be written, and when to try.
+        let mut pending: Option<(LeaseAttrs, Instant)> = None;
+        let mut publish_backoff = self.opts.resync_backoff_min;
         let mut watch: Option<R::Watch> = None;
         let mut backoff = self.opts.resync_backoff_min;
         let mut resync_at = Instant::now();
@@ -278,18 +297,55 @@ impl<R: Registry> LeaseManager<R> {
                 Renew,
                 Resync,
                 Batch(B),
+                NewAttrs(Option<LeaseAttrs>),
+                Publish,
             }
+            let new_attrs = async {
+                match republish.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let publish_at = async {
+                match &pending {
+                    Some((_, at)) => tokio::time::sleep_until(*at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let step = match watch.as_mut() {
                 Some(w) => tokio::select! {
                     r = w.next() => Step::Batch(r),
                     _ = tokio::time::sleep_until(own.renew_at) => Step::Renew,
+                    a = new_attrs => Step::NewAttrs(a),
+                    _ = publish_at => Step::Publish,
                 },
                 None => tokio::select! {
                     _ = tokio::time::sleep_until(resync_at) => Step::Resync,
                     _ = tokio::time::sleep_until(own.renew_at) => Step::Renew,
+                    a = new_attrs => Step::NewAttrs(a),
+                    _ = publish_at => Step::Publish,
                 },
             };
             match step {
+                Step::NewAttrs(None) => republish = None,
+                Step::NewAttrs(Some(attrs)) => {
+                    publish_backoff = self.opts.resync_backoff_min;
+                    pending = Some((attrs, Instant::now()));
+                }
+                Step::Publish => {
+                    let Some((attrs, _)) = pending.take() else { continue };
+                    match self.republish(&mut own, &attrs).await {
+                        Ok(()) => {}
+                        Err(e) => {
+                            warn!(
+                                "publishing PublicIP {} in our lease {} failed (retrying in {publish_backoff:?}): {e}",
+                                attrs.public_ip, own.lease.key
+                            );
+                            pending = Some((attrs, Instant::now() + publish_backoff));
+                            publish_backoff = (publish_backoff * 2).min(self.opts.resync_backoff_max);
+                        }
+                    }
+                }
                 Step::Renew => match self.renew(&mut own.lease).await {
                     Ok(()) => {
                         debug!(subnet = %own.lease.key, "lease renewed");
@@ -376,6 +432,25 @@ impl<R: Registry> LeaseManager<R> {
         }
     }
 
+    /// Write `attrs` into our lease, guarded by its revision: a lost guard (our key changed
+    /// under us) is an error, and the retry uses the revision the watch saw since.
+    async fn republish(&self, own: &mut Own, attrs: &LeaseAttrs) -> Result<(), ManagerError> {
+        if own.lease.attrs == *attrs {
+            return Ok(());
+        }
+        let ttl = (!own.lease.is_reservation()).then_some(self.opts.lease_ttl);
+        let old_ip = own.lease.attrs.public_ip;
+        match self.registry.update(&own.lease, attrs, ttl).await? {
+            Some(l) => {
+                info!(subnet = %l.key, old = %old_ip, new = %attrs.public_ip, "our lease now publishes the new PublicIP");
+                own.renew_at = self.renew_deadline(&l);
+                own.lease = l;
+                Ok(())
+            }
+            None => Err(ManagerError::ChangedWhileWriting { key: own.lease.key }),
+        }
+    }
+
     /// A full listing: our own lease checked, the others' difference to what we knew sent.
     async fn resync(
         &self,
@@ -443,6 +518,8 @@ impl<R: Registry> LeaseManager<R> {
         events: &mpsc::Sender<LeaseEvent>,
     ) -> Result<(), ManagerError> {
         match seen {
+            // Older than what we wrote ourselves (our republished PublicIP): already known.
+            Some(l) if l.mod_revision != 0 && l.mod_revision < own.lease.mod_revision => Ok(()),
             Some(l) if l.attrs.public_ip == own.lease.attrs.public_ip => {
                 if l.lease_id != own.lease.lease_id {
                     own.renew_at = Instant::now();
@@ -982,6 +1059,48 @@ mod tests {
         reg.expire(expired_id);
         assert!(matches!(next(&mut rx).await, LeaseEvent::Reacquired(l) if l.lease_id != expired_id));
         run.abort();
+    }
+
+    #[tokio::test]
+    async fn republished_attrs_keep_our_subnet_and_reach_the_peers() {
+        let (reg, cfg) = setup(CONFIG).await;
+        let (ours, peer) = (
+            manager(&reg, ManagerOptions::default()),
+            manager(&reg, ManagerOptions::default()),
+        );
+        let own = ours.acquire(&cfg, &attrs(1)).await.unwrap();
+        let peer_own = peer.acquire(&cfg, &attrs(2)).await.unwrap();
+        let key = own.key;
+        let (tx, _rx) = mpsc::channel(16);
+        let (publish, republish) = mpsc::channel(4);
+        let run = tokio::spawn({
+            let cfg = cfg.clone();
+            async move { ours.run_republishing(&cfg, own, tx, Some(republish)).await }
+        });
+        let (peer_tx, mut peer_rx) = mpsc::channel(16);
+        let peer_run = tokio::spawn({
+            let cfg = cfg.clone();
+            async move { peer.run(&cfg, peer_own, peer_tx).await }
+        });
+        assert!(matches!(next(&mut peer_rx).await, LeaseEvent::Added(l) if l.key == key));
+
+        publish.send(attrs(9)).await.unwrap();
+        match next(&mut peer_rx).await {
+            LeaseEvent::Changed(l) => assert_eq!((l.key, l.attrs.public_ip), (key, attrs(9).public_ip)),
+            e => panic!("the peer saw {e:?}"),
+        }
+        let listing = reg.list().await.unwrap();
+        let stored = listing
+            .leases
+            .iter()
+            .find(|l| l.key == key)
+            .expect("our lease is still there");
+        assert_eq!(stored.attrs, attrs(9));
+        // Our own write is not mistaken for another host taking our key.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!run.is_finished(), "{:?}", run.await);
+        run.abort();
+        peer_run.abort();
     }
 
     #[test]

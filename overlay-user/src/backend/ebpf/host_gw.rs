@@ -118,6 +118,12 @@ impl Backend for EbpfHostGw {
         self.kernel.mtu()
     }
 
+    fn set_public_ip(&mut self, public_ip: Ipv4Addr) -> Result<(), BackendError> {
+        self.kernel.set_public_ip(public_ip)?;
+        self.public_ip = public_ip;
+        Ok(())
+    }
+
     fn activate(&mut self, subnet: Ipv4Network, network: Ipv4Network) -> Result<(), BackendError> {
         self.kernel.activate(subnet, network)?;
         self.programs.set_config(&DatapathConfig {

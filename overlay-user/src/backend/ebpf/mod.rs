@@ -195,6 +195,11 @@ impl Backend for EbpfBackend {
         Ok(())
     }
 
+    fn set_public_ip(&mut self, public_ip: std::net::Ipv4Addr) -> Result<(), BackendError> {
+        self.spec.public_ip = public_ip;
+        Ok(())
+    }
+
     fn activate_ipv6(&mut self, subnet: Ipv6Network, network: Ipv6Network) -> Result<(), BackendError> {
         let public_ip = self
             .public_ipv6
