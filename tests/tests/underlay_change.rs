@@ -255,3 +255,96 @@ fn public_ip_follows_the_underlays_new_address() -> anyhow::Result<()> {
     drop(agents);
     Ok(())
 }
+
+/// A counter's value in the agent's `/metrics` text (0 when absent).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The container bridge deleted and added again (same name and address, the ports plugged back),
+/// as a container runtime restarting or a CNI plugin rebuilding `cni0` does. The overlay itself
+/// is unharmed, so `/readyz` stays 200 (a bridge is no precondition: `cni0` appears with the
+/// first pod). What carries packets to the container follows the new bridge: host routing
+/// (learning the endpoint again), or with `--host-routing=kernel` the bridge program on its
+/// egress (TC decapsulation, as on this veth underlay).
+fn container_bridge_recreated(host_routing: &str) -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, VXLAN)?;
+    let mut agents = Vec::new();
+    let flag = format!("--host-routing={host_routing}");
+    for i in 1..=2 {
+        let agent = c.start_agent(i, &["--ip-masq", &flag])?;
+        c.add_containers(i, &agent, 1)?;
+        agents.push(agent);
+    }
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let counter = match host_routing {
+        "bpf" => "overlay_host_routing_packets_total{path=\"to_container\"}",
+        _ => "overlay_bridge_frames_total{path=\"port\"}",
+    };
+    let subnet: ipnetwork::Ipv4Network = agents[0].ready["subnet"].as_str().unwrap_or_default().parse()?;
+    let mtu = agents[0].ready["mtu"].as_u64().unwrap_or_default().to_string();
+    let bip = format!(
+        "{}/{}",
+        Ipv4Addr::from(u32::from(subnet.network()) + 1),
+        subnet.prefix()
+    );
+
+    const COUNT: u32 = 400;
+    let (c1, c2) = (&c.lab.host(1).containers[0], &c.lab.host(2).containers[0]);
+    let pinger = ping_in_background(c2.ns.name(), c1.ip, COUNT);
+    // Host routing learns the endpoint from the bridge's neighbour table (the first pings'
+    // ARP); the counters are read each second.
+    c.wait_until(&format!("{counter} counts the pings"), Duration::from_secs(3), || {
+        Ok(metric(&c.agent_get(1, "/metrics")?, counter) > 0)
+    })?;
+
+    let h1 = &c.lab.host(1).ns;
+    h1.ip(&["link", "del", "docker0"])?;
+    let gone = Instant::now();
+    // Give the agent time to see the bridge go, then check what it reports meanwhile.
+    std::thread::sleep(Duration::from_millis(200));
+    let ready_while_gone = c.agent_get(1, "/readyz");
+    assert!(ready_while_gone.is_ok(), "{ready_while_gone:?}");
+    std::thread::sleep(Duration::from_millis(300).saturating_sub(gone.elapsed()));
+    h1.ip(&["link", "add", "docker0", "type", "bridge"])?;
+    h1.ip(&["addr", "add", &bip, "dev", "docker0"])?;
+    h1.ip(&["link", "set", "docker0", "mtu", &mtu, "up"])?;
+    h1.ip(&["link", "set", "veth0", "master", "docker0"])?;
+    let back = SystemTime::now();
+    let gone_for = gone.elapsed();
+    let at_back = metric(&c.agent_get(1, "/metrics")?, counter);
+
+    let text = pinger.join().expect("pinger");
+    let r = recovery(&text, COUNT, back)?;
+    std::thread::sleep(Duration::from_millis(1100));
+    let after = metric(&c.agent_get(1, "/metrics")?, counter);
+    eprintln!(
+        "container bridge re-created (host routing {host_routing}): pings to the container answered again \
+         {:.0} ms after the bridge was back ({} of {COUNT} lost, the bridge was gone {gone_for:?}); \
+         {counter} {at_back} -> {after}",
+        r.seconds * 1000.0,
+        r.lost,
+    );
+    assert!(r.seconds < 2.0, "traffic took over 2 s to recover:\n{text}");
+    // The pings after recovery took the eBPF path again, not only the bridge's own.
+    assert!(
+        after >= at_back + 100,
+        "{counter} grew by {} after the bridge was back:\n{}",
+        after - at_back,
+        c.agent_get(1, "/status")?
+    );
+    drop(agents);
+    Ok(())
+}
+
+#[test]
+fn container_bridge_recreated_host_routing_follows() -> anyhow::Result<()> {
+    container_bridge_recreated("bpf")
+}
+
+#[test]
+fn container_bridge_recreated_bridge_program_follows() -> anyhow::Result<()> {
+    container_bridge_recreated("kernel")
+}
