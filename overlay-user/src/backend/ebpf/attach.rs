@@ -503,25 +503,19 @@ impl Datapath {
         let vtep_mac = overlay.mac.unwrap_or_default();
         // Without an IPv4 side the config says no format: the programs leave IPv4 alone (a
         // pinned dual-stack run's config is overwritten so).
-        let (public_ip, subnet_addr, subnet_prefix_len, format) = match ipv4 {
-            Some(v4) => (
-                spec.public_ip.octets(),
-                v4.subnet.network().octets(),
-                v4.subnet.prefix(),
-                spec.format as u8,
-            ),
-            None => ([0; 4], [0; 4], 0, 0),
-        };
-        programs.set_config(&DatapathConfig {
-            public_ip,
-            subnet_addr,
-            subnet_prefix_len,
-            format,
-            port: spec.port,
-            vni: spec.vni,
-            vtep_mac: vtep_mac.0,
-            _pad: [0; 2],
-            underlay_ifindex: underlay.ifindex,
+        programs.set_config(&match ipv4 {
+            Some(v4) => DatapathConfig {
+                public_ip: spec.public_ip.octets(),
+                subnet_addr: v4.subnet.network().octets(),
+                subnet_prefix_len: v4.subnet.prefix(),
+                format: spec.format as u8,
+                port: spec.port,
+                vni: spec.vni,
+                vtep_mac: vtep_mac.0,
+                _pad: [0; 2],
+                underlay_ifindex: underlay.ifindex,
+            },
+            None => DatapathConfig::IPV4_OFF,
         })?;
         let peers = match ipv4 {
             Some(_) => programs.read_peers()?,
