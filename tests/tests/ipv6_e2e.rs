@@ -808,7 +808,11 @@ fn ping_text(ns: &Netns, dst: Ipv6Addr, size: u32) -> anyhow::Result<String> {
 fn ipv6_only_network_on_the_ebpf_datapath_with_a_kernel_host() -> anyhow::Result<()> {
     const MTU6: u32 = 1430;
     let mut l = V6Lab::new(3, V6_ONLY_VXLAN, true)?;
-    let agents = [l.start_flannel_unit(1, &[])?, l.start_flannel_unit(2, &["-decap=xdp"])?];
+    // Host 1 as the unit starts it (`auto` picks eBPF); host 2 asks for eBPF, with XDP decap.
+    let agents = [
+        l.start_flannel_unit(1, &[])?,
+        l.start_flannel_unit(2, &["--datapath=ebpf", "-decap=xdp"])?,
+    ];
     let kernel_host = l.start_agent(3, &[])?;
     let leases = l.leases()?;
     assert_eq!(leases.len(), 3, "{leases:?}");
