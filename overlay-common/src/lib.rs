@@ -204,6 +204,21 @@ pub struct DatapathConfig {
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 28);
 
 impl DatapathConfig {
+    /// The config of a datapath without IPv4 (an IPv6-only network): no format, so
+    /// decapsulation passes IPv4 frames untouched and encapsulation drops them as unconfigured,
+    /// whatever IPv4 peers a pinned earlier run left in the maps.
+    pub const IPV4_OFF: DatapathConfig = DatapathConfig {
+        public_ip: [0; 4],
+        subnet_addr: [0; 4],
+        subnet_prefix_len: 0,
+        format: 0,
+        port: 0,
+        vni: 0,
+        vtep_mac: [0; 6],
+        _pad: [0; 2],
+        underlay_ifindex: 0,
+    };
+
     pub const fn format(&self) -> Option<Format> {
         Format::from_u8(self.format)
     }

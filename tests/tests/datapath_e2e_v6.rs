@@ -1,7 +1,8 @@
 //! IPv6 end to end: two hosts on a dual-stack underlay (IPv4 and IPv6 on one link), a container
 //! behind a dual-stack bridge on each, `overlay datapath` carrying both families (IPv6 as VXLAN
 //! over IPv6 between PublicIPv6s, as flannel's `flannel-v6.1`), real traffic. Both decap hooks;
-//! and interop with a host programmed as flannel programs its kernel `flannel-v6.1` device.
+//! interop with a host programmed as flannel programs its kernel `flannel-v6.1` device; and an
+//! IPv6-only network (no IPv4 side, the underlay without IPv4 addresses).
 use std::{net::Ipv6Addr, time::Duration};
 
 use overlay_tests::{
@@ -294,5 +295,135 @@ fn interop_with_flannel_v6_kernel_device() {
         csum_errors,
         Some(0),
         "UDP checksum errors on the flannel host:\n{snmp6}"
+    );
+}
+
+/// `overlay datapath` for an IPv6-only network on host `index`: no --public-ip, no --subnet,
+/// no IPv4 peers.
+fn ipv6_only_args(lab: &lab::Lab, index: usize, decap: &str) -> Vec<String> {
+    let host = lab.host(index);
+    let mut args: Vec<String> = [
+        "datapath",
+        "--iface",
+        &host.iface,
+        "--vtep-mac",
+        &lab::static_vtep_mac(index),
+        "--decap",
+        decap,
+        "--public-ipv6",
+        &public6(index).to_string(),
+        "--subnet6",
+        &subnet6(index),
+        "--network6",
+        "fd00::/48",
+    ]
+    .map(String::from)
+    .to_vec();
+    for other in lab.hosts.iter().filter(|h| h.index != index) {
+        args.push("--peer".into());
+        args.push(format!(
+            "{}={},{}",
+            subnet6(other.index),
+            public6(other.index),
+            lab::static_vtep_mac(other.index)
+        ));
+    }
+    args
+}
+
+/// An IPv6-only network with static peers: the underlay's IPv4 addresses gone, `overlay
+/// datapath` given only its IPv6 side (TC decap on host 1, XDP on host 2). ovl0 holds no IPv4,
+/// pings and 20 MB of TCP go both ways, the largest DF packet fits and one byte more gets
+/// "packet too big", and only the IPv6 counters move. An IPv4 peer without an IPv4 side, and
+/// no side at all, are refused naming the flags.
+#[test]
+fn ipv6_only_static_peers() {
+    let lab = dual_stack_lab().unwrap();
+    for h in &lab.hosts {
+        h.ns.ip(&["-4", "addr", "flush", "dev", &h.iface]).unwrap();
+    }
+    let procs = [
+        OverlayProcess::start(&lab.host(1).ns, &ipv6_only_args(&lab, 1, "tc"), Duration::from_secs(20)).unwrap(),
+        OverlayProcess::start(
+            &lab.host(2).ns,
+            &ipv6_only_args(&lab, 2, "xdp"),
+            Duration::from_secs(20),
+        )
+        .unwrap(),
+    ];
+    assert_eq!(procs[0].ready["mtu"], MTU6, "{}", procs[0].ready);
+    let host_routing = procs[0].ready["host_routing"].as_str().unwrap_or_default();
+    assert!(host_routing.contains("IPv4 only"), "{host_routing}");
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    for h in [h1, h2] {
+        assert_eq!(h.ns.ip(&["-4", "addr", "show", "dev", "ovl0"]).unwrap().trim(), "");
+        let route = h.ns.ip(&["-6", "route", "show", "fd00::/48"]).unwrap();
+        assert!(
+            route.contains("dev ovl0") && route.contains(&format!("mtu {MTU6}")),
+            "{route}"
+        );
+    }
+    let (c1, c2) = (&h1.containers[0], &h2.containers[0]);
+    for (from, to6) in [(c1, container6(2)), (c2, container6(1))] {
+        let r = ping(&from.ns, to6, 5, 56, false, "0.05").unwrap();
+        assert_eq!(r.received, 5, "ping {to6}: {r:?}");
+    }
+    let max_payload = MTU6 - 48;
+    let r = ping(&c2.ns, container6(1), 3, max_payload, true, "0.05").unwrap();
+    assert_eq!(r.received, 3, "{max_payload}-byte ping6: {r:?}");
+    c1.ns.ip(&["link", "set", "eth0", "mtu", "1500"]).unwrap();
+    let text = ping_text(&c1.ns, container6(2), max_payload + 1).unwrap();
+    c1.ns.ip(&["link", "set", "eth0", "mtu", &MTU6.to_string()]).unwrap();
+    assert!(
+        text.contains(&format!("mtu={MTU6}")) || text.contains(&format!("mtu = {MTU6}")),
+        "packet too big with mtu {MTU6} expected: {text}"
+    );
+    assert_eq!(
+        tcp_transfer_verified(&c1.ns, &c2.ns, container6(2), 5205, TRANSFER / 5).unwrap(),
+        TRANSFER / 5
+    );
+    assert_eq!(
+        tcp_transfer_verified(&c2.ns, &c1.ns, container6(1), 5206, TRANSFER / 5).unwrap(),
+        TRANSFER / 5
+    );
+    let [p1, p2] = procs;
+    let (s1, s2) = (p1.stop().unwrap(), p2.stop().unwrap());
+    for (s, other) in [(&s1, &s2), (&s2, &s1)] {
+        let (p, b) = counter(s, "encap_vxlan6");
+        assert!(p > 0 && b >= TRANSFER / 5, "encap_vxlan6 = {p} packets, {b} bytes: {s}");
+        let (p, b) = counter(other, "decap_vxlan6");
+        assert!(
+            p > 0 && b >= TRANSFER / 5,
+            "decap_vxlan6 = {p} packets, {b} bytes: {other}"
+        );
+        for name in ["encap_vxlan", "decap_vxlan"] {
+            assert_eq!(counter(s, name).0, 0, "{name}: {s}");
+        }
+    }
+
+    // Refused before anything is set up, naming what is missing.
+    let refused = |args: &[&str]| {
+        let out = lab
+            .host(1)
+            .ns
+            .command(lab::workspace_bin("overlay").to_str().unwrap())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let v6 = [
+        "datapath", "--iface", "eth0", "--public-ipv6", "fc00::1", "--subnet6", "fd00:0:0:1::/64",
+    ];
+    let err = refused(&[&v6[..], &["--peer", "10.244.2.0/24=192.168.0.2,02:00:00:00:00:02"]].concat());
+    assert!(err.contains("--public-ip") && err.contains("10.244.2.0/24"), "{err}");
+    let err = refused(&["datapath", "--iface", "eth0"]);
+    assert!(err.contains("--public-ip") && err.contains("--public-ipv6"), "{err}");
+    let err = refused(&[&v6[..], &["--backend", "udp"]].concat());
+    assert!(err.contains("udp") && err.contains("IPv6"), "{err}");
+    assert!(
+        h1.ns.ip(&["link", "show", "ovl0"]).is_err(),
+        "a refused start left ovl0"
     );
 }

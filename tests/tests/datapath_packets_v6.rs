@@ -834,3 +834,136 @@ fn ipv6_off_leaves_ipv6_alone() {
         assert_eq!(r.return_value, XDP_PASS);
     });
 }
+
+// ---- IPv6-only: IPv4 off -----------------------------------------------------------------------
+
+/// The Internet checksum of an IPv4 header, as the sender fills it.
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x45, 0];
+    h.extend(((20 + payload.len()) as u16).to_be_bytes());
+    h.extend([0, 1, 0x40, 0, 64, proto, 0, 0]);
+    h.extend(src);
+    h.extend(dst);
+    let c = fold(sum(&h));
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend(payload);
+    h
+}
+
+fn inner_echo4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut icmp = vec![8, 0, 0, 0, 0x42, 0x42, 0, 1];
+    icmp.extend((0..16).map(|i| i as u8));
+    let c = fold(sum(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4(src, dst, 1, &icmp)
+}
+
+const PUBLIC4_LOCAL: [u8; 4] = [192, 168, 0, 1];
+const PUBLIC4_PEER: [u8; 4] = [192, 168, 0, 2];
+
+/// A VXLAN-over-IPv4 frame from the IPv4 peer to our former PublicIP.
+fn tunnel4_frame(inner: &[u8]) -> Vec<u8> {
+    let mut payload = vxlan(0x08, 1);
+    payload.extend(eth(LOCAL_VTEP, PEER_VTEP, 0x0800));
+    payload.extend(inner);
+    let mut f = eth(NIC_MAC, REMOTE_NIC_MAC, 0x0800);
+    f.extend(ipv4(PUBLIC4_PEER, PUBLIC4_LOCAL, 17, &udp(45678, 8472, &payload, 0)));
+    f
+}
+
+/// An IPv6-only network's datapath writes `DatapathConfig::IPV4_OFF` over whatever IPv4 config
+/// was there (a pinned dual-stack run's, whose IPv4 peer is still in the maps here). The same
+/// IPv4 frames that the dual-stack config encapsulates and decapsulates are then left alone:
+/// tunnel packets pass untouched on both hooks, packets on the overlay device are dropped as
+/// unconfigured; IPv6 is carried as before.
+#[test]
+fn ipv6_only_config_leaves_ipv4_alone_and_carries_ipv6() {
+    let ns = Netns::new("pk6o").expect("namespace");
+    let (ifindex, nic_mac) = setup(&ns).expect("test underlay");
+    // The IPv4 underlay of the dual-stack run before (route lookups need forwarding on).
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.ip(&["addr", "add", "192.168.0.1/24", "dev", "nic0"]).unwrap();
+    ns.ip(&[
+        "neigh", "replace", "192.168.0.2", "lladdr", "02:aa:00:00:00:02", "dev", "nic0", "nud", "permanent",
+    ])
+    .unwrap();
+    let run = ns.spawn(move || -> anyhow::Result<()> {
+        let mut b = Bench::new(ifindex, nic_mac)?;
+        b.programs.set_config(&overlay_common::DatapathConfig {
+            public_ip: PUBLIC4_LOCAL,
+            subnet_addr: [10, 244, 1, 0],
+            subnet_prefix_len: 24,
+            format: overlay_common::Format::Vxlan as u8,
+            port: 8472,
+            vni: 1,
+            vtep_mac: LOCAL_VTEP,
+            _pad: [0; 2],
+            underlay_ifindex: ifindex,
+        })?;
+        b.programs.upsert_peer(&overlay::backend::Peer {
+            subnet: "10.244.2.0/24".parse()?,
+            public_ip: PUBLIC4_PEER.into(),
+            vtep_mac: Some(MacAddr(PEER_VTEP)),
+            ipv6: None,
+        })?;
+        let tunnel4 = tunnel4_frame(&inner_echo4([10, 244, 2, 5], [10, 244, 1, 7]));
+        let mut out4 = eth(OVERLAY_MAC, OVERLAY_MAC, 0x0800);
+        out4.extend(inner_echo4([10, 244, 1, 7], [10, 244, 2, 5]));
+
+        // With the dual-stack config the frames are ones the programs carry.
+        for hook in [Hook::Xdp, Hook::Tc] {
+            let before = b.counter(CounterIndex::DecapVxlan);
+            let (verdict, out) = b.run_decap(hook, &tunnel4)?;
+            assert_eq!(verdict, XDP_PASS, "{hook:?}");
+            assert_ne!(out, tunnel4, "{hook:?}: decapsulated with IPv4 on");
+            assert_eq!(b.counter(CounterIndex::DecapVxlan), before + 1, "{hook:?}");
+        }
+        let (verdict, _) = b.run_tc(&out4);
+        assert_eq!(
+            verdict,
+            TC_ACT_REDIRECT,
+            "IPv4 encapsulated with IPv4 on: {}",
+            b.programs.counters()?.to_json()
+        );
+        assert_eq!(b.counter(CounterIndex::EncapVxlan), 1);
+
+        b.programs.set_config(&overlay_common::DatapathConfig::IPV4_OFF)?;
+        for hook in [Hook::Xdp, Hook::Tc] {
+            assert!(check_decap(
+                &mut b,
+                hook,
+                "IPv4 tunnel packet, IPv4 off",
+                &tunnel4,
+                &Expect::PassUnchanged
+            ));
+            let inner = inner_echo(overlay(PEER, 5), overlay(LOCAL, 7), 32);
+            assert!(check_decap(
+                &mut b,
+                hook,
+                "IPv6 tunnel packet, IPv4 off",
+                &good_tunnel_frame(&inner),
+                &Expect::Pass(decapsulated(&inner))
+            ));
+        }
+        assert_eq!(
+            b.counter(CounterIndex::DecapVxlan),
+            2,
+            "no IPv4 decapsulated with IPv4 off"
+        );
+        let (verdict, _) = b.run_tc(&out4);
+        assert_eq!(verdict, TC_ACT_SHOT, "IPv4 on the overlay device, IPv4 off");
+        assert_eq!(b.counter(CounterIndex::DropNoConfig), 1);
+        assert_eq!(b.counter(CounterIndex::EncapVxlan), 1);
+
+        let inner = inner_echo(overlay(LOCAL, 2), overlay(PEER, 2), 32);
+        let (verdict, out) = b.run_tc(&from_overlay_device(&inner));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "IPv6 encapsulated with IPv4 off");
+        assert_eq!(out, encapsulated(nic_mac, &inner, sport_of(&out), true));
+        assert_eq!(b.counter(CounterIndex::EncapVxlan6), 1);
+        Ok(())
+    });
+    match run.join() {
+        Ok(r) => r.and_then(|r| r).unwrap(),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}

@@ -6,7 +6,8 @@
 //!   TCP over IPv6 checked byte for byte, leases in flannel's format, ip6tables rules kept, and
 //!   a flannel-style host (its `flannel.1` and `flannel-v6.1` programmed by hand as flanneld
 //!   programs them, its lease written by hand in flannel's JSON) reached both ways;
-//! - an IPv6-only network over an IPv6-only underlay (etcd reached over IPv6 too);
+//! - an IPv6-only network over an IPv6-only underlay (etcd reached over IPv6 too), on the kernel
+//!   datapath and on our eBPF datapath, with a kernel-datapath host in the same network;
 //! - host-gw with dual stack: IPv6 routes via each peer's PublicIPv6;
 //! - the udp backend with IPv6 refused, naming the field.
 use std::{
@@ -124,6 +125,14 @@ impl V6Lab {
 
     /// The agent as a flannel unit starts it, with the kernel datapath.
     fn start_agent(&self, index: usize, extra: &[&str]) -> anyhow::Result<OverlayProcess> {
+        let mut args = vec!["--datapath=kernel"];
+        args.extend(extra);
+        self.start_flannel_unit(index, &args)
+    }
+
+    /// The agent as a flannel unit starts it: flanneld's flags, our defaults (`--datapath
+    /// auto`) unless `extra` says otherwise.
+    fn start_flannel_unit(&self, index: usize, extra: &[&str]) -> anyhow::Result<OverlayProcess> {
         let mut args: Vec<String> = vec![
             "agent".into(),
             format!("-etcd-endpoints={}", self.etcd.endpoint()),
@@ -132,7 +141,6 @@ impl V6Lab {
             format!("-subnet-file={}", self.subnet_file(index).display()),
             "-healthz-ip=127.0.0.1".into(),
             format!("-healthz-port={HEALTHZ_PORT}"),
-            "--datapath=kernel".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         OverlayProcess::start(self.host(index), &args, Duration::from_secs(30))
@@ -224,6 +232,17 @@ impl V6Lab {
         }
         self.containers.insert(index, container);
         Ok(())
+    }
+
+    /// The agent's `/status` on host `index`.
+    fn status(&self, index: usize) -> anyhow::Result<serde_json::Value> {
+        let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTHZ_PORT));
+        let text = self
+            .host(index)
+            .spawn(move || overlay::cli::status::http_get(addr, "/status"))
+            .join()
+            .expect("thread")??;
+        Ok(serde_json::from_str(&text)?)
     }
 
     fn container(&self, index: usize) -> &Container {
@@ -764,5 +783,188 @@ fn dual_stack_vxlan_ebpf_datapath_with_a_flannel_style_host() -> anyhow::Result<
         packets("drop_unknown_peer") > 0,
         "the gone host's packets refused: {s1}"
     );
+    Ok(())
+}
+
+/// ping output (stdout and stderr) of DF pings of `size` bytes that may fail.
+fn ping_text(ns: &Netns, dst: Ipv6Addr, size: u32) -> anyhow::Result<String> {
+    let size = size.to_string();
+    let dst = dst.to_string();
+    let out = ns
+        .command("ping")
+        .args(["-n", "-c", "2", "-i", "0.2", "-W", "1", "-M", "do", "-s", &size, &dst])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// An IPv6-only network (`EnableIPv4: false`) over an IPv6-only underlay on our eBPF datapath,
+/// the agents started as a flannel unit starts them (`--datapath` left at auto): the lease as
+/// flannel writes it (PublicIP 0.0.0.0, no BackendData, BackendV6Data with our device's MAC),
+/// `ovl0` with only the IPv6 subnet's address and route, `/status` saying eBPF and why host
+/// routing is off; pings both ways, "packet too big" at the MTU edge, 50 MB checked byte for
+/// byte and carried by the programs (their counters); and a third host on the kernel fallback
+/// (`--datapath=kernel`: flannel's `flannel-v6.1`) in the same network, reached both ways.
+#[test]
+fn ipv6_only_network_on_the_ebpf_datapath_with_a_kernel_host() -> anyhow::Result<()> {
+    const MTU6: u32 = 1430;
+    let mut l = V6Lab::new(3, V6_ONLY_VXLAN, true)?;
+    // Host 1 as the unit starts it (`auto` picks eBPF); host 2 asks for eBPF, with XDP decap.
+    let agents = [
+        l.start_flannel_unit(1, &[])?,
+        l.start_flannel_unit(2, &["--datapath=ebpf", "-decap=xdp"])?,
+    ];
+    let kernel_host = l.start_agent(3, &[])?;
+    let leases = l.leases()?;
+    assert_eq!(leases.len(), 3, "{leases:?}");
+    for (i, agent) in [(1, &agents[0]), (2, &agents[1])] {
+        let backend = agent.ready["backend"].as_str().unwrap_or_default();
+        assert!(backend.starts_with("ebpf-vxlan"), "host{i}: {backend}");
+        let v6: Ipv6Network = agent.ready["ipv6_subnet"].as_str().context("no ipv6_subnet")?.parse()?;
+        let key = format!("0.0.0.0-0&{}-{}", v6.network(), v6.prefix());
+        let lease = leases
+            .get(&key)
+            .with_context(|| format!("no lease {key} in {leases:?}"))?;
+        assert_eq!(lease["PublicIP"], "0.0.0.0", "{lease}");
+        assert_eq!(lease["PublicIPv6"], underlay_ipv6(i).to_string(), "{lease}");
+        assert_eq!(lease["BackendType"], "vxlan", "{lease}");
+        assert!(lease.get("BackendData").is_none_or(|d| d.is_null()), "{lease}");
+        assert_eq!(lease["BackendV6Data"]["VNI"], 1, "{lease}");
+        assert_eq!(vtep_macs(lease).1, link_mac(l.host(i), "ovl0")?, "{lease}");
+        let h = l.host(i);
+        assert!(
+            h.ip(&["link", "show", "flannel-v6.1"]).is_err(),
+            "host{i}: a kernel device"
+        );
+        assert_eq!(
+            h.ip(&["-4", "addr", "show", "dev", "ovl0"])?.trim(),
+            "",
+            "host{i}: IPv4 on ovl0"
+        );
+        let addr6 = h.ip(&["-6", "addr", "show", "dev", "ovl0"])?;
+        assert!(addr6.contains(&format!("{}/128", v6.network())), "host{i}: {addr6}");
+        assert_eq!(h.ip(&["-4", "route", "show", "dev", "ovl0"])?.trim(), "", "host{i}");
+        let route = h.ip(&["-6", "route", "show", "fd00:10::/56"])?;
+        assert!(
+            route.contains("dev ovl0") && route.contains(&format!("mtu {MTU6}")),
+            "host{i}: {route}"
+        );
+        let file = std::fs::read_to_string(l.subnet_file(i))?;
+        assert!(
+            !file.contains("FLANNEL_SUBNET=")
+                && !file.contains("FLANNEL_NETWORK=")
+                && file.contains(&format!("FLANNEL_MTU={MTU6}\n"))
+                && file.contains("FLANNEL_IPV6_NETWORK=fd00:10::/56\n")
+                && file.contains(&format!(
+                    "FLANNEL_IPV6_SUBNET={}/64\n",
+                    Ipv6Addr::from(u128::from(v6.network()) + 1)
+                )),
+            "host{i}: {file}"
+        );
+    }
+    let kernel_lease = ready_lease(&kernel_host)?;
+    assert!(
+        kernel_host.ready["backend"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("flannel-v6.1"),
+        "{}",
+        kernel_host.ready
+    );
+    assert!(
+        kernel_lease.get("BackendData").is_none_or(|d| d.is_null()),
+        "{kernel_lease}"
+    );
+
+    for i in 1..=3 {
+        l.add_container_from_subnet_file(i)?;
+    }
+    l.wait_until("every host has the other two as peers", || {
+        Ok([1, 2, 3].iter().all(|i| {
+            l.status(*i).is_ok_and(|s| {
+                s["peers"].as_array().is_some_and(|p| p.len() == 2) && s["unapplied_peers"] == serde_json::json!([])
+            })
+        }))
+    })?;
+    for i in 1..=2 {
+        let status = l.status(i)?;
+        let backend = status["backend"].as_str().unwrap_or_default();
+        assert!(
+            backend.starts_with("ebpf-vxlan") && backend.contains("IPv4 only"),
+            "host{i}: /status backend {backend}"
+        );
+        assert!(status["fallback"].is_null(), "host{i}: {status}");
+        assert_eq!(status["ready"], true, "host{i}: {status}");
+        assert!(
+            status["public_ip"].as_str().unwrap_or_default().contains(':'),
+            "{status}"
+        );
+        for peer in status["peers"].as_array().context("peers")? {
+            let subnet: Ipv6Network = peer["subnet"].as_str().context("peer subnet")?.parse()?;
+            assert_eq!(peer["ipv6_subnet"], subnet.to_string(), "{peer}");
+            assert!(peer["vtep_mac_v6"].is_string(), "{peer}");
+        }
+    }
+    let decap = l.status(2)?["backend"].as_str().unwrap_or_default().to_string();
+    assert!(decap.contains("decap xdp"), "host2: {decap}");
+
+    // Every pair both ways: ours to ours, ours to the kernel host and back.
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)] {
+        l.pings(a, l.container(b).ipv6.context("v6")?.into())?;
+    }
+
+    // The largest DF packet that fits arrives whole; one byte more gets "packet too big" with
+    // the overlay route's MTU from the sending host's stack.
+    let (c1, c2) = (l.container(1), l.container(2));
+    let to2 = c2.ipv6.context("v6")?;
+    let fits = MTU6 - 48;
+    let r = ping(&c1.ns, to2, 3, fits, true, "0.2")?;
+    assert_eq!(r.received, 3, "{fits}-byte ping6: {r:?}");
+    c1.ns.ip(&["link", "set", "eth0", "mtu", "1500"])?;
+    let text = ping_text(&c1.ns, to2, fits + 1)?;
+    c1.ns.ip(&["link", "set", "eth0", "mtu", &MTU6.to_string()])?;
+    assert!(
+        text.contains(&format!("mtu={MTU6}")) || text.contains(&format!("mtu = {MTU6}")),
+        "an oversize ping6 should get packet too big with mtu {MTU6}: {text}"
+    );
+
+    let before = [agents[0].counters()?, agents[1].counters()?];
+    assert_eq!(tcp_transfer_verified(&c1.ns, &c2.ns, to2, 5201, 50 << 20)?, 50 << 20);
+    let to3 = l.container(3).ipv6.context("v6")?;
+    assert_eq!(
+        tcp_transfer_verified(&c2.ns, &l.container(3).ns, to3, 5202, 10 << 20)?,
+        10 << 20
+    );
+    let to1 = c1.ipv6.context("v6")?;
+    assert_eq!(
+        tcp_transfer_verified(&l.container(3).ns, &c1.ns, to1, 5203, 10 << 20)?,
+        10 << 20
+    );
+    let after = [agents[0].counters()?, agents[1].counters()?];
+    let moved = |i: usize, name: &str| {
+        let get = |v: &serde_json::Value| v["counters"][name]["bytes"].as_u64().unwrap_or(0);
+        get(&after[i]) - get(&before[i])
+    };
+    eprintln!(
+        "host1 encap_vxlan6 {} B, decap_vxlan6 {} B; host2 decap_vxlan6 {} B; {decap}",
+        moved(0, "encap_vxlan6"),
+        moved(0, "decap_vxlan6"),
+        moved(1, "decap_vxlan6")
+    );
+    // The 50 MB from host 1 to host 2, wrapped by host 1's programs and unwrapped by host 2's.
+    assert!(moved(0, "encap_vxlan6") >= 50 << 20, "host1: {}", after[0]);
+    assert!(moved(1, "decap_vxlan6") >= 50 << 20, "host2: {}", after[1]);
+    // The kernel host's 10 MB to host 1 came in through host 1's programs.
+    assert!(moved(0, "decap_vxlan6") >= 10 << 20, "host1: {}", after[0]);
+    // No IPv4 anywhere: nothing encapsulated or decapsulated as IPv4.
+    for (i, c) in after.iter().enumerate() {
+        for name in ["encap_vxlan", "decap_vxlan"] {
+            assert_eq!(c["counters"][name]["packets"], 0, "host{}: {name}: {c}", i + 1);
+        }
+    }
+
+    let [a1, a2] = agents;
+    a1.stop()?;
+    a2.stop()?;
+    kernel_host.stop()?;
     Ok(())
 }

@@ -84,8 +84,14 @@ impl Status {
             "fallback": self.fallback,
             "capabilities": self.capabilities,
             "lease_expires_unix": self.lease_expires.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+            // A peer of an IPv6-only network shown by its IPv6 side, as our own subnet is.
             "peers": self.programmed_peers().map(|p| serde_json::json!({
-                "subnet": p.subnet.to_string(), "public_ip": p.public_ip.to_string(), "vtep_mac": p.vtep_mac.map(|m| m.to_string()),
+                "subnet": p.ipv4().map(|n| n.to_string()).or(p.ipv6.map(|v| v.subnet.to_string())),
+                "public_ip": match (p.ipv4(), p.ipv6) {
+                    (None, Some(v6)) => v6.public_ip.to_string(),
+                    _ => p.public_ip.to_string(),
+                },
+                "vtep_mac": p.vtep_mac.map(|m| m.to_string()),
                 "ipv6_subnet": p.ipv6.map(|v| v.subnet.to_string()), "public_ipv6": p.ipv6.map(|v| v.public_ip.to_string()),
                 "vtep_mac_v6": p.ipv6.and_then(|v| v.vtep_mac).map(|m| m.to_string()),
             })).collect::<Vec<_>>(),

@@ -457,7 +457,7 @@ impl Agent<'_> {
         }
         let why = match &now {
             None => Some(format!("underlay interface {} is gone", self.iface)),
-            Some(u) if u.addr.is_none() && self.args.public_ip.is_none() => {
+            Some(u) if u.addr.is_none() && self.args.public_ip.is_none() && self.network.is_some() => {
                 Some(format!("underlay interface {} has no IPv4 address", self.iface))
             }
             Some(_) => None,
@@ -657,12 +657,8 @@ fn make_backend(
     let fell_back = std::cell::RefCell::new(None);
     let iface = underlay.name.as_str();
     let public_ip = underlay.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    // An IPv6-only network: PublicIP 0.0.0.0, as flannel writes it; the backend carries IPv6 only.
     let ebpf = |format: Format, port: u16, vni: u32, mtu: u32, host_routing: HostRouting| {
-        if underlay.public_ip.is_none() {
-            return Err(BackendError::Unavailable(
-                "the eBPF datapath needs an IPv4 network (this one is IPv6-only)".into(),
-            ));
-        }
         let pin_dir = pin_dir_for(args)?;
         EbpfBackend::new(DatapathSpec {
             underlay: iface.to_string(),
@@ -714,8 +710,15 @@ fn make_backend(
             };
             let ebpf = || EbpfHostGw::new(iface, public_ip, underlay.public_ipv6, args.host_routing);
             let backend: Box<dyn Backend> = match (args.datapath, args.host_routing) {
-                // Host routing is IPv4: an IPv6-only network gets the kernel's routes.
-                _ if underlay.public_ip.is_none() => kernel()?,
+                // Host routing is IPv4 only: in an IPv6-only network our host-gw would be the
+                // kernel's routes with nothing added.
+                (DatapathChoice::Auto | DatapathChoice::Ebpf, _) if underlay.public_ip.is_none() => {
+                    let why = "host-gw in an IPv6-only network: the kernel's routes (host routing, which the \
+                               eBPF host-gw adds to them, is IPv4 only)";
+                    tracing::info!("{why}");
+                    *fell_back.borrow_mut() = Some(why.into());
+                    kernel()?
+                }
                 (DatapathChoice::Kernel, _) | (DatapathChoice::Auto, HostRouting::Kernel) => kernel()?,
                 (DatapathChoice::Ebpf, _) => Box::new(ebpf()?),
                 (DatapathChoice::Auto, HostRouting::Bpf) => match ebpf() {

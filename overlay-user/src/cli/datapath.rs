@@ -62,12 +62,13 @@ pub struct Args {
     /// Underlay interface that carries the tunnel.
     #[arg(long)]
     pub iface: String,
-    /// This host's tunnel endpoint address (flannel's PublicIP).
+    /// This host's tunnel endpoint address (flannel's PublicIP). Without it and --subnet, the
+    /// network is IPv6-only (--public-ipv6 and --subnet6).
     #[arg(long)]
-    pub public_ip: Ipv4Addr,
+    pub public_ip: Option<Ipv4Addr>,
     /// This host's container subnet, e.g. 10.244.1.0/24.
     #[arg(long)]
-    pub subnet: Ipv4Network,
+    pub subnet: Option<Ipv4Network>,
     /// The whole overlay network, routed to the overlay device [default: the /16 around --subnet].
     #[arg(long)]
     pub network: Option<Ipv4Network>,
@@ -125,15 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.vni > 0x00ff_ffff {
         anyhow::bail!("--vni {} is out of range: a VNI has 24 bits (max 16777215)", args.vni);
     }
-    let network = match args.network {
-        Some(n) => n,
-        None => {
-            let n = Ipv4Network::new(args.subnet.network(), 16.min(args.subnet.prefix()))?;
-            let n = Ipv4Network::new(n.network(), n.prefix())?;
-            tracing::info!(network = %n, "no --network given: routing the /16 around --subnet");
-            n
-        }
-    };
+    let ipv4 = ipv4_side(&args)?;
     // Block the signals before attaching, so one that arrives early still finds us and the
     // datapath is cleaned up.
     let mut signals = SigSet::empty();
@@ -142,8 +135,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     signals.thread_block()?;
 
     let ipv6 = ipv6_side(&args, format)?;
+    let (ipv4, ipv6) = match (ipv4, ipv6) {
+        (None, None) => anyhow::bail!(
+            "no address family: give --public-ip and --subnet (IPv4), --public-ipv6 and --subnet6 (IPv6), or both"
+        ),
+        sides => sides,
+    };
     for peer in &args.peers {
         match peer {
+            StaticPeer::V4(peer) if ipv4.is_none() => {
+                anyhow::bail!("--peer {}: an IPv4 peer needs --public-ip and --subnet", peer.subnet)
+            }
             StaticPeer::V4(peer) => peer
                 .check(backend_kind(format))
                 .map_err(|why| anyhow::anyhow!("--peer {}: {why}", peer.subnet))?,
@@ -156,7 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let programs = Programs::load().context("loading the eBPF programs")?;
     let spec = DatapathSpec {
         underlay: args.iface.clone(),
-        public_ip: args.public_ip,
+        public_ip: ipv4.map_or(Ipv4Addr::UNSPECIFIED, |(ip, _, _)| ip),
         format,
         port: args.port.unwrap_or(format.default_port()),
         vni: args.vni,
@@ -169,11 +171,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         xdp: args.xdp_mode,
         decap: args.decap,
     };
-    let mut dp = Datapath::attach(programs, spec, args.subnet, network)
-        .with_context(|| format!("attaching the datapath to {}", args.iface))?;
-    if let Some((public_ip, subnet, network)) = ipv6 {
-        dp.enable_ipv6(public_ip, subnet, network)?;
-    }
+    let mut dp = match (ipv4, ipv6) {
+        (Some((_, subnet, network)), ipv6) => {
+            let mut dp = Datapath::attach(programs, spec, subnet, network)
+                .with_context(|| format!("attaching the datapath to {}", args.iface))?;
+            if let Some((public_ip, subnet, network)) = ipv6 {
+                dp.enable_ipv6(public_ip, subnet, network)?;
+            }
+            dp
+        }
+        (None, Some((public_ip, subnet, network))) => {
+            Datapath::attach_ipv6_only(programs, spec, public_ip, subnet, network)
+                .with_context(|| format!("attaching the IPv6-only datapath to {}", args.iface))?
+        }
+        (None, None) => unreachable!("refused above"),
+    };
     for peer in &args.peers {
         match *peer {
             StaticPeer::V4(peer) => dp.upsert_peer(peer)?,
@@ -211,6 +223,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("{}", serde_json::json!({ "counters": counters.to_json() }));
     dp.detach()?;
     Ok(())
+}
+
+/// Our IPv4 side from the flags: PublicIP, subnet and network, or none (IPv6-only).
+fn ipv4_side(args: &Args) -> anyhow::Result<Option<(Ipv4Addr, Ipv4Network, Ipv4Network)>> {
+    let (public_ip, subnet) = match (args.public_ip, args.subnet) {
+        (None, None) => {
+            if let Some(n) = args.network {
+                anyhow::bail!("--network {n} needs --public-ip and --subnet");
+            }
+            return Ok(None);
+        }
+        (Some(ip), Some(subnet)) => (ip, subnet),
+        (Some(_), None) => anyhow::bail!("--public-ip needs --subnet (this host's IPv4 container subnet)"),
+        (None, Some(_)) => anyhow::bail!("--subnet needs --public-ip (this host's IPv4 tunnel endpoint)"),
+    };
+    let network = match args.network {
+        Some(n) => n,
+        None => {
+            let n = Ipv4Network::new(subnet.network(), 16.min(subnet.prefix()))?;
+            let n = Ipv4Network::new(n.network(), n.prefix())?;
+            tracing::info!(network = %n, "no --network given: routing the /16 around --subnet");
+            n
+        }
+    };
+    Ok(Some((public_ip, subnet, network)))
 }
 
 /// Our IPv6 side from the flags: all of it or none, and vxlan only.

@@ -158,14 +158,25 @@ pub fn create_overlay_device(name: &str, mac: Option<MacAddr>) -> Result<LinkInf
 }
 
 /// MTU, address and state of the overlay device.
-pub fn configure_overlay_device(name: &str, mtu: u32, addr: Ipv4Addr) -> Result<LinkInfo, HostError> {
+/// `addr`: the IPv4 /32 the device holds; None in an IPv6-only network, where any IPv4
+/// address a previous (dual-stack) run left goes.
+pub fn configure_overlay_device(name: &str, mtu: u32, addr: Option<Ipv4Addr>) -> Result<LinkInfo, HostError> {
     // No neighbour resolution on this device: every packet goes to our program, which resolves
     // the outer next hop itself.
     ip(&["link", "set", "dev", name, "arp", "off"])?;
-    // No IPv6 on the overlay device: it would only emit neighbour discovery we drop.
-    let _ = sysctl_set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
+    // No IPv6 on the overlay device until IPv6 is enabled on it: it would only emit neighbour
+    // discovery we drop. An IPv6-only network enables it right after; turning it off first
+    // would drop a restarted run's IPv6 address and route, a gap in all its traffic.
+    match addr {
+        Some(_) => drop(sysctl_set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1")),
+        // No link-local address, router solicitation or DAD when it comes up.
+        None => drop(ip(&["link", "set", "dev", name, "addrgenmode", "none"])?),
+    }
     ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])?;
-    ip(&["addr", "replace", &format!("{addr}/32"), "dev", name])?;
+    match addr {
+        Some(addr) => ip(&["addr", "replace", &format!("{addr}/32"), "dev", name])?,
+        None => ip(&["-4", "addr", "flush", "dev", name])?,
+    };
     link_info(name)
 }
 

@@ -19,7 +19,7 @@ use overlay_common::{
 };
 
 use super::{
-    Datapath,
+    Datapath, Ipv4Side,
     bridge::BridgeFinder,
     programs::{DatapathError, Programs},
 };
@@ -453,7 +453,7 @@ impl Datapath {
     /// the new programs atomically, so traffic never stops. `programs` must have been loaded
     /// with the same pin directory ([`Programs::load_pinned`]).
     pub fn attach(
-        mut programs: Programs,
+        programs: Programs,
         spec: DatapathSpec,
         subnet: Ipv4Network,
         network: Ipv4Network,
@@ -463,46 +463,70 @@ impl Datapath {
                 "subnet {subnet} is not inside network {network}"
             )));
         }
+        Self::attach_with(programs, spec, Some(Ipv4Side { subnet, network }))
+    }
+
+    /// [`Datapath::attach`] with our IPv4 side, or without one (an IPv6-only network: the
+    /// caller enables IPv6 next, see `Datapath::attach_ipv6_only`).
+    pub(super) fn attach_with(
+        mut programs: Programs,
+        spec: DatapathSpec,
+        ipv4: Option<Ipv4Side>,
+    ) -> Result<Self, DatapathError> {
         let underlay = netdev::link_info(&spec.underlay)?;
         let decap_hook = choose_decap(spec.decap, spec.xdp, &underlay.name, underlay.kind.as_deref())?;
-        let overhead = spec.format.overhead();
-        let mtu = spec.effective_mtu(underlay.mtu);
-        if mtu < 576 || mtu + overhead > underlay.mtu {
-            return Err(DatapathError::Config(format!(
-                "overlay MTU {mtu} does not fit: underlay {} has MTU {} and the {:?} format needs {overhead} bytes",
-                underlay.name, underlay.mtu, spec.format
-            )));
+        let mtu = match ipv4 {
+            Some(_) => spec.effective_mtu(underlay.mtu),
+            None => spec.mtu.unwrap_or(super::ipv6::ipv6_route_mtu(underlay.mtu)),
+        };
+        match ipv4 {
+            Some(_) => {
+                let overhead = spec.format.overhead();
+                if mtu < 576 || mtu + overhead > underlay.mtu {
+                    return Err(DatapathError::Config(format!(
+                        "overlay MTU {mtu} does not fit: underlay {} has MTU {} and the {:?} format needs {overhead} bytes",
+                        underlay.name, underlay.mtu, spec.format
+                    )));
+                }
+                netdev::sysctl_set("net/ipv4/ip_forward", "1")?;
+                // Decapsulated packets arrive on the underlay with overlay sources routed via
+                // the overlay device: strict reverse-path filtering would drop them.
+                netdev::sysctl_set(&format!("net/ipv4/conf/{}/rp_filter", underlay.name), "2")?;
+            }
+            None => super::ipv6::check_ipv6_only(&spec, mtu, &underlay)?,
         }
-
-        netdev::sysctl_set("net/ipv4/ip_forward", "1")?;
-        // Decapsulated packets arrive on the underlay with overlay sources routed via the
-        // overlay device: strict reverse-path filtering would drop them.
-        netdev::sysctl_set(&format!("net/ipv4/conf/{}/rp_filter", underlay.name), "2")?;
 
         let created = netdev::create_overlay_device(&spec.overlay_device, spec.vtep_mac)?;
         // Like flannel.1, the overlay device holds the subnet's network address as a /32, the
         // source for host-originated overlay traffic.
-        let overlay = netdev::configure_overlay_device(&created.name, mtu, subnet.network())?;
+        let overlay = netdev::configure_overlay_device(&created.name, mtu, ipv4.map(|v4| v4.subnet.network()))?;
         let vtep_mac = overlay.mac.unwrap_or_default();
-        programs.set_config(&DatapathConfig {
-            public_ip: spec.public_ip.octets(),
-            subnet_addr: subnet.network().octets(),
-            subnet_prefix_len: subnet.prefix(),
-            format: spec.format as u8,
-            port: spec.port,
-            vni: spec.vni,
-            vtep_mac: vtep_mac.0,
-            _pad: [0; 2],
-            underlay_ifindex: underlay.ifindex,
+        // Without an IPv4 side the config says no format: the programs leave IPv4 alone (a
+        // pinned dual-stack run's config is overwritten so).
+        programs.set_config(&match ipv4 {
+            Some(v4) => DatapathConfig {
+                public_ip: spec.public_ip.octets(),
+                subnet_addr: v4.subnet.network().octets(),
+                subnet_prefix_len: v4.subnet.prefix(),
+                format: spec.format as u8,
+                port: spec.port,
+                vni: spec.vni,
+                vtep_mac: vtep_mac.0,
+                _pad: [0; 2],
+                underlay_ifindex: underlay.ifindex,
+            },
+            None => DatapathConfig::IPV4_OFF,
         })?;
-        let peers = programs.read_peers()?;
+        let peers = match ipv4 {
+            Some(_) => programs.read_peers()?,
+            None => Default::default(),
+        };
 
         // From here on, a failure drops `dp`, which removes what was set up (unpinned runs).
         let mut dp = Datapath {
             programs,
             spec,
-            subnet,
-            network,
+            ipv4,
             overlay,
             underlay,
             decap_hook,
@@ -521,7 +545,9 @@ impl Datapath {
         };
         dp.attach_programs()?;
         dp.start_host_routing();
-        netdev::route_replace(dp.network, &dp.overlay.name)?;
+        if let Some(v4) = dp.ipv4 {
+            netdev::route_replace(v4.network, &dp.overlay.name)?;
+        }
         dp.sync_bridge();
         tracing::info!(
             underlay = %dp.underlay.name,
@@ -535,6 +561,7 @@ impl Datapath {
             tc = dp.tc_mode.map(TcMode::name),
             adopted_peers = dp.peers.len(),
             pinned = dp.spec.pin_dir.is_some(),
+            ipv4 = dp.ipv4.is_some(),
             "datapath attached"
         );
         Ok(dp)

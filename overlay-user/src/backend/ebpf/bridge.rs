@@ -13,7 +13,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
 use aya::{
     maps::{DevMapHash, HashMap as BpfHashMap, MapError},
@@ -61,18 +61,21 @@ fn usable_bridge(name: &str) -> Option<bool> {
 }
 
 impl BridgeFinder {
-    /// The bridge with an IPv4 address inside `subnet` (docker's `--bip`, the CNI bridge
-    /// plugin's gateway), ignoring `exclude` (our overlay device holds the subnet's network
-    /// address as a /32). None until docker or the CNI plugin has made it.
-    pub fn find(&mut self, subnet: Ipv4Network, exclude: &str) -> Option<BridgeDevice> {
+    /// The bridge with an address inside `subnet` (docker's `--bip` or `--fixed-cidr-v6`, the
+    /// CNI bridge plugin's gateway), ignoring `exclude` (our overlay device holds the subnet's
+    /// network address). None until docker or the CNI plugin has made it.
+    pub fn find(&mut self, subnet: IpNetwork, exclude: &str) -> Option<BridgeDevice> {
         let addrs = nix::ifaddrs::getifaddrs().ok()?;
         let mut candidates: Vec<String> = addrs
             .filter(|a| a.interface_name != exclude)
             .filter(|a| {
-                a.address
-                    .as_ref()
-                    .and_then(|s| s.as_sockaddr_in())
-                    .is_some_and(|sin| subnet.contains(sin.ip()))
+                let Some(addr) = a.address.as_ref() else {
+                    return false;
+                };
+                match subnet {
+                    IpNetwork::V4(n) => addr.as_sockaddr_in().is_some_and(|sin| n.contains(sin.ip())),
+                    IpNetwork::V6(n) => addr.as_sockaddr_in6().is_some_and(|sin| n.contains(sin.ip())),
+                }
             })
             .map(|a| a.interface_name)
             .collect();
@@ -416,7 +419,13 @@ impl Datapath {
         if !redirect && !routing {
             return;
         }
-        let found = self.bridges.find(self.subnet, &self.overlay.name);
+        // The bridge holds our IPv4 subnet's gateway; in an IPv6-only network, our IPv6 one's.
+        let subnet = match (self.ipv4, &self.ipv6) {
+            (Some(v4), _) => IpNetwork::V4(v4.subnet),
+            (None, Some(v6)) => IpNetwork::V6(v6.subnet),
+            (None, None) => return,
+        };
+        let found = self.bridges.find(subnet, &self.overlay.name);
         if self.bridge.as_ref().map(|b| &b.device) != found.as_ref() {
             self.detach_bridge();
             let Some(device) = found else { return };

@@ -77,7 +77,7 @@ impl EbpfHostGw {
         if self.state.off.is_some() {
             return Ok(());
         }
-        let found = self.bridges.find(subnet, "");
+        let found = self.bridges.find(subnet.into(), "");
         if self.bridge.as_ref().map(|(d, _)| d) != found.as_ref() {
             self.drop_bridge();
             let Some(device) = found else { return Ok(()) };

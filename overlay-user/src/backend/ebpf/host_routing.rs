@@ -292,6 +292,15 @@ impl HostRoutingState {
 
 impl Datapath {
     pub(super) fn start_host_routing(&mut self) {
+        if self.ipv4.is_none() {
+            let why = "host routing is IPv4 only and this network is IPv6-only";
+            tracing::info!(
+                reason = why,
+                "host routing: kernel (every packet through the host's stack)"
+            );
+            self.host_routing.off = Some(why.into());
+            return;
+        }
         let underlay = self.underlay.name.clone();
         if let Some(iface) = self
             .host_routing
@@ -311,7 +320,9 @@ impl Datapath {
         device: &BridgeDevice,
         fdb: &HashMap<MacAddr, u32>,
     ) -> Result<(), String> {
-        let (subnet, mtu) = (self.subnet, self.overlay.mtu);
+        // Never on without IPv4 (see `start_host_routing`).
+        let Some(v4) = self.ipv4 else { return Ok(()) };
+        let (subnet, mtu) = (v4.subnet, self.overlay.mtu);
         self.host_routing
             .sync(&mut self.programs, device, fdb, subnet, HostRoutingMode::Encap, mtu)
     }

@@ -13,7 +13,7 @@ use overlay_common::{
 };
 
 use super::{
-    Datapath,
+    Datapath, DatapathSpec, Ipv4Side,
     programs::{DatapathError, Programs, not_found, typed_map},
 };
 use crate::host::{MacAddr, netdev};
@@ -169,6 +169,32 @@ impl Programs {
     }
 }
 
+impl Programs {
+    /// The IPv6 peers in the maps (a pinned previous run's).
+    pub fn read_peers6(&mut self) -> Result<HashMap<Ipv6Network, Peer6>, DatapathError> {
+        let peers: LpmTrie<_, [u8; 16], Peer6Value> = typed_map(&mut self.ebpf, MAP_PEERS6)?;
+        let mut out = HashMap::new();
+        for item in peers.iter() {
+            let (key, peer) = item.map_err(|source| DatapathError::Map {
+                name: MAP_PEERS6,
+                source,
+            })?;
+            let Ok(subnet) = Ipv6Network::new(Ipv6Addr::from(key.data()), key.prefix_len() as u8) else {
+                continue;
+            };
+            out.insert(
+                subnet,
+                Peer6 {
+                    subnet,
+                    public_ip: Ipv6Addr::from(peer.public_ip),
+                    vtep_mac: MacAddr(peer.vtep_mac),
+                },
+            );
+        }
+        Ok(out)
+    }
+}
+
 fn key6(subnet: Ipv6Network) -> Key<[u8; 16]> {
     Key::new(u32::from(subnet.prefix()), subnet.network().octets())
 }
@@ -179,7 +205,59 @@ pub fn ipv6_route_mtu(underlay_mtu: u32) -> u32 {
     underlay_mtu.saturating_sub(VXLAN6_OVERHEAD)
 }
 
+/// The overlay device's MTU, and `FLANNEL_MTU`, in an IPv6-only network: the v6 route's, or
+/// the network config's MTU (flannel's, for an IPv4 vxlan device) less the 20 bytes IPv6's
+/// outer header adds, as our kernel fallback sizes `flannel-v6.<VNI>`.
+pub fn ipv6_only_mtu(configured: Option<u32>, underlay_mtu: u32) -> u32 {
+    match configured {
+        Some(mtu) => mtu.saturating_sub(VXLAN6_OVERHEAD - Format::Vxlan.overhead()),
+        None => ipv6_route_mtu(underlay_mtu),
+    }
+}
+
+/// What an IPv6-only datapath needs before anything is set up: vxlan (flannel's udp backend
+/// has no IPv6) and an overlay MTU that leaves room for VXLAN over IPv6.
+pub(super) fn check_ipv6_only(spec: &DatapathSpec, mtu: u32, underlay: &netdev::LinkInfo) -> Result<(), DatapathError> {
+    if spec.format != Format::Vxlan {
+        return Err(DatapathError::Config(format!(
+            "an IPv6-only network needs the vxlan backend: flannel's {} backend has no IPv6",
+            super::backend_kind(spec.format).name()
+        )));
+    }
+    if mtu < 1280 || mtu + VXLAN6_OVERHEAD > underlay.mtu {
+        return Err(DatapathError::Config(format!(
+            "overlay MTU {mtu} does not fit an IPv6-only network: IPv6 needs at least 1280, and underlay {} \
+             has MTU {}, of which VXLAN over IPv6 takes {VXLAN6_OVERHEAD} bytes",
+            underlay.name, underlay.mtu
+        )));
+    }
+    Ok(())
+}
+
 impl Datapath {
+    /// The datapath of an IPv6-only network (flannel's `EnableIPv4: false`): the programs as for
+    /// dual stack, the IPv4 config empty (IPv4 frames pass decapsulation untouched and are
+    /// dropped by encapsulation as unconfigured), the overlay device with only the IPv6
+    /// subnet's address and route. Host routing stays off: it is IPv4 only.
+    pub fn attach_ipv6_only(
+        programs: Programs,
+        spec: DatapathSpec,
+        public_ip: Ipv6Addr,
+        subnet: Ipv6Network,
+        network: Ipv6Network,
+    ) -> Result<Self, DatapathError> {
+        let mut dp = Self::attach_with(programs, spec, None)?;
+        dp.enable_ipv6(public_ip, subnet, network)?;
+        // The container bridge is found by its address in our IPv6 subnet, known only now.
+        dp.sync_bridge();
+        Ok(dp)
+    }
+
+    /// Our IPv4 side; None in an IPv6-only network.
+    pub fn ipv4(&self) -> Option<Ipv4Side> {
+        self.ipv4
+    }
+
     /// Carry IPv6 too: our PublicIPv6, v6 subnet and v6 network (flannel's `IPv6Network`).
     /// VXLAN only: flannel's udp backend has no IPv6.
     pub fn enable_ipv6(
@@ -240,9 +318,16 @@ impl Datapath {
             "mtu",
             &mtu.to_string(),
         ])?;
-        // A pinned previous run's IPv6 peers go: the agent sets the current ones right after
-        // (a restart's IPv6 gap is that long; the IPv4 peers are adopted as they are).
-        self.programs.clear_peers6()?;
+        // With IPv4 beside it, a pinned previous run's IPv6 peers go: the agent sets the current
+        // ones right after (a restart's IPv6 gap is that long; the IPv4 peers, which key the
+        // reconciliation, are adopted as they are). IPv6-only, they key it, and are adopted.
+        let adopted = match self.ipv4 {
+            Some(_) => {
+                self.programs.clear_peers6()?;
+                HashMap::new()
+            }
+            None => self.programs.read_peers6()?,
+        };
         let vtep_mac = self.vtep_mac();
         self.programs.set_config6(&DatapathConfig6 {
             public_ip: public_ip.octets(),
@@ -261,7 +346,7 @@ impl Datapath {
             public_ip,
             subnet,
             network,
-            peers: HashMap::new(),
+            peers: adopted,
         });
         Ok(())
     }
@@ -350,5 +435,8 @@ mod tests {
     fn route_mtu_leaves_room_for_vxlan_over_ipv6() {
         assert_eq!(ipv6_route_mtu(1500), 1430);
         assert_eq!(ipv6_route_mtu(9000), 8930);
+        // IPv6-only: the same by default; a configured (IPv4 device) MTU less 20.
+        assert_eq!(ipv6_only_mtu(None, 1500), 1430);
+        assert_eq!(ipv6_only_mtu(Some(1400), 1500), 1380);
     }
 }

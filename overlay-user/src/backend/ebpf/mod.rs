@@ -40,9 +40,8 @@ use crate::{
 pub struct Datapath {
     programs: Programs,
     spec: DatapathSpec,
-    /// This host's container subnet and the whole overlay network (routed to the overlay device).
-    subnet: Ipv4Network,
-    network: Ipv4Network,
+    /// Our IPv4 side; None in an IPv6-only network.
+    ipv4: Option<Ipv4Side>,
     overlay: netdev::LinkInfo,
     underlay: netdev::LinkInfo,
     decap_hook: DecapHook,
@@ -71,6 +70,14 @@ pub struct Datapath {
     native_xdp: Option<bool>,
     /// Container traffic past the host's stack: on or off, and what it attached.
     host_routing: host_routing::HostRoutingState,
+}
+
+/// This host's IPv4 container subnet and the whole IPv4 overlay network (routed to the overlay
+/// device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Side {
+    pub subnet: Ipv4Network,
+    pub network: Ipv4Network,
 }
 
 /// The lease backend kind a wire format speaks.
@@ -131,15 +138,38 @@ impl EbpfBackend {
     }
 
     /// Carry IPv6 too, from `public_ipv6` (flannel's PublicIPv6), once the agent activates it
-    /// with our IPv6 subnet. VXLAN only: flannel's udp backend has no IPv6.
+    /// with our IPv6 subnet. VXLAN only: flannel's udp backend has no IPv6. A spec whose
+    /// PublicIP is 0.0.0.0 (flannel's in an IPv6-only network) carries IPv6 only.
     pub fn with_public_ipv6(mut self, public_ipv6: Option<Ipv6Addr>) -> Result<Self, BackendError> {
         if public_ipv6.is_some() && self.spec.format != Format::Vxlan {
             return Err(BackendError::Other(
                 "EnableIPv6 with Backend.Type \"udp\": flannel's udp backend has no IPv6; use vxlan".into(),
             ));
         }
+        if public_ipv6.is_none() && self.spec.public_ip.is_unspecified() {
+            return Err(BackendError::Other(
+                "the eBPF datapath needs a PublicIP, or a PublicIPv6 in an IPv6-only network".into(),
+            ));
+        }
         self.public_ipv6 = public_ipv6;
+        if self.ipv6_only() {
+            self.mtu = ipv6::ipv6_only_mtu(self.spec.mtu, netdev::link_info(&self.spec.underlay)?.mtu);
+        }
         Ok(self)
+    }
+
+    /// An IPv6-only network (flannel's `EnableIPv4: false`): no IPv4 side at all.
+    fn ipv6_only(&self) -> bool {
+        self.spec.public_ip.is_unspecified() && self.public_ipv6.is_some()
+    }
+
+    /// The container MTU (`FLANNEL_MTU`) over an underlay of `underlay_mtu`.
+    fn container_mtu(&self, underlay_mtu: u32) -> u32 {
+        if self.ipv6_only() {
+            ipv6::ipv6_only_mtu(self.spec.mtu, underlay_mtu)
+        } else {
+            self.spec.effective_mtu(underlay_mtu)
+        }
     }
 
     fn datapath(&mut self) -> Result<&mut Datapath, BackendError> {
@@ -151,6 +181,9 @@ impl Backend for EbpfBackend {
     fn lease_attrs(&self) -> LeaseAttrs {
         let backend = match self.spec.format {
             Format::Udp => LeaseBackend::Udp,
+            // As flannel's vxlan lease in an IPv6-only network: no BackendData, the VtepMAC in
+            // BackendV6Data only.
+            Format::Vxlan if self.ipv6_only() => LeaseBackend::VxlanNoIpv4,
             Format::Vxlan => LeaseBackend::Vxlan(VxlanData {
                 vni: self.spec.vni,
                 vtep_mac: self.vtep_mac,
@@ -175,12 +208,17 @@ impl Backend for EbpfBackend {
     }
 
     fn activate(&mut self, subnet: Ipv4Network, network: Ipv4Network) -> Result<(), BackendError> {
+        if self.ipv6_only() {
+            return Err(BackendError::Other(format!(
+                "IPv4 subnet {subnet} given to a datapath started for an IPv6-only network"
+            )));
+        }
         // Our lease was lost and taken again: the old datapath gives way first (pinned links
         // stay and are adopted), then the programs are loaded anew.
         drop(self.datapath.take());
         // The underlay may have been re-created or changed its MTU since: derive ours anew.
         if self.spec.mtu.is_none() {
-            self.mtu = self.spec.effective_mtu(netdev::link_info(&self.spec.underlay)?.mtu);
+            self.mtu = self.container_mtu(netdev::link_info(&self.spec.underlay)?.mtu);
         }
         let programs = match self.programs.take() {
             Some(p) => p,
@@ -204,13 +242,31 @@ impl Backend for EbpfBackend {
         let public_ip = self
             .public_ipv6
             .ok_or_else(|| BackendError::Unavailable("the eBPF datapath was started without a PublicIPv6".into()))?;
+        if self.ipv6_only() {
+            // No IPv4 activation came first: this one attaches, as `activate` does for IPv4.
+            drop(self.datapath.take());
+            self.mtu = self.container_mtu(netdev::link_info(&self.spec.underlay)?.mtu);
+            let programs = match self.programs.take() {
+                Some(p) => p,
+                None => Programs::load_pinned(self.spec.pin_dir.as_deref())?,
+            };
+            let spec = DatapathSpec {
+                mtu: Some(self.mtu),
+                vtep_mac: Some(self.vtep_mac),
+                ..self.spec.clone()
+            };
+            self.datapath = Some(Datapath::attach_ipv6_only(programs, spec, public_ip, subnet, network)?);
+            return Ok(());
+        }
         self.datapath()?.enable_ipv6(public_ip, subnet, network)?;
         Ok(())
     }
 
     fn set_peer(&mut self, peer: &Peer) -> Result<(), BackendError> {
         let dp = self.datapath()?;
-        dp.upsert_peer(*peer)?;
+        if dp.ipv4().is_some() {
+            dp.upsert_peer(*peer)?;
+        }
         // Peer::check gave a vxlan peer with an IPv6 side its v6 VtepMAC.
         if let (Some(v6), Some(_)) = (peer.ipv6, dp.ipv6()) {
             dp.upsert_peer6(ipv6::Peer6 {
@@ -224,7 +280,9 @@ impl Backend for EbpfBackend {
 
     fn remove_peer(&mut self, key: SubnetKey) -> Result<(), BackendError> {
         let dp = self.datapath()?;
-        dp.remove_peer(key.ipv4)?;
+        if dp.ipv4().is_some() {
+            dp.remove_peer(key.ipv4)?;
+        }
         if let (Some(v6), Some(_)) = (key.ipv6, dp.ipv6()) {
             dp.remove_peer6(v6)?;
         }
@@ -232,10 +290,12 @@ impl Backend for EbpfBackend {
     }
 
     fn peers(&self) -> Vec<SubnetKey> {
-        self.datapath
-            .as_ref()
-            .map(|d| d.peers().map(Peer::key).collect())
-            .unwrap_or_default()
+        match &self.datapath {
+            // IPv6-only peers are keyed by their IPv6 subnet, as their leases are.
+            Some(d) if d.ipv4().is_none() => d.peers6().map(|p| SubnetKey::ipv6_only(p.subnet)).collect(),
+            Some(d) => d.peers().map(Peer::key).collect(),
+            None => Vec::new(),
+        }
     }
 
     fn tick(&mut self) {

@@ -120,16 +120,22 @@ impl Datapath {
                 subnet: peer.subnet,
                 reason,
             })?;
-        if peer.subnet == self.subnet {
+        let Some(ours) = self.ipv4 else {
+            return Err(DatapathError::Peer {
+                subnet: peer.subnet,
+                reason: "an IPv4 peer in an IPv6-only network".into(),
+            });
+        };
+        if peer.subnet == ours.subnet {
             return Err(DatapathError::Peer {
                 subnet: peer.subnet,
                 reason: "is our own subnet".into(),
             });
         }
-        if !self.network.contains(peer.subnet.network()) {
+        if !ours.network.contains(peer.subnet.network()) {
             return Err(DatapathError::Peer {
                 subnet: peer.subnet,
-                reason: format!("is outside the overlay network {}", self.network),
+                reason: format!("is outside the overlay network {}", ours.network),
             });
         }
         if let Some(old) = self.peers.get(&peer.subnet).copied() {
