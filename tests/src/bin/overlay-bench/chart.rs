@@ -14,6 +14,9 @@ fn backend_color(name: &str) -> &'static str {
         "userspace-udp" => "#d62728",
         "ebpf-vxlan-xdp" => "#bcbd22",
         "ebpf-vxlan-generic" => "#9467bd",
+        "host-gw-v6" => "#aec7e8",
+        "kernel-vxlan-v6" => "#ffbb78",
+        "ebpf-vxlan-v6" => "#98df8a",
         _ => "#8c564b",
     }
 }

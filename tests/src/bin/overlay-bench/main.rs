@@ -169,14 +169,14 @@ fn preflight(opts: &Options) -> anyhow::Result<()> {
             bail!("{tool} not found: apt-get install {package}");
         }
     }
-    if opts.backends.iter().any(|b| b.ebpf().is_some()) {
+    if opts.backends.iter().any(|b| b.agent().is_some()) {
         let bin = lab::workspace_bin("overlay");
         if !bin.exists() {
             bail!("{} not found: build it first (cargo build --release)", bin.display());
         }
         if !Path::new(ETCD_BIN).exists() {
             bail!(
-                "{ETCD_BIN} not found (the eBPF backends run `overlay agent` against etcd): apt-get install etcd-server"
+                "{ETCD_BIN} not found (the eBPF and -v6 backends run `overlay agent` against etcd): apt-get install etcd-server"
             );
         }
     }

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use overlay::backend::tun_udp::ENCAP_OVERHEAD;
+use overlay_common::wire::VXLAN6_OVERHEAD;
 use overlay_tests::lab::Backend;
 
 use crate::topology::UNDERLAY_MTU;
@@ -14,7 +15,8 @@ our eBPF datapath (`overlay agent` on each host, with etcd in the lab), and flan
 (TUN + UDP socket in user space).
 
 Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH] [--svg PATH]
-                     [--backends NAME,NAME,...] [--underlay veth|bridge] [--bpf-stats]
+                     [--backends NAME,NAME,...] [--ip-family 4|6|both] [--underlay veth|bridge]
+                     [--bpf-stats]
        overlay-bench --control-plane ...   (see overlay-bench-cp --help)
 
   --rounds N        rounds over all backends, each on a fresh lab (default 3)
@@ -25,11 +27,18 @@ Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH] [--s
   --backends LIST   subset, in this order (default: all):
                     underlay,host-gw,kernel-vxlan,ebpf-vxlan,ebpf-udp,userspace-udp,
                     ebpf-vxlan-xdp,ebpf-vxlan-generic,ebpf-vxlan-kernel-routing,
-                    ebpf-udp-kernel-routing,ebpf-host-gw
+                    ebpf-udp-kernel-routing,ebpf-host-gw,
+                    host-gw-v6,kernel-vxlan-v6,ebpf-vxlan-v6
                     (ebpf-*: TC ingress decap on veth, the default; -xdp: native XDP
                     decap; -generic: generic XDP decap; all with host routing (container
                     traffic past the host's stack) but -kernel-routing; ebpf-host-gw:
-                    the agent's host-gw with host routing, no encapsulation)
+                    the agent's host-gw with host routing, no encapsulation;
+                    *-v6: container to container over IPv6 on a dual-stack underlay, VXLAN
+                    over IPv6 (flannel's flannel-v6.1) between dual-stack agents, container
+                    MTU 1430; kernel-vxlan-v6 is `overlay agent --datapath=kernel`; ratios
+                    to host-gw-v6)
+  --ip-family F     4, 6 or both (default): the backends of that family, of the default
+                    list or of --backends (which then must not name another family)
   --underlay KIND   veth: the hosts' eth0 are the two ends of one veth (default);
                     bridge: each host's eth0 is a port of a bridge, a switch between them
   --bpf-stats       enable kernel.bpf_stats_enabled during the run and record the run time
@@ -59,10 +68,50 @@ pub enum BenchBackend {
     EbpfUdpKernelRouting,
     /// Our eBPF host-gw: the kernel's host-gw routes plus host routing, no encapsulation.
     EbpfHostGw,
+    /// flannel's host-gw for IPv6: a route to each peer's IPv6 subnet via its PublicIPv6.
+    HostGwV6,
+    /// flannel's `flannel-v6.1`, as our agent programs it with `--datapath=kernel`.
+    KernelVxlanV6,
+    /// Our eBPF datapath carrying IPv6 as VXLAN over the IPv6 underlay (dual-stack agents).
+    EbpfVxlanV6,
+}
+
+/// The family of the containers' addresses a backend is measured over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn parse(s: &str) -> anyhow::Result<Option<Self>> {
+        Ok(match s {
+            "4" => Some(IpFamily::V4),
+            "6" => Some(IpFamily::V6),
+            "both" => None,
+            other => bail!("--ip-family {other:?}: expected 4, 6 or both"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
+/// How a backend runs `overlay agent` (against etcd in the lab): our wire format, the
+/// `--datapath` it must get and its extra flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentRun {
+    pub format: Backend,
+    pub datapath: &'static str,
+    pub extra: &'static [&'static str],
 }
 
 impl BenchBackend {
-    pub const ALL: [BenchBackend; 11] = [
+    pub const ALL: [BenchBackend; 14] = [
         BenchBackend::Underlay,
         BenchBackend::HostGw,
         BenchBackend::KernelVxlan,
@@ -74,6 +123,9 @@ impl BenchBackend {
         BenchBackend::EbpfVxlanKernelRouting,
         BenchBackend::EbpfUdpKernelRouting,
         BenchBackend::EbpfHostGw,
+        BenchBackend::HostGwV6,
+        BenchBackend::KernelVxlanV6,
+        BenchBackend::EbpfVxlanV6,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +141,24 @@ impl BenchBackend {
             BenchBackend::EbpfVxlanKernelRouting => "ebpf-vxlan-kernel-routing",
             BenchBackend::EbpfUdpKernelRouting => "ebpf-udp-kernel-routing",
             BenchBackend::EbpfHostGw => "ebpf-host-gw",
+            BenchBackend::HostGwV6 => "host-gw-v6",
+            BenchBackend::KernelVxlanV6 => "kernel-vxlan-v6",
+            BenchBackend::EbpfVxlanV6 => "ebpf-vxlan-v6",
+        }
+    }
+
+    pub fn family(self) -> IpFamily {
+        match self {
+            BenchBackend::HostGwV6 | BenchBackend::KernelVxlanV6 | BenchBackend::EbpfVxlanV6 => IpFamily::V6,
+            _ => IpFamily::V4,
+        }
+    }
+
+    /// The host-gw of the same family: what the ratios are to.
+    pub fn host_gw_baseline(self) -> BenchBackend {
+        match self.family() {
+            IpFamily::V4 => BenchBackend::HostGw,
+            IpFamily::V6 => BenchBackend::HostGwV6,
         }
     }
 
@@ -102,9 +172,12 @@ impl BenchBackend {
     /// Our datapath's format and the extra flags it runs with, for the eBPF variants.
     pub fn ebpf(self) -> Option<(Backend, &'static [&'static str])> {
         match self {
-            BenchBackend::Underlay | BenchBackend::HostGw | BenchBackend::KernelVxlan | BenchBackend::UserspaceUdp => {
-                None
-            }
+            BenchBackend::Underlay
+            | BenchBackend::HostGw
+            | BenchBackend::KernelVxlan
+            | BenchBackend::UserspaceUdp
+            | BenchBackend::HostGwV6
+            | BenchBackend::KernelVxlanV6 => None,
             // No --decap or --xdp-mode: what users get by default (TC ingress decap on a veth
             // underlay, native XDP where the driver has it).
             BenchBackend::EbpfVxlan => Some((Backend::Vxlan, &[])),
@@ -114,7 +187,26 @@ impl BenchBackend {
             BenchBackend::EbpfVxlanKernelRouting => Some((Backend::Vxlan, &["--host-routing=kernel"])),
             BenchBackend::EbpfUdpKernelRouting => Some((Backend::Udp, &["--host-routing=kernel"])),
             BenchBackend::EbpfHostGw => Some((Backend::HostGw, &[])),
+            BenchBackend::EbpfVxlanV6 => Some((Backend::Vxlan, &[])),
         }
+    }
+
+    /// For the backends that run `overlay agent`: our eBPF ones, and flannel's kernel vxlan
+    /// over IPv6, which our agent programs as flanneld does (`--datapath=kernel`).
+    pub fn agent(self) -> Option<AgentRun> {
+        if self == BenchBackend::KernelVxlanV6 {
+            return Some(AgentRun {
+                format: Backend::Vxlan,
+                datapath: "kernel",
+                extra: &[],
+            });
+        }
+        let (format, extra) = self.ebpf()?;
+        Some(AgentRun {
+            format,
+            datapath: "ebpf",
+            extra,
+        })
     }
 
     /// `--host-routing` of our datapaths: "bpf" (the default) or "kernel"; None for the others.
@@ -130,10 +222,22 @@ impl BenchBackend {
     /// Container MTU = overlay MTU, as flannel hands it to docker.
     pub fn container_mtu(self) -> u32 {
         match self {
-            BenchBackend::Underlay | BenchBackend::HostGw => UNDERLAY_MTU,
+            BenchBackend::Underlay | BenchBackend::HostGw | BenchBackend::HostGwV6 => UNDERLAY_MTU,
             BenchBackend::KernelVxlan => UNDERLAY_MTU - 50,
+            // VXLAN over IPv6 takes 70 bytes (the kernel refuses a flannel-v6 device above
+            // 1430 on a 1500 underlay); both families of the container share this MTU.
+            BenchBackend::KernelVxlanV6 | BenchBackend::EbpfVxlanV6 => UNDERLAY_MTU - VXLAN6_OVERHEAD,
             BenchBackend::UserspaceUdp => UNDERLAY_MTU - ENCAP_OVERHEAD,
             b => UNDERLAY_MTU - b.ebpf().expect("eBPF backend").0.overhead(),
+        }
+    }
+
+    /// The MTU the agent reports and writes as FLANNEL_MTU: in a dual-stack vxlan network,
+    /// flannel's is the IPv4 device's (IPv6 packets learn the 1430 of the overlay route).
+    pub fn agent_mtu(self) -> u32 {
+        match self {
+            BenchBackend::KernelVxlanV6 | BenchBackend::EbpfVxlanV6 => UNDERLAY_MTU - Backend::Vxlan.overhead(),
+            b => b.container_mtu(),
         }
     }
 }
@@ -169,6 +273,11 @@ pub struct Options {
 }
 
 pub fn parse_args() -> anyhow::Result<Option<Options>> {
+    parse_from(std::env::args().skip(1))
+}
+
+/// The options `args` (without the program name) ask for; None for --help.
+pub fn parse_from(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Options>> {
     let mut o = Options {
         underlay: Underlay::Veth,
         rounds: 3,
@@ -178,7 +287,8 @@ pub fn parse_args() -> anyhow::Result<Option<Options>> {
         backends: BenchBackend::ALL.to_vec(),
         bpf_stats: false,
     };
-    let mut args = std::env::args().skip(1);
+    let (mut named, mut family) = (false, None);
+    let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = |flag: &str| args.next().with_context(|| format!("{flag} needs a value\n\n{USAGE}"));
         match arg.as_str() {
@@ -196,8 +306,10 @@ pub fn parse_args() -> anyhow::Result<Option<Options>> {
                 o.backends = value("--backends")?
                     .split(',')
                     .map(BenchBackend::parse)
-                    .collect::<anyhow::Result<_>>()?
+                    .collect::<anyhow::Result<_>>()?;
+                named = true;
             }
+            "--ip-family" => family = IpFamily::parse(&value("--ip-family")?)?,
             "--underlay" => {
                 o.underlay = match value("--underlay")?.as_str() {
                     "veth" => Underlay::Veth,
@@ -208,6 +320,17 @@ pub fn parse_args() -> anyhow::Result<Option<Options>> {
             "--bpf-stats" => o.bpf_stats = true,
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
+    }
+    if let Some(family) = family {
+        if let Some(other) = o.backends.iter().find(|b| named && b.family() != family) {
+            bail!(
+                "--backends names {}, an {} backend, with --ip-family {}",
+                other.name(),
+                other.family().name(),
+                if family == IpFamily::V4 { 4 } else { 6 }
+            );
+        }
+        o.backends.retain(|b| b.family() == family);
     }
     if o.rounds == 0 || o.duration == 0 || o.backends.is_empty() {
         bail!("--rounds, --duration and --backends must not be zero or empty");
@@ -228,5 +351,69 @@ mod tests {
         assert_eq!(BenchBackend::EbpfUdp.container_mtu(), 1472);
         assert_eq!(BenchBackend::EbpfVxlanGeneric.container_mtu(), 1450);
         assert_eq!(BenchBackend::UserspaceUdp.container_mtu(), 1472);
+    }
+
+    fn parse(args: &str) -> anyhow::Result<Options> {
+        Ok(parse_from(args.split_whitespace().map(String::from))?.expect("not --help"))
+    }
+
+    fn names(o: &Options) -> Vec<&'static str> {
+        o.backends.iter().map(|b| b.name()).collect()
+    }
+
+    #[test]
+    fn ipv6_backends_have_their_mtus_agents_and_baseline() {
+        for b in [BenchBackend::KernelVxlanV6, BenchBackend::EbpfVxlanV6] {
+            assert_eq!(b.family(), IpFamily::V6);
+            assert_eq!(b.container_mtu(), 1430, "{b:?}");
+            assert_eq!(b.agent_mtu(), 1450, "{b:?}");
+            assert_eq!(b.host_gw_baseline(), BenchBackend::HostGwV6);
+        }
+        assert_eq!(BenchBackend::HostGwV6.container_mtu(), 1500);
+        assert_eq!(BenchBackend::HostGwV6.agent(), None);
+        assert_eq!(BenchBackend::EbpfVxlan.host_gw_baseline(), BenchBackend::HostGw);
+        assert_eq!(BenchBackend::EbpfVxlan.agent_mtu(), 1450);
+        let kernel = BenchBackend::KernelVxlanV6.agent().unwrap();
+        assert_eq!((kernel.format, kernel.datapath), (Backend::Vxlan, "kernel"));
+        assert_eq!(BenchBackend::KernelVxlanV6.ebpf(), None);
+        let ours = BenchBackend::EbpfVxlanV6.agent().unwrap();
+        assert_eq!((ours.format, ours.datapath), (Backend::Vxlan, "ebpf"));
+        assert_eq!(BenchBackend::EbpfVxlanV6.host_routing(), Some("bpf"));
+        assert_eq!(BenchBackend::EbpfUdp.agent().unwrap().datapath, "ebpf");
+    }
+
+    #[test]
+    fn ip_family_picks_the_backends_of_one_family() {
+        assert_eq!(parse("").unwrap().backends, BenchBackend::ALL.to_vec());
+        assert_eq!(parse("--ip-family both").unwrap().backends, BenchBackend::ALL.to_vec());
+        assert_eq!(
+            names(&parse("--ip-family 6").unwrap()),
+            ["host-gw-v6", "kernel-vxlan-v6", "ebpf-vxlan-v6"]
+        );
+        let v4 = parse("--quick --ip-family 4").unwrap();
+        assert_eq!(v4.backends.len(), 11);
+        assert!(v4.backends.iter().all(|b| b.family() == IpFamily::V4));
+        assert_eq!((v4.rounds, v4.duration), (1, 2));
+        // Order of the flags does not matter; --backends keeps its order.
+        let o = parse("--ip-family 6 --backends ebpf-vxlan-v6,host-gw-v6").unwrap();
+        assert_eq!(names(&o), ["ebpf-vxlan-v6", "host-gw-v6"]);
+        let o = parse("--backends host-gw,host-gw-v6,ebpf-vxlan,ebpf-vxlan-v6 --ip-family both").unwrap();
+        assert_eq!(names(&o), ["host-gw", "host-gw-v6", "ebpf-vxlan", "ebpf-vxlan-v6"]);
+    }
+
+    #[test]
+    fn ip_family_errors_name_the_problem() {
+        let err = |args: &str| format!("{:#}", parse(args).err().expect(args));
+        assert_eq!(err("--ip-family 5"), r#"--ip-family "5": expected 4, 6 or both"#);
+        assert!(err("--ip-family").starts_with("--ip-family needs a value"));
+        assert_eq!(
+            err("--backends host-gw,ebpf-vxlan-v6 --ip-family 4"),
+            "--backends names ebpf-vxlan-v6, an IPv6 backend, with --ip-family 4"
+        );
+        assert_eq!(
+            err("--ip-family 6 --backends kernel-vxlan"),
+            "--backends names kernel-vxlan, an IPv4 backend, with --ip-family 6"
+        );
+        assert!(err("--backends ebpf-vxlan6").starts_with(r#"unknown backend "ebpf-vxlan6""#));
     }
 }

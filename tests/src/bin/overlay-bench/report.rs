@@ -6,7 +6,7 @@ use overlay_tests::{etcd::ETCD_BIN, lab::Backend};
 use serde_json::{Value, json};
 
 use crate::{
-    options::{BenchBackend, Options},
+    options::{BenchBackend, IpFamily, Options},
     read_trimmed,
     rtt::{PING_INTERVAL, PINGS, RR_ROUND_TRIPS},
     tcp::STREAMS,
@@ -163,13 +163,15 @@ pub fn report_json(opts: &Options, runs: &[Vec<Value>]) -> Value {
             .position(|b| *b == which)
             .map(|i| runs[i].as_slice())
     };
-    let (host_gw, userspace) = (reference(BenchBackend::HostGw), reference(BenchBackend::UserspaceUdp));
+    let userspace = reference(BenchBackend::UserspaceUdp);
     let backends: Vec<Value> = opts
         .backends
         .iter()
         .zip(runs)
         .map(|(b, runs)| {
             let mut summary = serde_json::Map::new();
+            // IPv6 backends are measured against host-gw over IPv6.
+            let host_gw = reference(b.host_gw_baseline());
             for m in Metric::ALL {
                 let Some(s) = stats(runs, m) else { continue };
                 let ratio = |r: Option<&[Value]>| r.and_then(|h| stats(h, m)).map(|h| s.median / h.median);
@@ -195,6 +197,7 @@ pub fn report_json(opts: &Options, runs: &[Vec<Value>]) -> Value {
             };
             json!({
                 "backend": b.name(),
+                "ip_family": b.family().name(),
                 "host_routing": b.host_routing(),
                 "container_mtu": b.container_mtu(),
                 "xdp_mode": xdp,
@@ -223,7 +226,11 @@ pub fn report_json(opts: &Options, runs: &[Vec<Value>]) -> Value {
             "topology": "two hosts on an underlay of MTU 1500 (veth: one veth pair; bridge: a bridge between them), one container per host behind docker0; c1 (host1) client, c2 (host2) server; underlay: host1 to host2 with no overlay",
             "ebpf_setup": format!(
                 "ebpf-*: `overlay agent` on each host (--datapath=ebpf --iptables-forward-rules=false, plus the backend's --decap/--xdp-mode) against etcd ({ETCD_BIN}) in host1's namespace on its underlay address, network config {}; each agent reuses the static subnet pre-seeded in its subnet file; measured once each agent has the other host as a peer and, with TC decap, the bridge program redirects on both hosts",
-                network_config(Backend::Vxlan)
+                network_config(Backend::Vxlan, IpFamily::V4)
+            ),
+            "ipv6_setup": format!(
+                "*-v6: measured over the containers' IPv6 addresses; the underlay and the containers are dual stack; host-gw-v6: IPv6 routes via each peer's PublicIPv6; kernel-vxlan-v6 (`--datapath=kernel`, flannel-v6.1) and ebpf-vxlan-v6: `overlay agent` as for ebpf-* with network config {}; their ratios are to host-gw-v6",
+                network_config(Backend::Vxlan, IpFamily::V6)
             ),
             "baselines_setup": "host-gw, kernel-vxlan, userspace-udp: programmed as flannel programs them, peer entries written directly",
             "udp64_sender": format!("{UDP_SENDERS} threads, one flow each, sendmmsg batches of {UDP_BATCH}"),
@@ -256,6 +263,9 @@ pub fn write_tables(out: &mut impl Write, opts: &Options, report: &Value) -> fmt
         opts.rounds, opts.duration
     )?;
     write_metric_table(out, &rows, name_w, true, median_cell)?;
+    if rows.iter().any(|r| r["backend"] == BenchBackend::HostGwV6.name()) {
+        writeln!(out, "note: the -v6 rows run over IPv6; their ratios are to host-gw-v6")?;
+    }
     for r in &rows {
         let notes: std::collections::BTreeSet<&str> = r["runs"]
             .as_array()
@@ -549,6 +559,56 @@ ebpf-vxlan     tcp1_bps >= 1x 0.90x: MISSED; udp64_rx_pps >= 1x 1.00x: met; rtt_
 
 "#;
         assert_eq!(tables(2, &sample_report()), expected);
+    }
+
+    /// Each family's backends are compared with the host-gw of their family.
+    #[test]
+    fn ipv6_backends_are_compared_with_host_gw_over_ipv6() {
+        let backends = [
+            BenchBackend::HostGw,
+            BenchBackend::EbpfVxlan,
+            BenchBackend::HostGwV6,
+            BenchBackend::EbpfVxlanV6,
+            BenchBackend::KernelVxlanV6,
+        ];
+        let opts = Options {
+            underlay: crate::options::Underlay::Veth,
+            rounds: 1,
+            duration: 3,
+            json: "r.json".into(),
+            svg: "r.svg".into(),
+            backends: backends.to_vec(),
+            bpf_stats: false,
+        };
+        let tcp1 = [10e9, 8e9, 5e9, 4e9, 2e9];
+        let runs: Vec<Vec<Value>> = tcp1.iter().map(|bps| vec![json!({ "tcp1_bps": bps })]).collect();
+        let report = report_json(&opts, &runs);
+        let ratio = |i: usize| report["backends"][i]["summary"]["tcp1_bps"]["ratio_to_host_gw"].as_f64();
+        assert_eq!(ratio(0), Some(1.0));
+        assert_eq!(ratio(1), Some(0.8));
+        assert_eq!(ratio(2), Some(1.0));
+        assert_eq!(ratio(3), Some(0.8));
+        assert_eq!(ratio(4), Some(0.4));
+        assert_eq!(report["backends"][3]["ip_family"], "IPv6");
+        assert_eq!(report["backends"][3]["container_mtu"], 1430);
+        assert!(report["backends"][3]["goals"].is_array(), "ours gets goals");
+        assert!(report["backends"][4]["goals"].is_null(), "the kernel's does not");
+        let mut out = String::new();
+        write_tables(&mut out, &opts, &report).unwrap();
+        assert!(
+            out.contains("note: the -v6 rows run over IPv6; their ratios are to host-gw-v6\n"),
+            "{out}"
+        );
+        // Without host-gw-v6 in the run, the IPv6 rows have no ratio rather than one to IPv4.
+        let opts = Options {
+            backends: vec![BenchBackend::HostGw, BenchBackend::EbpfVxlanV6],
+            ..opts
+        };
+        let report = report_json(&opts, &[vec![json!({"tcp1_bps": 1e9})], vec![json!({"tcp1_bps": 1e9})]]);
+        assert!(report["backends"][1]["summary"]["tcp1_bps"]["ratio_to_host_gw"].is_null());
+        let mut out = String::new();
+        write_tables(&mut out, &opts, &report).unwrap();
+        assert!(!out.contains("-v6 rows"), "{out}");
     }
 
     #[test]

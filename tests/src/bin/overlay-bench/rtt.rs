@@ -1,6 +1,6 @@
 //! Latency: ping RTT, and a finer UDP request/response RTT timed in nanoseconds.
 use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -9,7 +9,11 @@ use anyhow::{Context as _, bail};
 use overlay_tests::traffic;
 use serde_json::{Value, json};
 
-use crate::{STOP, topology::Endpoint, udp::UDP_PAYLOAD};
+use crate::{
+    STOP,
+    topology::Endpoint,
+    udp::{UDP_PAYLOAD, any_address},
+};
 
 pub const PINGS: u32 = 5000;
 /// Back to back (root only): the next ping leaves when the reply is in, so the figure is the
@@ -39,7 +43,8 @@ pub fn measure_rr(c1: Endpoint, c2: Endpoint, run: &mut Value) -> anyhow::Result
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = {
         let stop = stop.clone();
-        c2.ns.spawn(move || rr_echo(ready_tx, &stop))
+        let local = SocketAddr::new(any_address(c2.ip), RR_PORT);
+        c2.ns.spawn(move || rr_echo(local, ready_tx, &stop))
     };
     let times = match ready_rx.recv_timeout(Duration::from_secs(5)) {
         Ok(Ok(())) => {
@@ -69,12 +74,16 @@ pub fn measure_rr(c1: Endpoint, c2: Endpoint, run: &mut Value) -> anyhow::Result
     Ok(())
 }
 
-/// Echo every datagram on [`RR_PORT`] back to its sender until `stop`.
-fn rr_echo(ready: std::sync::mpsc::Sender<anyhow::Result<()>>, stop: &AtomicBool) -> anyhow::Result<()> {
-    let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, RR_PORT)) {
+/// Echo every datagram on `local` back to its sender until `stop`.
+fn rr_echo(
+    local: SocketAddr,
+    ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let socket = match UdpSocket::bind(local) {
         Ok(s) => s,
         Err(e) => {
-            let _ = ready.send(Err(anyhow::anyhow!("binding UDP port {RR_PORT}: {e}")));
+            let _ = ready.send(Err(anyhow::anyhow!("binding UDP {local}: {e}")));
             return Err(e.into());
         }
     };
@@ -95,7 +104,7 @@ fn rr_echo(ready: std::sync::mpsc::Sender<anyhow::Result<()>>, stop: &AtomicBool
 
 /// [`RR_ROUND_TRIPS`] round trips, one in flight, each timed from send to reply.
 fn rr_client(dst: SocketAddr) -> anyhow::Result<Vec<Duration>> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let socket = UdpSocket::bind((any_address(dst.ip()), 0))?;
     socket.connect(dst)?;
     socket.set_nonblocking(true)?;
     let payload = [0x5au8; UDP_PAYLOAD as usize];

@@ -1,19 +1,20 @@
 //! The lab per backend: two hosts with a container each, wired as flannel wires them for the
-//! baselines, or with etcd and `overlay agent` on each host for ours.
+//! baselines, or with etcd and `overlay agent` on each host for ours. The IPv6 backends get a
+//! dual-stack lab: IPv6 on the underlay, on `docker0` and on the containers besides IPv4.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay::backend::tun_udp::{DEFAULT_PORT as TUN_UDP_PORT, TunUdp, TunUdpSpec};
 use overlay_tests::{
     cluster::HEALTHZ_PORT,
     etcd::Etcd,
-    lab::{self, Backend, Lab, OverlayProcess},
+    lab::{self, Backend, Host, Lab, OverlayProcess},
     netns::Netns,
     traffic,
 };
@@ -21,13 +22,15 @@ use serde_json::Value;
 
 use crate::{
     STOP,
-    options::{BenchBackend, Underlay},
+    options::{BenchBackend, IpFamily, Underlay},
 };
 
 pub const UNDERLAY_MTU: u32 = 1500;
 
 /// The overlay network of every backend; each host's subnet is `lab::static_subnet(i)` in it.
 const NETWORK: &str = "10.244.0.0/16";
+/// flannel's `IPv6Network` of the IPv6 backends; host i's IPv6 subnet is [`subnet6`]`(i)` in it.
+const NETWORK6: &str = "fd00:244::/56";
 /// How long an agent has to print its ready line (etcd, lease, programs loaded and attached).
 const AGENT_READY: Duration = Duration::from_secs(30);
 /// How long the agents have to learn each other and to put the bridge program in place.
@@ -37,7 +40,22 @@ const AGENT_SETTLE: Duration = Duration::from_secs(20);
 #[derive(Clone, Copy)]
 pub struct Endpoint<'a> {
     pub ns: &'a Netns,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
+}
+
+/// Host `index`'s IPv6 underlay address (its PublicIPv6), beside its IPv4 one on `eth0`.
+pub fn underlay6(index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, index as u16)
+}
+
+/// Host `index`'s IPv6 container subnet: `docker0` has its first address (docker's
+/// `--fixed-cidr-v6` gateway), the container the second.
+pub fn subnet6(index: usize) -> Ipv6Network {
+    Ipv6Network::new(Ipv6Addr::new(0xfd00, 0x244, 0, index as u16, 0, 0, 0, 0), 64).expect("valid")
+}
+
+fn nth6(subnet: Ipv6Network, n: u128) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet.network()) + n)
 }
 
 /// Two hosts with one container each, wired for one backend.
@@ -73,6 +91,9 @@ impl Topology {
         for h in lab.hosts.iter_mut() {
             h.add_containers(lab::static_subnet(h.index), backend.container_mtu(), 1)
                 .with_context(|| format!("adding a container to host{}", h.index))?;
+            if backend.family() == IpFamily::V6 {
+                add_ipv6(h).with_context(|| format!("IPv6 on host{}", h.index))?;
+            }
         }
         let mut topo = Topology {
             backend,
@@ -117,6 +138,17 @@ impl Topology {
                     }
                 }
             }
+            BenchBackend::HostGwV6 => {
+                // flannel's host-gw for IPv6: a route to each peer's IPv6 subnet via its
+                // PublicIPv6.
+                for h in &lab.hosts {
+                    for peer in lab.hosts.iter().filter(|p| p.index != h.index) {
+                        let (subnet, via) = (subnet6(peer.index).to_string(), underlay6(peer.index).to_string());
+                        h.ns.ip(&["-6", "route", "add", &subnet, "via", &via])
+                            .with_context(|| format!("host-gw IPv6 route on {}", h.name()))?;
+                    }
+                }
+            }
             BenchBackend::KernelVxlan => {
                 for h in &lab.hosts {
                     let subnet = lab::static_subnet(h.index);
@@ -140,13 +172,34 @@ impl Topology {
             }
             _ => topo.start_agents()?,
         }
+        if backend.family() == IpFamily::V6 {
+            topo.wait_ipv6_reachable()?;
+        }
         Ok(topo)
+    }
+
+    /// Wait until the containers answer each other over IPv6: on links a moment old, the
+    /// first packets can go unanswered (neighbour discovery on the fresh underlay), which
+    /// would fail the connectivity check or cost the first measurement.
+    fn wait_ipv6_reachable(&self) -> anyhow::Result<()> {
+        let hosts = &self.lab.hosts;
+        wait_until("the containers reach each other over IPv6", AGENT_SETTLE, || {
+            for (from, to) in [(0, 1), (1, 0)] {
+                let dst = nth6(subnet6(hosts[to].index), 2);
+                let r = traffic::ping(&hosts[from].containers[0].ns, dst, 1, 56, false, "0.05")?;
+                if r.received == 0 {
+                    bail!("{dst} does not answer host{}'s container", hosts[from].index);
+                }
+            }
+            Ok(())
+        })
     }
 
     /// etcd in host1's namespace on its underlay address, the network config in it, then
     /// `overlay agent` on each host, each made to lease the static subnet its container is on.
     fn start_agents(&mut self) -> anyhow::Result<()> {
-        let (format, extra) = self.backend.ebpf().expect("eBPF backend");
+        let run = self.backend.agent().expect("a backend with agents");
+        let family = self.backend.family();
         let h1 = &self.lab.hosts[0];
         let etcd = Etcd::try_start_in_netns(h1.ns.name(), h1.public_ip).context("starting etcd in host1")?;
         let dir = tempfile::Builder::new()
@@ -160,7 +213,13 @@ impl Topology {
         overlay_tests::netns::run(
             h1.ns
                 .command(overlay.to_str().context("non-UTF-8 path of the overlay binary")?)
-                .args(["config", "set", "--etcd-endpoints", &endpoint, &network_config(format)]),
+                .args([
+                    "config",
+                    "set",
+                    "--etcd-endpoints",
+                    &endpoint,
+                    &network_config(run.format, family),
+                ]),
         )
         .context("writing the network config to etcd")?;
 
@@ -171,15 +230,21 @@ impl Topology {
             // The agent reuses the subnet its subnet file names, as flanneld does after a
             // restart: this is how it comes to lease the subnet docker0 was made with.
             let subnet_file = host_dir.join("subnet.env");
-            std::fs::write(&subnet_file, seeded_subnet_file(subnet, self.backend.container_mtu()))
-                .with_context(|| format!("writing {}", subnet_file.display()))?;
+            let subnet6 = (family == IpFamily::V6).then(|| subnet6(h.index));
+            std::fs::write(
+                &subnet_file,
+                seeded_subnet_file(subnet, subnet6, self.backend.agent_mtu()),
+            )
+            .with_context(|| format!("writing {}", subnet_file.display()))?;
             // A pin directory per host: the agent mounts a bpffs there (inside the private
             // mount namespace `ip netns exec` gives it, so it goes when the agent exits).
-            let args = agent_args(&endpoint, &h.iface, &subnet_file, &host_dir.join("bpf"), extra);
+            let pin_dir = host_dir.join("bpf");
+            let args = agent_args(&endpoint, &h.iface, &subnet_file, &pin_dir, run.datapath, run.extra);
             let agent = OverlayProcess::start(&h.ns, &args, AGENT_READY)
                 .with_context(|| format!("starting `overlay agent` on {}", h.name()))?;
             let leased = agent.ready["subnet"].as_str().unwrap_or("none").to_string();
             let mtu = agent.ready["mtu"].as_u64();
+            let leased6 = agent.ready["ipv6_subnet"].as_str().map(String::from);
             self.datapaths.push(agent);
             if leased != subnet.to_string() {
                 bail!(
@@ -189,10 +254,21 @@ impl Topology {
                     subnet_file.display()
                 );
             }
-            if mtu != Some(self.backend.container_mtu().into()) {
+            if let Some(want) = subnet6
+                && leased6 != Some(want.to_string())
+            {
                 bail!(
-                    "the agent on {} reports MTU {mtu:?}; the container was made with {}",
+                    "the agent on {} leased IPv6 subnet {leased6:?}, not {want}, the one its container is on \
+                     (pre-seeded in {})",
                     h.name(),
+                    subnet_file.display()
+                );
+            }
+            if mtu != Some(self.backend.agent_mtu().into()) {
+                bail!(
+                    "the agent on {} reports MTU {mtu:?}; the bench expects {} (container MTU {})",
+                    h.name(),
+                    self.backend.agent_mtu(),
                     self.backend.container_mtu()
                 );
             }
@@ -218,6 +294,10 @@ impl Topology {
             }
             Ok(())
         })?;
+        if self.backend.ebpf().is_none() {
+            // The kernel's datapath: no programs, no counters to wait for.
+            return Ok(());
+        }
         let modes = self.xdp_modes();
         // With host routing the shortcut delivers to the containers (before the bridge, so
         // the bridge program sees none of it); without, the bridge program does with TC decap.
@@ -264,14 +344,18 @@ impl Topology {
 
     fn endpoint(&self, host: usize) -> Endpoint<'_> {
         let h = &self.lab.hosts[host];
-        match self.backend {
-            BenchBackend::Underlay => Endpoint {
+        match (self.backend, self.backend.family()) {
+            (BenchBackend::Underlay, _) => Endpoint {
                 ns: &h.ns,
-                ip: h.public_ip,
+                ip: h.public_ip.into(),
             },
-            _ => Endpoint {
+            (_, IpFamily::V4) => Endpoint {
                 ns: &h.containers[0].ns,
-                ip: h.containers[0].ip,
+                ip: h.containers[0].ip.into(),
+            },
+            (_, IpFamily::V6) => Endpoint {
+                ns: &h.containers[0].ns,
+                ip: nth6(subnet6(h.index), 2).into(),
             },
         }
     }
@@ -291,30 +375,82 @@ impl Topology {
     }
 }
 
-/// The network config as flannel users write it, for our format.
-pub fn network_config(format: Backend) -> String {
+/// The network config as flannel users write it, for our format; dual stack for IPv6.
+pub fn network_config(format: Backend, family: IpFamily) -> String {
+    let ipv6 = match family {
+        IpFamily::V4 => String::new(),
+        IpFamily::V6 => format!(r#""EnableIPv6":true,"IPv6Network":"{NETWORK6}","IPv6SubnetLen":64,"#),
+    };
     format!(
-        r#"{{"Network":"{NETWORK}","SubnetLen":24,"Backend":{{"Type":"{}"}}}}"#,
+        r#"{{"Network":"{NETWORK}","SubnetLen":24,{ipv6}"Backend":{{"Type":"{}"}}}}"#,
         format.name()
     )
 }
 
-/// A subnet file as the agent (and flanneld) writes it for `subnet`: what a host has after a
-/// previous run, and where the agent looks for the subnet to ask for again.
-fn seeded_subnet_file(subnet: Ipv4Network, mtu: u32) -> String {
+/// A subnet file as the agent (and flanneld) writes it for `subnet` (and `subnet6`): what a
+/// host has after a previous run, and where the agent looks for the subnets to ask for again.
+fn seeded_subnet_file(subnet: Ipv4Network, subnet6: Option<Ipv6Network>, mtu: u32) -> String {
     let first = Ipv4Addr::from(u32::from(subnet.network()) + 1);
-    format!(
-        "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={first}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
+    let mut env = format!(
+        "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={first}/{}\n",
         subnet.prefix()
+    );
+    if let Some(v6) = subnet6 {
+        env += &format!(
+            "FLANNEL_IPV6_NETWORK={NETWORK6}\nFLANNEL_IPV6_SUBNET={}/{}\n",
+            nth6(v6, 1),
+            v6.prefix()
+        );
+    }
+    env + &format!("FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n")
+}
+
+/// The IPv6 side of a host, as a dual-stack docker host has it: its PublicIPv6 on the
+/// underlay, forwarding on, `docker0`'s gateway address and its container's address and
+/// default route, from [`subnet6`].
+fn add_ipv6(host: &Host) -> anyhow::Result<()> {
+    let (i, subnet) = (host.index, subnet6(host.index));
+    let (gw, ip) = (nth6(subnet, 1), nth6(subnet, 2));
+    let ns = &host.ns;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    // nodad: the addresses are usable at once, as on a host that has been up for a while.
+    let underlay = format!("{}/64", underlay6(i));
+    ns.ip(&["-6", "addr", "add", &underlay, "dev", &host.iface, "nodad"])?;
+    let gw_cidr = format!("{gw}/{}", subnet.prefix());
+    ns.ip(&["-6", "addr", "add", &gw_cidr, "dev", "docker0", "nodad"])?;
+    for c in &host.containers {
+        let cidr = format!("{ip}/{}", subnet.prefix());
+        c.ns.ip(&["-6", "addr", "add", &cidr, "dev", "eth0", "nodad"])?;
+        c.ns.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])?;
+    }
+    // A fresh bridge port passes neighbour solicitations once the container has reported its
+    // multicast groups: wait until the host reaches its container, as a docker host has.
+    wait_until(
+        &format!("host{i} reaches its container at {ip}"),
+        Duration::from_secs(10),
+        || {
+            let r = traffic::ping(ns, ip, 1, 56, false, "0.05")?;
+            if r.received == 0 {
+                bail!("no answer");
+            }
+            Ok(())
+        },
     )
 }
 
 /// The flags of `overlay agent` on one host: flanneld's, our per-host paths, /status on the
 /// host's loopback for the wait, then the backend's own (`--decap`, `--xdp-mode`).
-/// `--datapath ebpf`: fail rather than measure the kernel fallback. No FORWARD rules: the
+/// `--datapath ebpf` for ours: fail rather than measure the kernel fallback. No FORWARD rules: the
 /// hosts' FORWARD policy is ACCEPT, and the baselines get none either (netfilter hooks in the
 /// path would cost our backends alone).
-fn agent_args(endpoint: &str, iface: &str, subnet_file: &Path, pin_dir: &Path, extra: &[&str]) -> Vec<String> {
+fn agent_args(
+    endpoint: &str,
+    iface: &str,
+    subnet_file: &Path,
+    pin_dir: &Path,
+    datapath: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "agent".into(),
         format!("--etcd-endpoints={endpoint}"),
@@ -323,7 +459,7 @@ fn agent_args(endpoint: &str, iface: &str, subnet_file: &Path, pin_dir: &Path, e
         format!("--pin-dir={}", pin_dir.display()),
         "--healthz-ip=127.0.0.1".into(),
         format!("--healthz-port={HEALTHZ_PORT}"),
-        "--datapath=ebpf".into(),
+        format!("--datapath={datapath}"),
         "--iptables-forward-rules=false".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -383,6 +519,8 @@ fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> anyhow::
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -409,29 +547,57 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("subnet.env");
         for i in [1, 2] {
-            std::fs::write(&path, seeded_subnet_file(lab::static_subnet(i), 1450)).unwrap();
+            std::fs::write(&path, seeded_subnet_file(lab::static_subnet(i), None, 1450)).unwrap();
             let (v4, v6) = overlay::subnet::file::read_previous_subnets(&path);
             assert_eq!(v4, Some(lab::static_subnet(i)));
             assert_eq!(v6, None);
+            std::fs::write(&path, seeded_subnet_file(lab::static_subnet(i), Some(subnet6(i)), 1450)).unwrap();
+            let (v4, v6) = overlay::subnet::file::read_previous_subnets(&path);
+            assert_eq!(v4, Some(lab::static_subnet(i)));
+            assert_eq!(v6, Some(subnet6(i)));
         }
-        let env = seeded_subnet_file(lab::static_subnet(2), 1472);
+        let env = seeded_subnet_file(lab::static_subnet(2), None, 1472);
         assert!(env.contains("FLANNEL_SUBNET=10.244.2.1/24\n"), "{env}");
         assert!(env.contains("FLANNEL_MTU=1472\n"), "{env}");
+        assert!(!env.contains("IPV6"), "{env}");
+        let env = seeded_subnet_file(lab::static_subnet(2), Some(subnet6(2)), 1450);
+        assert!(
+            env.contains("FLANNEL_IPV6_NETWORK=fd00:244::/56\nFLANNEL_IPV6_SUBNET=fd00:244:0:2::1/64\n"),
+            "{env}"
+        );
+        let vars = overlay::subnet::file::parse_env(&env);
+        assert_eq!(vars.get("FLANNEL_MTU").map(String::as_str), Some("1450"));
     }
 
     #[test]
     fn network_config_as_flannel_users_write_it() {
         assert_eq!(
-            network_config(Backend::Vxlan),
+            network_config(Backend::Vxlan, IpFamily::V4),
             r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#
         );
-        let v: Value = serde_json::from_str(&network_config(Backend::Udp)).unwrap();
+        let v: Value = serde_json::from_str(&network_config(Backend::Udp, IpFamily::V4)).unwrap();
         assert_eq!(v["Backend"]["Type"], "udp");
+        // Dual stack as flannel users turn it on; our config parser takes it.
+        let dual = network_config(Backend::Vxlan, IpFamily::V6);
+        let v: Value = serde_json::from_str(&dual).unwrap();
+        assert_eq!(
+            (&v["EnableIPv6"], &v["IPv6Network"]),
+            (&json!(true), &json!("fd00:244::/56"))
+        );
+        let config = overlay::subnet::config::NetworkConfig::parse(&dual).unwrap();
+        assert!(config.ipv4.is_some() && config.ipv6.is_some());
+        for i in [1, 2] {
+            let pool: Ipv6Network = NETWORK6.parse().unwrap();
+            assert!(pool.contains(subnet6(i).network()) && subnet6(i).prefix() == 64);
+        }
+        assert_eq!(subnet6(2).to_string(), "fd00:244:0:2::/64");
+        assert_eq!(underlay6(1).to_string(), "fc00::1");
         let args = agent_args(
             "http://192.168.250.1:2379",
             "eth0",
             Path::new("/t/host1/subnet.env"),
             Path::new("/t/host1/bpf"),
+            "ebpf",
             &["--decap", "xdp"],
         );
         assert_eq!(args[0], "agent");

@@ -1,7 +1,7 @@
 //! The small-packet rate: 64-byte UDP datagrams per second received, from our own senders
 //! and receiver (sendmmsg/recvmmsg).
 use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -34,7 +34,8 @@ pub fn measure_udp(c1: Endpoint, c2: Endpoint, opts: &Options, run: &mut Value) 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = {
         let stop = stop.clone();
-        c2.ns.spawn(move || udp_receive(ready_tx, &stop))
+        let local = SocketAddr::new(any_address(c2.ip), UDP_PORT);
+        c2.ns.spawn(move || udp_receive(local, ready_tx, &stop))
     };
     let started = ready_rx.recv_timeout(Duration::from_secs(5));
     let sent: anyhow::Result<(u64, f64)> = match started {
@@ -81,12 +82,24 @@ pub fn measure_udp(c1: Endpoint, c2: Endpoint, opts: &Options, run: &mut Value) 
     Ok(())
 }
 
-/// Bind the receiver, say so on `ready`, count datagrams until `stop`.
-fn udp_receive(ready: std::sync::mpsc::Sender<anyhow::Result<()>>, stop: &AtomicBool) -> anyhow::Result<u64> {
-    let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, UDP_PORT)) {
+/// The wildcard address of `ip`'s family: where a server for it binds, and a client.
+pub fn any_address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// Bind the receiver to `local`, say so on `ready`, count datagrams until `stop`.
+fn udp_receive(
+    local: SocketAddr,
+    ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
+    stop: &AtomicBool,
+) -> anyhow::Result<u64> {
+    let socket = match UdpSocket::bind(local) {
         Ok(s) => s,
         Err(e) => {
-            let _ = ready.send(Err(anyhow::anyhow!("binding UDP port {UDP_PORT}: {e}")));
+            let _ = ready.send(Err(anyhow::anyhow!("binding UDP {local}: {e}")));
             return Err(e.into());
         }
     };
@@ -133,7 +146,7 @@ fn udp_receive(ready: std::sync::mpsc::Sender<anyhow::Result<()>>, stop: &Atomic
 
 /// Send 64-byte datagrams to `dst` for `duration`; returns (sent, seconds it took).
 fn udp_send(dst: SocketAddr, duration: Duration) -> anyhow::Result<(u64, f64)> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let socket = UdpSocket::bind((any_address(dst.ip()), 0))?;
     socket
         .connect(dst)
         .with_context(|| format!("connecting a UDP socket to {dst}"))?;
