@@ -380,14 +380,13 @@ enum Change {
     Renumbered,
 }
 
-/// Under `--datapath kernel` (flannel's own datapaths), host1's underlay changes while
-/// containers ping both ways; traffic must come back, and after a new address our lease in
-/// etcd must carry it.
-fn kernel_backend_follows(config: &str, change: Change) -> anyhow::Result<()> {
+/// Under `--datapath <datapath>`, host1's underlay changes while containers ping both ways;
+/// traffic must come back, and after a new address our lease in etcd must carry it.
+fn backend_follows(config: &str, datapath: &str, change: Change) -> anyhow::Result<()> {
     let mut c = Cluster::new(2, config)?;
     let mut agents = Vec::new();
     for i in 1..=2 {
-        let agent = c.start_agent(i, &["--ip-masq", "--datapath=kernel"])?;
+        let agent = c.start_agent(i, &["--ip-masq", &format!("--datapath={datapath}")])?;
         c.add_containers(i, &agent, 1)?;
         agents.push(agent);
     }
@@ -440,30 +439,50 @@ const UDP: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type"
 
 #[test]
 fn kernel_vxlan_follows_a_recreated_underlay() -> anyhow::Result<()> {
-    kernel_backend_follows(VXLAN, Change::Recreated)
+    backend_follows(VXLAN, "kernel", Change::Recreated)
 }
 
 #[test]
 fn kernel_vxlan_follows_a_new_address() -> anyhow::Result<()> {
-    kernel_backend_follows(VXLAN, Change::Renumbered)
+    backend_follows(VXLAN, "kernel", Change::Renumbered)
 }
 
 #[test]
 fn kernel_host_gw_follows_a_recreated_underlay() -> anyhow::Result<()> {
-    kernel_backend_follows(HOST_GW, Change::Recreated)
+    backend_follows(HOST_GW, "kernel", Change::Recreated)
 }
 
 #[test]
 fn kernel_host_gw_follows_a_new_address() -> anyhow::Result<()> {
-    kernel_backend_follows(HOST_GW, Change::Renumbered)
+    backend_follows(HOST_GW, "kernel", Change::Renumbered)
 }
 
 #[test]
 fn userspace_udp_follows_a_recreated_underlay() -> anyhow::Result<()> {
-    kernel_backend_follows(UDP, Change::Recreated)
+    backend_follows(UDP, "kernel", Change::Recreated)
 }
 
 #[test]
 fn userspace_udp_follows_a_new_address() -> anyhow::Result<()> {
-    kernel_backend_follows(UDP, Change::Renumbered)
+    backend_follows(UDP, "kernel", Change::Renumbered)
+}
+
+#[test]
+fn ebpf_host_gw_follows_a_recreated_underlay() -> anyhow::Result<()> {
+    backend_follows(HOST_GW, "ebpf", Change::Recreated)
+}
+
+#[test]
+fn ebpf_host_gw_follows_a_new_address() -> anyhow::Result<()> {
+    backend_follows(HOST_GW, "ebpf", Change::Renumbered)
+}
+
+#[test]
+fn ebpf_udp_follows_a_recreated_underlay() -> anyhow::Result<()> {
+    backend_follows(UDP, "ebpf", Change::Recreated)
+}
+
+#[test]
+fn ebpf_udp_follows_a_new_address() -> anyhow::Result<()> {
+    backend_follows(UDP, "ebpf", Change::Renumbered)
 }
