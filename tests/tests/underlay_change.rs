@@ -348,3 +348,141 @@ fn container_bridge_recreated_host_routing_follows() -> anyhow::Result<()> {
 fn container_bridge_recreated_bridge_program_follows() -> anyhow::Result<()> {
     container_bridge_recreated("kernel")
 }
+
+/// host1's NIC deleted and added again with the same name, MAC and address (its veth deleted
+/// from the switch's side, which takes eth0 with it, then plugged again).
+fn recreate_underlay(c: &Cluster, gone_for: Duration) -> anyhow::Result<()> {
+    let h1 = c.lab.host(1).ns.name().to_string();
+    let sw = c.switch().name().to_string();
+    let mac = c.lab.host(1).ns.exec("cat", &["/sys/class/net/eth0/address"])?;
+    let mac = mac.trim().to_string();
+    c.switch().ip(&["link", "del", "p1"])?;
+    std::thread::sleep(gone_for);
+    let ip = |ns: &str, args: &[&str]| -> anyhow::Result<()> {
+        overlay_tests::netns::run(Command::new("ip").args(["netns", "exec", ns, "ip"]).args(args)).map(drop)
+    };
+    ip(
+        &sw,
+        &[
+            "link", "add", "p1", "type", "veth", "peer", "name", "eth0", "address", &mac, "netns", &h1,
+        ],
+    )?;
+    ip(&sw, &["link", "set", "p1", "master", "sw0", "up"])?;
+    ip(&h1, &["addr", "add", &format!("{}/24", underlay_ip(1)), "dev", "eth0"])?;
+    ip(&h1, &["link", "set", "eth0", "up"])
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    /// The NIC deleted and re-created, gone 300 ms.
+    Recreated,
+    /// A new address on the NIC (PublicIP from `--iface`).
+    Renumbered,
+}
+
+/// Under `--datapath <datapath>`, host1's underlay changes while containers ping both ways;
+/// traffic must come back, and after a new address our lease in etcd must carry it.
+fn backend_follows(config: &str, datapath: &str, change: Change) -> anyhow::Result<()> {
+    let mut c = Cluster::new(2, config)?;
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let agent = c.start_agent(i, &["--ip-masq", &format!("--datapath={datapath}")])?;
+        c.add_containers(i, &agent, 1)?;
+        agents.push(agent);
+    }
+    c.wait_full_mesh(2, Duration::from_secs(10))?;
+    let backend = agents[0].ready["backend"].as_str().unwrap_or_default().to_string();
+    let subnet = agents[0].ready["subnet"].as_str().unwrap_or_default().to_string();
+    const COUNT: u32 = 300;
+    let (c1, c2) = (&c.lab.host(1).containers[0], &c.lab.host(2).containers[0]);
+    let one_to_two = ping_in_background(c1.ns.name(), c2.ip, COUNT);
+    let two_to_one = ping_in_background(c2.ns.name(), c1.ip, COUNT);
+    std::thread::sleep(Duration::from_millis(1000));
+
+    let new = Ipv4Addr::new(192, 168, 250, 101);
+    match change {
+        Change::Recreated => recreate_underlay(&c, Duration::from_millis(300))?,
+        Change::Renumbered => {
+            let h1 = &c.lab.host(1).ns;
+            h1.ip(&["addr", "del", &format!("{}/24", underlay_ip(1)), "dev", "eth0"])?;
+            h1.ip(&["addr", "add", &format!("{new}/24"), "dev", "eth0"])?;
+        }
+    }
+    let changed = SystemTime::now();
+    let (a, b) = (one_to_two.join().expect("pinger"), two_to_one.join().expect("pinger"));
+    let (ra, rb) = (recovery(&a, COUNT, changed), recovery(&b, COUNT, changed));
+    let shown = |r: &anyhow::Result<Recovery>| match r {
+        Ok(r) => format!("{:.0} ms, {} lost", r.seconds * 1000.0, r.lost),
+        Err(_) => "never".into(),
+    };
+    eprintln!(
+        "{backend}, underlay {change:?}: pings flow again host1->host2 after {}, host2->host1 after {} \
+         (of {COUNT} each, 20 ms apart)",
+        shown(&ra),
+        shown(&rb),
+    );
+    let (ra, rb) = (ra?, rb?);
+    if let Change::Renumbered = change {
+        let value = lease_value(&c, &subnet)?;
+        assert!(value.contains(&format!("\"PublicIP\":\"{new}\"")), "{value}");
+    }
+    assert!(
+        ra.seconds.max(rb.seconds) < 2.0,
+        "traffic took over 2 s to recover:\n{a}\n{b}"
+    );
+    drop(agents);
+    Ok(())
+}
+
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#;
+const UDP: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#;
+
+#[test]
+fn kernel_vxlan_follows_a_recreated_underlay() -> anyhow::Result<()> {
+    backend_follows(VXLAN, "kernel", Change::Recreated)
+}
+
+#[test]
+fn kernel_vxlan_follows_a_new_address() -> anyhow::Result<()> {
+    backend_follows(VXLAN, "kernel", Change::Renumbered)
+}
+
+#[test]
+fn kernel_host_gw_follows_a_recreated_underlay() -> anyhow::Result<()> {
+    backend_follows(HOST_GW, "kernel", Change::Recreated)
+}
+
+#[test]
+fn kernel_host_gw_follows_a_new_address() -> anyhow::Result<()> {
+    backend_follows(HOST_GW, "kernel", Change::Renumbered)
+}
+
+#[test]
+fn userspace_udp_follows_a_recreated_underlay() -> anyhow::Result<()> {
+    backend_follows(UDP, "kernel", Change::Recreated)
+}
+
+#[test]
+fn userspace_udp_follows_a_new_address() -> anyhow::Result<()> {
+    backend_follows(UDP, "kernel", Change::Renumbered)
+}
+
+#[test]
+fn ebpf_host_gw_follows_a_recreated_underlay() -> anyhow::Result<()> {
+    backend_follows(HOST_GW, "ebpf", Change::Recreated)
+}
+
+#[test]
+fn ebpf_host_gw_follows_a_new_address() -> anyhow::Result<()> {
+    backend_follows(HOST_GW, "ebpf", Change::Renumbered)
+}
+
+#[test]
+fn ebpf_udp_follows_a_recreated_underlay() -> anyhow::Result<()> {
+    backend_follows(UDP, "ebpf", Change::Recreated)
+}
+
+#[test]
+fn ebpf_udp_follows_a_new_address() -> anyhow::Result<()> {
+    backend_follows(UDP, "ebpf", Change::Renumbered)
+}

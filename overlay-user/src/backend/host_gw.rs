@@ -34,6 +34,17 @@ impl HostGw {
             peers: BTreeMap::new(),
         })
     }
+
+    /// The routes for `peer`, replacing what is there.
+    fn install(&self, peer: &Peer) -> Result<(), BackendError> {
+        if peer.ipv4().is_some() {
+            super::route_via_peer(peer, &self.underlay)?;
+        }
+        if let (Some(v6), Some(_)) = (peer.ipv6, self.public_ipv6) {
+            route_v6_via_peer(v6.subnet, v6.public_ip, &self.underlay)?;
+        }
+        Ok(())
+    }
 }
 
 /// The IPv6 route host-gw installs, as flannel's: the peer's IPv6 subnet via its PublicIPv6.
@@ -68,6 +79,11 @@ impl Backend for HostGw {
 
     fn activate(&mut self, _subnet: Ipv4Network, _network: Ipv4Network) -> Result<(), BackendError> {
         netdev::sysctl_set("net/ipv4/ip_forward", "1")?;
+        // Again after the underlay was re-created or renumbered: the kernel flushed the
+        // routes through it.
+        for peer in self.peers.values() {
+            self.install(peer)?;
+        }
         Ok(())
     }
 
@@ -83,6 +99,10 @@ impl Backend for HostGw {
             ));
         }
         netdev::sysctl_set("net/ipv6/conf/all/forwarding", "1")?;
+        // As in `activate`, for an IPv6-only network (where that is not called).
+        for peer in self.peers.values() {
+            self.install(peer)?;
+        }
         Ok(())
     }
 
@@ -91,12 +111,7 @@ impl Backend for HostGw {
         if self.peers.get(&key) == Some(peer) {
             return Ok(());
         }
-        if peer.ipv4().is_some() {
-            super::route_via_peer(peer, &self.underlay)?;
-        }
-        if let (Some(v6), Some(_)) = (peer.ipv6, self.public_ipv6) {
-            route_v6_via_peer(v6.subnet, v6.public_ip, &self.underlay)?;
-        }
+        self.install(peer)?;
         self.peers.insert(key, *peer);
         Ok(())
     }

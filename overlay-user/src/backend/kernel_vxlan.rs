@@ -30,30 +30,38 @@ pub fn ipv6_device_name(vni: u32) -> String {
 /// One kernel vxlan device and the MAC it answers to (its VtepMAC).
 struct Device {
     name: String,
+    mtu: u32,
     vtep_mac: MacAddr,
     /// The device's `local`: the source of what it encapsulates.
     local: IpAddr,
 }
 
 impl Device {
-    fn create(name: &str, underlay: &str, local: IpAddr, vni: u32, port: u16, mtu: u32) -> Result<Self, BackendError> {
+    /// `mac`: the MAC to give a device created now (the VtepMAC our lease already publishes).
+    fn create(
+        name: &str,
+        underlay: &str,
+        local: IpAddr,
+        vni: u32,
+        port: u16,
+        mtu: u32,
+        mac: Option<MacAddr>,
+    ) -> Result<Self, BackendError> {
         if !netdev::link_exists(name) {
-            netdev::ip(&[
-                "link",
-                "add",
-                name,
-                "type",
-                "vxlan",
-                "id",
-                &vni.to_string(),
-                "local",
-                &local.to_string(),
-                "dev",
-                underlay,
-                "dstport",
-                &port.to_string(),
-                "nolearning",
-            ])?;
+            let (vni, port, local, mac) = (
+                vni.to_string(),
+                port.to_string(),
+                local.to_string(),
+                mac.map(|m| m.to_string()),
+            );
+            let mut args = vec!["link", "add", name];
+            if let Some(mac) = &mac {
+                args.extend(["address", mac.as_str()]);
+            }
+            args.extend([
+                "type", "vxlan", "id", &vni, "local", &local, "dev", underlay, "dstport", &port, "nolearning",
+            ]);
+            netdev::ip(&args)?;
             tracing::info!(device = name, vni, port, %local, "created kernel vxlan device");
         }
         // As flannel: no router advertisements taken on the tunnel device.
@@ -61,6 +69,7 @@ impl Device {
         netdev::ip(&["link", "set", name, "mtu", &mtu.to_string(), "up"])?;
         let vtep_mac = netdev::link_info(name)?.mac.unwrap_or_default();
         Ok(Device {
+            mtu,
             name: name.to_string(),
             vtep_mac,
             local,
@@ -127,7 +136,9 @@ pub struct KernelVxlan {
     v6: Option<Device>,
     public_ip: Ipv4Addr,
     public_ipv6: Option<Ipv6Addr>,
+    underlay: String,
     vni: u32,
+    port: u16,
     mtu: u32,
     peers: BTreeMap<SubnetKey, Peer>,
 }
@@ -153,7 +164,7 @@ impl KernelVxlan {
         let mtu = if mtu > 0 { mtu } else { link.mtu.saturating_sub(50) };
         let mtu_v6 = mtu.saturating_sub(IPV6_EXTRA_OVERHEAD);
         let v4 = match public_ip {
-            Some(ip) => Some(Device::create(device, underlay, ip.into(), vni, port, mtu)?),
+            Some(ip) => Some(Device::create(device, underlay, ip.into(), vni, port, mtu, None)?),
             None => None,
         };
         let v6 = match public_ipv6 {
@@ -164,6 +175,7 @@ impl KernelVxlan {
                 vni,
                 port,
                 mtu_v6,
+                None,
             )?),
             None => None,
         };
@@ -173,10 +185,68 @@ impl KernelVxlan {
             v6,
             public_ip: public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
             public_ipv6,
+            underlay: underlay.to_string(),
             vni,
+            port,
             mtu,
             peers: BTreeMap::new(),
         })
+    }
+
+    /// The kernel deletes a vxlan device with its `dev` (the underlay re-created): make it
+    /// again as it was, same MAC (our lease's VtepMAC), with every peer's entries.
+    fn recreate_lost_devices(&mut self) -> Result<(), BackendError> {
+        let mut recreated = false;
+        let locals = [
+            IpAddr::from(self.public_ip),
+            self.public_ipv6.map_or(IpAddr::from(self.public_ip), IpAddr::from),
+        ];
+        for (dev, local) in [&mut self.v4, &mut self.v6].into_iter().zip(locals) {
+            let Some(old) = dev.as_ref().filter(|d| !netdev::link_exists(&d.name)) else {
+                continue;
+            };
+            tracing::warn!(device = %old.name, underlay = %self.underlay, "kernel vxlan device gone with the underlay: creating it again");
+            *dev = Some(Device::create(
+                &old.name,
+                &self.underlay,
+                local,
+                self.vni,
+                self.port,
+                old.mtu,
+                Some(old.vtep_mac),
+            )?);
+            recreated = true;
+        }
+        if recreated {
+            for peer in self.peers.values() {
+                self.install(peer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The route, neighbour and FDB entries for `peer` on each device, replacing what is there.
+    fn install(&self, peer: &Peer) -> Result<(), BackendError> {
+        // Peer::check gives every vxlan peer its VtepMACs.
+        if let (Some(dev), Some(v4)) = (&self.v4, peer.ipv4()) {
+            dev.add_peer(
+                "-4",
+                &v4.to_string(),
+                &v4.network().to_string(),
+                peer.vtep_mac.unwrap_or_default(),
+                &peer.public_ip.to_string(),
+            )?;
+        }
+        if let (Some(dev), Some(v6)) = (&self.v6, peer.ipv6) {
+            dev.add_peer(
+                "-6",
+                &v6.subnet.to_string(),
+                &v6.subnet.network().to_string(),
+                v6.vtep_mac.unwrap_or_default(),
+                &v6.public_ip.to_string(),
+            )?;
+        }
+        Ok(())
     }
 
     fn remove_programmed(&self, old: &Peer) {
@@ -234,6 +304,7 @@ impl Backend for KernelVxlan {
     }
 
     fn activate(&mut self, subnet: Ipv4Network, _network: Ipv4Network) -> Result<(), BackendError> {
+        self.recreate_lost_devices()?;
         let dev = self.v4.as_mut().ok_or(BackendError::NotActive)?;
         dev.set_local(self.public_ip.into())?;
         netdev::ip(&["addr", "replace", &format!("{}/32", subnet.network()), "dev", &dev.name])?;
@@ -241,6 +312,7 @@ impl Backend for KernelVxlan {
     }
 
     fn activate_ipv6(&mut self, subnet: Ipv6Network, _network: Ipv6Network) -> Result<(), BackendError> {
+        self.recreate_lost_devices()?;
         let dev = self
             .v6
             .as_ref()
@@ -265,25 +337,7 @@ impl Backend for KernelVxlan {
         if let Some(old) = self.peers.remove(&key) {
             self.remove_programmed(&old);
         }
-        // Peer::check gives every vxlan peer its VtepMACs.
-        if let (Some(dev), Some(v4)) = (&self.v4, peer.ipv4()) {
-            dev.add_peer(
-                "-4",
-                &v4.to_string(),
-                &v4.network().to_string(),
-                peer.vtep_mac.unwrap_or_default(),
-                &peer.public_ip.to_string(),
-            )?;
-        }
-        if let (Some(dev), Some(v6)) = (&self.v6, peer.ipv6) {
-            dev.add_peer(
-                "-6",
-                &v6.subnet.to_string(),
-                &v6.subnet.network().to_string(),
-                v6.vtep_mac.unwrap_or_default(),
-                &v6.public_ip.to_string(),
-            )?;
-        }
+        self.install(peer)?;
         self.peers.insert(key, *peer);
         Ok(())
     }

@@ -126,6 +126,16 @@ impl Backend for EbpfHostGw {
 
     fn activate(&mut self, subnet: Ipv4Network, network: Ipv4Network) -> Result<(), BackendError> {
         self.kernel.activate(subnet, network)?;
+        // A re-created underlay (new ifindex) took the program on its ingress with it: start
+        // host routing again on the new device.
+        let underlay = netdev::link_info(&self.underlay.name)?;
+        if underlay.ifindex != self.underlay.ifindex && self.started {
+            tracing::info!(underlay = %underlay.name, "host routing follows the re-created underlay");
+            self.drop_bridge();
+            self.state.stop(&mut self.programs);
+            self.started = false;
+        }
+        self.underlay = underlay;
         self.programs.set_config(&DatapathConfig {
             public_ip: self.public_ip.octets(),
             subnet_addr: subnet.network().octets(),
