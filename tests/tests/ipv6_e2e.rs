@@ -999,6 +999,15 @@ fn ipv6_only_host_gw_keeps_the_kernels_routes_and_says_why() -> anyhow::Result<(
         let routes = l.host(1).ip(&["-6", "route", "show", "proto", "73"])?;
         Ok(routes.contains(&format!("{v6_of_2} via {} dev eth0", underlay_ipv6(2))))
     })?;
+    // The hosts resolve each other over the IPv6-only underlay first: now and then the first
+    // neighbour solicitation here goes unanswered, and the kernel's next one comes a second
+    // later, after the five pings below (nothing of ours is on that path with host-gw).
+    for (a, b) in [(1, 2), (2, 1)] {
+        let to = underlay_ipv6(b).to_string();
+        l.wait_until("the hosts reach each other over the underlay", || {
+            Ok(l.host(a).exec("ping", &["-n", "-c", "1", "-W", "1", &to]).is_ok())
+        })?;
+    }
     for (a, b) in [(1, 2), (2, 1)] {
         l.pings(a, l.container(b).ipv6.context("v6")?.into())?;
     }
