@@ -968,3 +968,55 @@ fn ipv6_only_network_on_the_ebpf_datapath_with_a_kernel_host() -> anyhow::Result
     kernel_host.stop()?;
     Ok(())
 }
+
+/// host-gw in an IPv6-only network keeps the kernel's routes whatever `--datapath` says: our
+/// eBPF host-gw is those routes plus host routing, which is IPv4 only. `/status` says so; the
+/// routes go via each peer's PublicIPv6 and containers reach each other both ways.
+#[test]
+fn ipv6_only_host_gw_keeps_the_kernels_routes_and_says_why() -> anyhow::Result<()> {
+    let config = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56","Backend":{"Type":"host-gw"}}"#;
+    let mut l = V6Lab::new(2, config, true)?;
+    let a1 = l.start_flannel_unit(1, &[])?;
+    let a2 = l.start_flannel_unit(2, &["--datapath=ebpf"])?;
+    for i in 1..=2 {
+        let status = l.status(i)?;
+        let backend = status["backend"].as_str().unwrap_or_default();
+        assert!(
+            backend.contains("host-gw") && !backend.contains("ebpf"),
+            "host{i}: {status}"
+        );
+        let why = status["fallback"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("IPv6-only") && why.contains("IPv4 only"),
+            "host{i}: {status}"
+        );
+    }
+    for i in 1..=2 {
+        l.add_container_from_subnet_file(i)?;
+    }
+    let v6_of_2 = a2.ready["ipv6_subnet"].as_str().context("no ipv6_subnet")?.to_string();
+    l.wait_until("host 1 routes host 2's IPv6 subnet via its PublicIPv6", || {
+        let routes = l.host(1).ip(&["-6", "route", "show", "proto", "73"])?;
+        Ok(routes.contains(&format!("{v6_of_2} via {} dev eth0", underlay_ipv6(2))))
+    })?;
+    // The hosts resolve each other over the IPv6-only underlay first: now and then the first
+    // neighbour solicitation here goes unanswered, and the kernel's next one comes a second
+    // later, after the five pings below (nothing of ours is on that path with host-gw).
+    for (a, b) in [(1, 2), (2, 1)] {
+        let to = underlay_ipv6(b).to_string();
+        l.wait_until("the hosts reach each other over the underlay", || {
+            Ok(l.host(a).exec("ping", &["-n", "-c", "1", "-W", "1", &to]).is_ok())
+        })?;
+    }
+    for (a, b) in [(1, 2), (2, 1)] {
+        l.pings(a, l.container(b).ipv6.context("v6")?.into())?;
+    }
+    // An underlay without IPv4 is what this network has, not a detached datapath.
+    for i in 1..=2 {
+        let status = l.status(i)?;
+        assert_eq!(status["ready"], true, "host{i}: {status}");
+    }
+    a1.stop()?;
+    a2.stop()?;
+    Ok(())
+}

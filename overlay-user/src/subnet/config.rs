@@ -686,6 +686,12 @@ mod tests {
         )
         .unwrap();
         assert!(v6only.ipv4.is_none() && v6only.check_supported().is_ok());
+        let v6only_udp = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:42::/56","Backend":{"Type":"udp"}}"#,
+        )
+        .unwrap();
+        let e = v6only_udp.check_supported().unwrap_err();
+        assert_eq!(e.field_name(), Some("EnableIPv6"), "{e}");
     }
 
     #[test]
