@@ -9,6 +9,8 @@
 //! - an IPv6-only network over an IPv6-only underlay (etcd reached over IPv6 too), on the kernel
 //!   datapath and on our eBPF datapath, with a kernel-datapath host in the same network;
 //! - host-gw with dual stack: IPv6 routes via each peer's PublicIPv6;
+//! - vxlan `DirectRouting` with dual stack: a peer whose PublicIPv6 is on our link gets a route
+//!   via it, one behind a router the tunnel, on both datapaths;
 //! - the udp backend with IPv6 refused, naming the field.
 use std::{
     collections::BTreeMap,
@@ -33,6 +35,7 @@ const V6_ONLY_VXLAN: &str =
     r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56","Backend":{"Type":"vxlan"}}"#;
 const DUAL_HOST_GW: &str =
     r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/56","Backend":{"Type":"host-gw"}}"#;
+const DUAL_VXLAN_DIRECT: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
 const HEALTHZ_PORT: u16 = 9099;
 const SWITCH_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 0xfe);
 
@@ -1018,5 +1021,101 @@ fn ipv6_only_host_gw_keeps_the_kernels_routes_and_says_why() -> anyhow::Result<(
     }
     a1.stop()?;
     a2.stop()?;
+    Ok(())
+}
+
+/// vxlan `DirectRouting` in a dual-stack network, as flannel does it per family: a peer whose
+/// PublicIPv6 is on our link gets a route to its IPv6 subnet via that address (no
+/// encapsulation), a peer behind a router keeps the tunnel. host1 reaches host3's PublicIPv6
+/// through host2 as a router; host1 and host3 run the eBPF datapath, host2 the kernel's. Pings
+/// of both families every way; host1's IPv6 encapsulation counter moves for host3 only.
+#[test]
+fn direct_routing_ipv6_on_the_same_link_only() -> anyhow::Result<()> {
+    let mut l = V6Lab::new(3, DUAL_VXLAN_DIRECT, false)?;
+    l.host(1).ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{}/128", underlay_ipv6(3)),
+        "via",
+        &underlay_ipv6(2).to_string(),
+        "dev",
+        "eth0",
+    ])?;
+    let agents = [
+        l.start_agent(1, &["--datapath=ebpf"])?,
+        l.start_agent(2, &[])?,
+        l.start_agent(3, &["--datapath=ebpf"])?,
+    ];
+    for a in &agents {
+        let backend = a.ready["backend"].as_str().unwrap_or_default();
+        assert!(backend.contains("DirectRouting"), "{backend}");
+    }
+    for i in 1..=3 {
+        l.add_container_from_subnet_file(i)?;
+    }
+    let subnet6 = |i: usize| {
+        agents[i - 1].ready["ipv6_subnet"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let route6 = |on: usize, to: usize| l.host(on).ip(&["-6", "route", "show", &subnet6(to)]);
+    // Direct: host1 to host2 (eBPF), host2 to host1 (kernel datapath), host3 to host1 (host3
+    // reaches host1 on the link, whatever host1's route back).
+    for (on, to) in [(1, 2), (2, 1), (2, 3), (3, 1)] {
+        let via = format!("via {} dev eth0", underlay_ipv6(to));
+        l.wait_until(&format!("host{on} routes host{to}'s IPv6 subnet {via}"), || {
+            Ok(route6(on, to)?.contains(&via))
+        })?;
+    }
+    // host2's direct route took the place of its flannel-v6.1 route for host1.
+    assert!(!route6(2, 1)?.contains("flannel-v6.1"), "{}", route6(2, 1)?);
+    // Behind a gateway: host1 keeps the tunnel to host3 (our network route on ovl0).
+    let container3 = l.container(3).ipv6.context("v6")?;
+    let route = l.host(1).ip(&["-6", "route", "get", &container3.to_string()])?;
+    assert!(
+        route.contains("dev ovl0"),
+        "host1 -> host3 is behind a gateway: {route}"
+    );
+
+    let encapsulated6 = |a: &OverlayProcess| -> anyhow::Result<u64> {
+        Ok(a.counters()?["counters"]["encap_vxlan6"]["packets"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let before = encapsulated6(&agents[0])?;
+    l.pings(1, l.container(2).ipv6.context("v6")?.into())?;
+    let after_direct = encapsulated6(&agents[0])?;
+    assert_eq!(
+        after_direct, before,
+        "IPv6 packets to the peer on our link were encapsulated"
+    );
+    l.pings(1, container3.into())?;
+    let after_gateway = encapsulated6(&agents[0])?;
+    assert!(
+        after_gateway >= after_direct + 5,
+        "IPv6 to the peer behind a gateway was not encapsulated ({after_direct} -> {after_gateway})"
+    );
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)] {
+        let to = l.container(b);
+        l.pings(a, to.ipv4.context("v4")?.into())?;
+        l.pings(a, to.ipv6.context("v6")?.into())?;
+    }
+    // A gone peer's direct route goes with it.
+    let [a1, a2, a3] = agents;
+    let subnet2 = a2.ready["ipv6_subnet"].as_str().unwrap_or_default().to_string();
+    a2.stop()?;
+    let key = l
+        .leases()?
+        .into_keys()
+        .find(|k| k.ends_with(&subnet2.replace('/', "-")))
+        .context("host2's lease")?;
+    l.etcdctl(&["del", &format!("/coreos.com/network/subnets/{key}")])?;
+    l.wait_until("host1 removes the direct route to host2's IPv6 subnet", || {
+        Ok(!l.host(1).ip(&["-6", "route", "show", &subnet2])?.contains("via"))
+    })?;
+    a1.stop()?;
+    a3.stop()?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::{
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::{Backend, BackendError, Peer, ROUTE_PROTO};
+use super::{Backend, BackendError, Peer};
 use crate::{
     host::netdev,
     subnet::{LeaseAttrs, LeaseBackend, SubnetKey},
@@ -41,27 +41,10 @@ impl HostGw {
             super::route_via_peer(peer, &self.underlay)?;
         }
         if let (Some(v6), Some(_)) = (peer.ipv6, self.public_ipv6) {
-            route_v6_via_peer(v6.subnet, v6.public_ip, &self.underlay)?;
+            super::route_v6_via_peer(&v6, &self.underlay)?;
         }
         Ok(())
     }
-}
-
-/// The IPv6 route host-gw installs, as flannel's: the peer's IPv6 subnet via its PublicIPv6.
-fn route_v6_via_peer(subnet: Ipv6Network, via: Ipv6Addr, underlay: &str) -> Result<(), BackendError> {
-    netdev::ip(&[
-        "-6",
-        "route",
-        "replace",
-        &subnet.to_string(),
-        "via",
-        &via.to_string(),
-        "dev",
-        underlay,
-        "proto",
-        ROUTE_PROTO,
-    ])?;
-    Ok(())
 }
 
 impl Backend for HostGw {
@@ -122,7 +105,7 @@ impl Backend for HostGw {
                 super::remove_route_via_peer(v4, &self.underlay);
             }
             if let Some(v6) = key.ipv6 {
-                let _ = netdev::ip(&["-6", "route", "del", &v6.to_string(), "dev", &self.underlay]);
+                super::remove_route_v6_via_peer(v6, &self.underlay);
             }
         }
         Ok(())

@@ -45,6 +45,21 @@ fn remove_route_via_peer(subnet: Ipv4Network, underlay: &str) {
     let _ = netdev::ip(&["route", "del", &subnet.to_string(), "dev", underlay]);
 }
 
+/// A peer's IPv6 subnet routed unencapsulated via its PublicIPv6 on `underlay`, as flannel's
+/// host-gw and vxlan `DirectRouting` route it, tagged with [`ROUTE_PROTO`].
+fn route_v6_via_peer(v6: &PeerV6, underlay: &str) -> Result<(), HostError> {
+    let (subnet, via) = (v6.subnet.to_string(), v6.public_ip.to_string());
+    netdev::ip(&[
+        "-6", "route", "replace", &subnet, "via", &via, "dev", underlay, "proto", ROUTE_PROTO,
+    ])
+    .map(drop)
+}
+
+/// Remove what [`route_v6_via_peer`] installed; a route already gone is fine.
+fn remove_route_v6_via_peer(subnet: Ipv6Network, underlay: &str) {
+    let _ = netdev::ip(&["-6", "route", "del", &subnet.to_string(), "dev", underlay]);
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error(transparent)]
