@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
             let i = (k + round) % opts.backends.len();
             let backend = opts.backends[i];
             let started = Instant::now();
-            let run = run_backend(backend, &opts);
+            let run = run_backend(backend, round + 1, &opts);
             println!(
                 "round {}/{} {:<20} {} ({:.0} s)",
                 round + 1,
@@ -110,8 +110,6 @@ fn main() -> anyhow::Result<()> {
                 summary_line(&run),
                 started.elapsed().as_secs_f64()
             );
-            let mut run = run;
-            run["round"] = json!(round + 1);
             runs[i].push(run);
         }
     }
@@ -214,8 +212,9 @@ fn read_trimmed(path: &str) -> String {
 
 /// One backend, one round: a fresh lab and every measurement. Errors end up in the result's
 /// `errors`, so one broken backend does not hide the figures of the others.
-fn run_backend(backend: BenchBackend, opts: &Options) -> Value {
-    let mut run = json!({ "backend": backend.name(), "container_mtu": backend.container_mtu(), "errors": [] });
+fn run_backend(backend: BenchBackend, round: usize, opts: &Options) -> Value {
+    let mut run =
+        json!({ "backend": backend.name(), "round": round, "container_mtu": backend.container_mtu(), "errors": [] });
     let mut errors = Vec::new();
     let setup = Instant::now();
     match Topology::build(backend, opts.underlay) {

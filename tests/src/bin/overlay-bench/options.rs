@@ -16,7 +16,7 @@ our eBPF datapath (`overlay agent` on each host, with etcd in the lab), and flan
 
 Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH] [--svg PATH]
                      [--backends NAME,NAME,...] [--ip-family 4|6|both] [--underlay veth|bridge]
-                     [--bpf-stats]
+                     [--bpf-stats] [--while-tcp COMMAND]
        overlay-bench --control-plane ...   (see overlay-bench-cp --help)
 
   --rounds N        rounds over all backends, each on a fresh lab (default 3)
@@ -43,6 +43,11 @@ Usage: overlay-bench [--rounds N] [--duration SECS] [--quick] [--json PATH] [--s
                     bridge: each host's eth0 is a port of a bridge, a switch between them
   --bpf-stats       enable kernel.bpf_stats_enabled during the run and record the run time
                     of our programs in the 1-stream TCP test (costs some ns per packet)
+  --while-tcp CMD   run `sh -c CMD` (in the bench's namespace) once the 1-stream TCP test's
+                    traffic flows, for profiling it: e.g. 'perf record -a -g -o
+                    /tmp/{backend}-{round}.data -- sleep 2'; {backend} and {round} are
+                    replaced; it must end within the test's duration; its output is kept in
+                    the JSON (tcp1_while)
 
 Needs root, iperf3 and ping, the `overlay` binary next to this one (cargo build --release) and,
 for the eBPF backends, Debian's etcd (apt-get install etcd-server).
@@ -272,6 +277,8 @@ pub struct Options {
     pub svg: PathBuf,
     pub backends: Vec<BenchBackend>,
     pub bpf_stats: bool,
+    /// A shell command to run while the 1-stream TCP test's traffic flows (profiling).
+    pub while_tcp: Option<String>,
 }
 
 pub fn parse_args() -> anyhow::Result<Option<Options>> {
@@ -288,6 +295,7 @@ pub fn parse_from(args: impl IntoIterator<Item = String>) -> anyhow::Result<Opti
         svg: PathBuf::from("target/bench/datapath.svg"),
         backends: BenchBackend::ALL.to_vec(),
         bpf_stats: false,
+        while_tcp: None,
     };
     let (mut named, mut family) = (false, None);
     let mut args = args.into_iter();
@@ -320,6 +328,7 @@ pub fn parse_from(args: impl IntoIterator<Item = String>) -> anyhow::Result<Opti
                 }
             }
             "--bpf-stats" => o.bpf_stats = true,
+            "--while-tcp" => o.while_tcp = Some(value("--while-tcp")?),
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
     }

@@ -33,8 +33,16 @@ pub fn measure_tcp(topo: &Topology, opts: &Options, streams: u32, run: &mut Valu
         None
     };
 
+    // The profiling command, if any, for the 1-stream test: it sees this backend's traffic.
+    let during = opts.while_tcp.as_deref().filter(|_| streams == 1).map(|cmd| {
+        let round = run["round"].as_u64().unwrap_or(0).to_string();
+        cmd.replace("{backend}", topo.backend.name()).replace("{round}", &round)
+    });
     let cpu_before = CpuTimes::read()?;
-    let (client, _server) = iperf3(c1, c2, opts.duration, &["-P", &streams.to_string()])?;
+    let (client, _server, during_out) = iperf3(c1, c2, opts.duration, &["-P", &streams.to_string()], during)?;
+    if let Some(out) = during_out {
+        run["tcp1_while"] = json!(out);
+    }
     let cpu = CpuTimes::read()?.since(&cpu_before);
     let received = f64_at(&client, "/end/sum_received/bits_per_second")?;
     run[format!("{key}_bps")] = json!(received);
@@ -141,8 +149,14 @@ impl Drop for KillOnDrop {
 }
 
 /// One iperf3 test from c1 to a one-shot server in c2; returns the client's and the server's
-/// JSON reports.
-fn iperf3(c1: Endpoint, c2: Endpoint, duration: u64, extra: &[&str]) -> anyhow::Result<(Value, Value)> {
+/// JSON reports, and what `during` (a shell command run half a second into the test) printed.
+fn iperf3(
+    c1: Endpoint,
+    c2: Endpoint,
+    duration: u64,
+    extra: &[&str],
+    during: Option<String>,
+) -> anyhow::Result<(Value, Value, Option<String>)> {
     let port = IPERF_PORT.to_string();
     let mut server = c2.ns.command("iperf3");
     server.args(["-s", "-1", "-J", "-p", &port]);
@@ -156,13 +170,25 @@ fn iperf3(c1: Endpoint, c2: Endpoint, duration: u64, extra: &[&str]) -> anyhow::
         .args(extra);
     let what = format!("iperf3 -c {dst} {}", extra.join(" "));
     let client = KillOnDrop::spawn(client).with_context(|| format!("starting {what}"))?;
+    let during_out = match during {
+        Some(cmd) => {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut sh = Command::new("sh");
+            sh.args(["-c", &cmd]);
+            let (status, out, err) = KillOnDrop::spawn(sh)?
+                .wait(Duration::from_secs(duration + 20))
+                .with_context(|| format!("--while-tcp {cmd:?}"))?;
+            Some(format!("{status}\n{out}{err}"))
+        }
+        None => None,
+    };
     let limit = Duration::from_secs(duration + 20);
     let (status, out, err) = client.wait(limit).with_context(|| what.clone())?;
     let client_json = iperf3_json(&out, &err, status).with_context(|| what.clone())?;
     // The one-shot server prints its report and exits once the client is done.
     let (status, out, err) = server.wait(Duration::from_secs(10)).context("iperf3 server")?;
     let server_json = iperf3_json(&out, &err, status).context("iperf3 server")?;
-    Ok((client_json, server_json))
+    Ok((client_json, server_json, during_out))
 }
 
 fn iperf3_json(out: &str, err: &str, status: ExitStatus) -> anyhow::Result<Value> {
