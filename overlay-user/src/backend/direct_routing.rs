@@ -11,7 +11,7 @@
 //! and replaces the kernel vxlan backend's route for that subnet.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
