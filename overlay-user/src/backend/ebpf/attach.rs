@@ -716,6 +716,26 @@ impl Datapath {
         &self.spec
     }
 
+    /// Whether this attachment still fits: the same subnet and network, on the same underlay
+    /// device (not re-created) with the same MTU.
+    pub fn fits(&self, subnet: Ipv4Network, network: Ipv4Network) -> bool {
+        self.subnet == subnet
+            && self.network == network
+            && netdev::link_info(&self.underlay.name)
+                .is_ok_and(|now| now.ifindex == self.underlay.ifindex && now.mtu == self.underlay.mtu)
+    }
+
+    /// Our PublicIP changed (the underlay renumbered): the programs read it from their config
+    /// (encapsulation source, what is addressed to us); nothing is attached again.
+    pub fn set_public_ip(&mut self, public_ip: std::net::Ipv4Addr) -> Result<(), DatapathError> {
+        let mut config = self.programs.config()?;
+        config.public_ip = public_ip.octets();
+        self.programs.set_config(&config)?;
+        self.spec.public_ip = public_ip;
+        tracing::info!(%public_ip, "datapath: new PublicIP");
+        Ok(())
+    }
+
     /// Our VtepMAC: the overlay device's MAC, published in vxlan leases.
     pub fn vtep_mac(&self) -> MacAddr {
         self.overlay.mac.unwrap_or_default()

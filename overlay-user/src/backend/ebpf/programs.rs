@@ -225,6 +225,15 @@ impl Programs {
         program(&mut self.ebpf, PROG_BRIDGE_OUT)
     }
 
+    /// What the config map holds now.
+    pub fn config(&mut self) -> Result<DatapathConfig, DatapathError> {
+        let map: Array<_, DatapathConfig> = typed_map(&mut self.ebpf, MAP_CONFIG)?;
+        map.get(&0, 0).map_err(|source| DatapathError::Map {
+            name: MAP_CONFIG,
+            source,
+        })
+    }
+
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
         let mut map: Array<_, DatapathConfig> = typed_map(&mut self.ebpf, MAP_CONFIG)?;
         map.set(0, cfg, 0).map_err(|source| DatapathError::Map {
