@@ -719,8 +719,7 @@ impl Datapath {
     /// Whether this attachment still fits: the same subnet and network, on the same underlay
     /// device (not re-created) with the same MTU.
     pub fn fits(&self, subnet: Ipv4Network, network: Ipv4Network) -> bool {
-        self.subnet == subnet
-            && self.network == network
+        self.ipv4 == Some(Ipv4Side { subnet, network })
             && netdev::link_info(&self.underlay.name)
                 .is_ok_and(|now| now.ifindex == self.underlay.ifindex && now.mtu == self.underlay.mtu)
     }
