@@ -70,13 +70,24 @@ pub fn render_table(leases: &[(Lease, Ttl)]) -> String {
     let rows: Vec<[String; 6]> = leases
         .iter()
         .map(|(l, ttl)| {
+            // An IPv6-only lease (key `0.0.0.0-0&...`, PublicIP 0.0.0.0, no BackendData) shows
+            // no IPv4 subnet, its PublicIPv6 and its BackendV6Data.
+            let v6_only = l.key.ipv4_subnet().is_none();
+            let public_ip = match (v6_only, l.attrs.public_ipv6) {
+                (true, Some(ip)) => ip.to_string(),
+                _ => l.attrs.public_ip.to_string(),
+            };
+            let data = match (v6_only, &l.attrs.backend_v6_data) {
+                (true, Some(d)) => Some(d.to_string()),
+                _ => l.attrs.backend.data().map(|d| d.to_string()),
+            };
             [
-                l.key.ipv4.to_string(),
+                l.key.ipv4_subnet().map_or("-".into(), |n| n.to_string()),
                 l.key.ipv6.map_or("-".into(), |n| n.to_string()),
-                l.attrs.public_ip.to_string(),
+                public_ip,
                 l.attrs.backend.type_name().to_string(),
                 ttl_text(*ttl),
-                l.attrs.backend.data().map_or("-".into(), |d| d.to_string()),
+                data.unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
