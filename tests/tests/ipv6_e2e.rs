@@ -237,15 +237,18 @@ impl V6Lab {
         Ok(())
     }
 
+    /// An HTTP GET to the agent on host `index`.
+    fn agent_get(&self, index: usize, path: &'static str) -> anyhow::Result<String> {
+        let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTHZ_PORT));
+        self.host(index)
+            .spawn(move || overlay::cli::status::http_get(addr, path))
+            .join()
+            .expect("thread")?
+    }
+
     /// The agent's `/status` on host `index`.
     fn status(&self, index: usize) -> anyhow::Result<serde_json::Value> {
-        let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTHZ_PORT));
-        let text = self
-            .host(index)
-            .spawn(move || overlay::cli::status::http_get(addr, "/status"))
-            .join()
-            .expect("thread")??;
-        Ok(serde_json::from_str(&text)?)
+        Ok(serde_json::from_str(&self.agent_get(index, "/status")?)?)
     }
 
     fn container(&self, index: usize) -> &Container {
@@ -864,6 +867,20 @@ fn ipv6_only_network_on_the_ebpf_datapath_with_a_kernel_host() -> anyhow::Result
             "host{i}: {file}"
         );
     }
+    // `overlay leases` shows an IPv6-only lease by its IPv6 side.
+    let table = l.on_switch(&["leases", "--etcd-endpoints", &l.etcd.endpoint()])?;
+    let v6_of_1 = agents[0].ready["ipv6_subnet"].as_str().unwrap_or_default();
+    let row = table
+        .lines()
+        .find(|r| r.contains(v6_of_1))
+        .with_context(|| format!("no row for {v6_of_1}:\n{table}"))?;
+    assert!(
+        row.starts_with("- ")
+            && row.contains(&underlay_ipv6(1).to_string())
+            && row.contains(&link_mac(l.host(1), "ovl0")?)
+            && !row.contains("0.0.0.0"),
+        "{table}"
+    );
     let kernel_lease = ready_lease(&kernel_host)?;
     assert!(
         kernel_host.ready["backend"]
@@ -1014,11 +1031,18 @@ fn ipv6_only_host_gw_keeps_the_kernels_routes_and_says_why() -> anyhow::Result<(
     for (a, b) in [(1, 2), (2, 1)] {
         l.pings(a, l.container(b).ipv6.context("v6")?.into())?;
     }
-    // An underlay without IPv4 is what this network has, not a detached datapath.
+    // An underlay without IPv4 is what this network has, not a detached datapath: a changed
+    // underlay (its MTU here) is followed, the backend programmed again, and the agent ready.
+    l.host(1).ip(&["link", "set", "eth0", "mtu", "1480"])?;
+    l.wait_until("host 1 follows its changed underlay", || {
+        Ok(l.agent_get(1, "/metrics")?
+            .contains("overlay_underlay_reattached_total 1"))
+    })?;
     for i in 1..=2 {
         let status = l.status(i)?;
         assert_eq!(status["ready"], true, "host{i}: {status}");
     }
+    l.pings(1, l.container(2).ipv6.context("v6")?.into())?;
     a1.stop()?;
     a2.stop()?;
     Ok(())
