@@ -184,7 +184,8 @@ pub fn redirect_via_fib(
         let Some(nh) = nexthop else {
             return Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32);
         };
-        let mut params: bpf_redir_neigh = zeroed_by_words();
+        // Cold path (an unresolved neighbour): the memset zeroed() costs does not matter here.
+        let mut params: bpf_redir_neigh = unsafe { core::mem::zeroed() };
         params.nh_family = AF_INET as u32;
         params.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(nh);
         let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
@@ -229,23 +230,6 @@ fn fib_params_v4(ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> bpf_fib_lookup {
         unsafe { out.add(i).write(words(i)) };
     }
     // SAFETY: every byte was written; any bytes are a valid bpf_fib_lookup (plain C data).
-    unsafe { v.assume_init() }
-}
-
-/// An all-zero `T` (a helper's parameter block), written as 4-byte stores. On this target
-/// `core::mem::zeroed` becomes a call to compiler_builtins' `memset`, which stores one byte per
-/// loop turn: some 320 instructions for `bpf_fib_lookup`, on every packet. Volatile, so LLVM
-/// does not turn the stores back into that call.
-#[inline(always)]
-pub fn zeroed_by_words<T>() -> T {
-    const { assert!(size_of::<T>() % 4 == 0 && align_of::<T>() >= 4) };
-    let mut v = core::mem::MaybeUninit::<T>::uninit();
-    let words = v.as_mut_ptr().cast::<u32>();
-    for i in 0..size_of::<T>() / 4 {
-        // SAFETY: i < size_of::<T>() / 4, and T is 4-aligned (asserted above).
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-    }
-    // SAFETY: every byte was written; all-zero is valid for the plain C structs this is for.
     unsafe { v.assume_init() }
 }
 

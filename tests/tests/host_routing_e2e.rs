@@ -87,6 +87,16 @@ fn shortcut_end_to_end(backend: &str) -> anyhow::Result<()> {
                 && counter(&agents[1], "shortcut_to_container")?.0 > before.1)
         },
     )?;
+    // The second container too (learned on its own tick: under load it can come a second later).
+    c.wait_until(
+        "host1 delivers to its second container on the shortcut",
+        Duration::from_secs(5),
+        || {
+            let before = counter(&agents[0], "shortcut_to_container")?.0;
+            ping(&c2.ns, c1b.ip, 1, 56, false, "0.05")?;
+            Ok(counter(&agents[0], "shortcut_to_container")?.0 > before)
+        },
+    )?;
 
     // 50 MB each way, every byte checked, carried by the shortcut (counted on both ends).
     let from1 = counter(&agents[0], "shortcut_from_container")?.1;
