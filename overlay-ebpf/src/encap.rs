@@ -198,11 +198,20 @@ pub fn redirect_via_fib(
 #[unsafe(no_mangle)]
 static OPAQUE_ZERO: u32 = 0;
 
-/// `bpf_fib_lookup`'s parameters for an IPv4 lookup from `src` to `dst` out of `ifindex`,
-/// every other byte zero, written as sixteen 4-byte stores. `core::mem::zeroed` and field
-/// writes cost a byte-at-a-time `memset` of the struct (some 300 instructions per packet).
+/// `bpf_fib_lookup`'s parameters for an IPv4 lookup from `src` to `dst` out of `ifindex`.
 #[inline(always)]
 fn fib_params_v4(ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> bpf_fib_lookup {
+    let word = |a: [u8; 4]| [u32::from_ne_bytes(a), 0, 0, 0];
+    fib_params(AF_INET, ifindex, word(src), word(dst))
+}
+
+/// `bpf_fib_lookup`'s parameters for a lookup in `family` from `src` to `dst` (addresses as
+/// the struct holds them: an IPv4 one in the first word, an IPv6 one in all four, network byte
+/// order) out of `ifindex`, every other byte zero, written as sixteen 4-byte stores.
+/// `core::mem::zeroed` and field writes cost a byte-at-a-time `memset` of the struct (some 300
+/// instructions per packet).
+#[inline(always)]
+pub fn fib_params(family: u8, ifindex: u32, src: [u32; 4], dst: [u32; 4]) -> bpf_fib_lookup {
     const {
         assert!(size_of::<bpf_fib_lookup>() == 64);
         assert!(align_of::<bpf_fib_lookup>() >= 4);
@@ -217,12 +226,12 @@ fn fib_params_v4(ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> bpf_fib_lookup {
     let zero = unsafe { core::ptr::read_volatile(&raw const OPAQUE_ZERO) };
     let mut v = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
     let out = v.as_mut_ptr().cast::<u32>();
-    // family (then l4_protocol and sport, 0); ifindex; ipv4_src; ipv4_dst.
+    // family (then l4_protocol and sport, 0); ifindex; source; destination.
     let words = |i: usize| match i {
-        0 => u32::from(AF_INET),
+        0 => u32::from(family),
         2 => ifindex,
-        4 => u32::from_ne_bytes(src),
-        8 => u32::from_ne_bytes(dst),
+        4..8 => src[i - 4],
+        8..12 => dst[i - 8],
         _ => zero,
     };
     for i in 0..16 {

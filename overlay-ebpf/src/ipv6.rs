@@ -38,7 +38,7 @@ use overlay_common::{
 use crate::{
     counters::count,
     decap::Accepted,
-    encap::{has_ports, redirect_via_fib},
+    encap::{fib_params, has_ports, redirect_via_fib},
     maps::{CONFIG6, PEERS6, PEERS6_BY_IP, SCRATCH6},
     packet::{Packet, read},
 };
@@ -134,11 +134,12 @@ pub fn try_encap6(ctx: &TcContext) -> Result<i32, DropReason> {
     ctx.store(EthHdr::LEN, &s.headers, 0)
         .map_err(|_| DropReason::EncapFailed)?;
 
-    s.fib = unsafe { core::mem::zeroed() };
-    s.fib.family = AF_INET6;
-    s.fib.ifindex = cfg.underlay_ifindex;
-    s.fib.__bindgen_anon_3.ipv6_src = words(&cfg.public_ip);
-    s.fib.__bindgen_anon_4.ipv6_dst = words(&peer.public_ip);
+    s.fib = fib_params(
+        AF_INET6,
+        cfg.underlay_ifindex,
+        words(&cfg.public_ip),
+        words(&peer.public_ip),
+    );
     let action = redirect_via_fib(ctx, cfg.underlay_ifindex, &mut s.fib, EtherType::Ipv6, None)?;
     count(CounterIndex::EncapVxlan6, inner_len as u64);
     Ok(action)
